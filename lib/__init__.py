@@ -1,0 +1,1 @@
+"""cim-aq library: crossbar-faithful quantization, cost model, search and training helpers."""

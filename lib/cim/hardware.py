@@ -1,0 +1,187 @@
+"""Crossbar hardware description (array size, cells, converters, mapping, latencies).
+
+One dataclass, read from our own flat YAML or from CIM-AQ's nested `hardware_config.yaml`,
+validated up front so a bad value fails before any training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+MAPPINGS = ("offset", "differential-column", "differential-row")
+MAPPING_ALIASES = {"of": "offset", "dc": "differential-column", "dr": "differential-row"}
+WEIGHT_GRANULARITIES = ("layer", "channel", "array", "column")
+PSUM_GRANULARITIES = ("off", "layer", "array", "column")
+ADC_LATENCY_MODELS = ("fixed", "sar")
+
+
+class HardwareConfigError(ValueError):
+    """A hardware description with a missing, unknown or out-of-range field."""
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """An RRAM crossbar accelerator as the quantizers and the cost model see it.
+
+    rows/cols: array size (rows take inputs, columns produce outputs).
+    cell_bits: bits stored per cell; a b-bit weight needs ceil(b / cell_bits) cells.
+    input_bits: DAC bits applied per cycle; an a-bit input takes ceil(a / input_bits) cycles.
+    adc_bits: default ADC resolution for partial sums (a policy may override it per layer).
+    write_latency / execute_latency: µs to program one array / run one MVM cycle on it.
+    mapping: how signed weights are stored (offset column or differential pairs).
+    weight_granularity: which weights share one learned step.
+    psum_granularity: which partial sums share one learned ADC step ('off' disables the ADC model).
+    n_sigma: if set, partial sums are clipped to running mean ± n_sigma·std before the ADC.
+    adc_latency_model: 'fixed' (CIM-AQ: ADC time inside execute_latency) or 'sar'
+        (one ADC cycle of adc_cycle_latency µs per ADC bit, added to each execute).
+    """
+
+    rows: int = 256
+    cols: int = 256
+    cell_bits: int = 4
+    input_bits: int = 1
+    adc_bits: int = 8
+    write_latency: float = 56.0
+    execute_latency: float = 1.4
+    mapping: str = "differential-column"
+    weight_granularity: str = "column"
+    psum_granularity: str = "column"
+    n_sigma: Optional[float] = None
+    adc_latency_model: str = "fixed"
+    adc_cycle_latency: float = 0.0
+
+    def __post_init__(self) -> None:
+        mapping = MAPPING_ALIASES.get(self.mapping, self.mapping)
+        object.__setattr__(self, "mapping", mapping)
+        _check_int("rows", self.rows, 1)
+        _check_int("cols", self.cols, 1)
+        _check_int("cell_bits", self.cell_bits, 1, 8)
+        _check_int("input_bits", self.input_bits, 1, 16)
+        _check_int("adc_bits", self.adc_bits, 1, 24)
+        _check_choice("mapping", mapping, MAPPINGS + tuple(MAPPING_ALIASES))
+        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        _check_choice("psum_granularity", self.psum_granularity, PSUM_GRANULARITIES)
+        _check_choice("adc_latency_model", self.adc_latency_model, ADC_LATENCY_MODELS)
+        for key in ("write_latency", "execute_latency", "adc_cycle_latency"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
+                raise HardwareConfigError(f"{key}={value!r} is not allowed: expected a finite number >= 0 (µs)")
+        if self.n_sigma is not None:
+            if isinstance(self.n_sigma, bool) or not isinstance(self.n_sigma, (int, float)) or not self.n_sigma > 0:
+                raise HardwareConfigError(f"n_sigma={self.n_sigma!r} is not allowed: expected a number > 0 or null")
+        if self.mapping == "differential-row" and self.rows < 2:
+            raise HardwareConfigError(f"rows={self.rows} is not allowed with differential-row mapping: need >= 2")
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def effective_rows(self) -> int:
+        """Weight rows one array holds: differential-row spends two physical rows per weight."""
+        return self.rows // 2 if self.mapping == "differential-row" else self.rows
+
+    @property
+    def adc_enabled(self) -> bool:
+        return self.psum_granularity != "off"
+
+    def slices(self, w_bit: int) -> int:
+        """Cells needed per weight of w_bit bits."""
+        return -(-int(w_bit) // self.cell_bits)
+
+    def with_overrides(self, **changes: Any) -> "HardwareConfig":
+        """A copy with some fields replaced (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ----------------------------------------------------------------- reading
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "HardwareConfig":
+        """Build from our flat layout or from CIM-AQ's nested `crossbar:`/`mapper:` layout."""
+        if not isinstance(data, Mapping):
+            raise HardwareConfigError(f"{source}: expected a mapping at top level, got {type(data).__name__}")
+        if "crossbar" in data or "mapper" in data:
+            data = _from_cim_aq_layout(data, source)
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise HardwareConfigError(
+                f"{source}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+        try:
+            return cls(**dict(data))
+        except HardwareConfigError as err:
+            raise HardwareConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HardwareConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise HardwareConfigError(f"hardware config {str(path)!r} does not exist")
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+        return cls.from_dict(data or {}, source=str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        with open(path, "w") as handle:
+            yaml.safe_dump(self.to_dict(), handle, sort_keys=False)
+
+    def check_kernel_fits(self, kernel_elems: int, layer_name: str = "layer") -> None:
+        """A conv tile holds whole input channels: one kernel (k_h·k_w rows) must fit in an array."""
+        if kernel_elems > self.effective_rows:
+            raise HardwareConfigError(
+                f"{layer_name}: one kernel needs {kernel_elems} rows but an array holds "
+                f"{self.effective_rows} weight rows (rows={self.rows}, mapping={self.mapping}); "
+                f"allowed: rows >= kernel size")
+
+
+def _check_int(key: str, value: Any, low: int, high: Optional[int] = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise HardwareConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise HardwareConfigError(f"{key}={value!r} is not allowed: expected one of {list(allowed)}")
+
+
+_CIM_AQ_CROSSBAR_KEYS = {
+    "resolution_weight_bits": "cell_bits",
+    "resolution_input_bits": "input_bits",
+    "mvm_write_latency": "write_latency",
+    "mvm_execute_latency": "execute_latency",
+}
+
+
+def _from_cim_aq_layout(data: Mapping[str, Any], source: str) -> dict:
+    """Translate CIM-AQ's `crossbar.size.m/n, resolution_*, mvm_*, mapper.mapping_type` layout.
+
+    CIM-AQ's m is the number of columns (outputs) and n the number of rows (inputs).
+    Keys of our own flat layout may sit beside `crossbar:`/`mapper:` to extend it.
+    """
+    flat = {k: v for k, v in data.items() if k not in ("crossbar", "mapper")}
+    crossbar = dict(data.get("crossbar") or {})
+    size = crossbar.pop("size", {}) or {}
+    unknown_size = sorted(set(size) - {"m", "n"})
+    if unknown_size:
+        raise HardwareConfigError(f"{source}: unknown key(s) crossbar.size.{unknown_size}; allowed: m, n")
+    if "m" in size:
+        flat["cols"] = size["m"]
+    if "n" in size:
+        flat["rows"] = size["n"]
+    for key, value in crossbar.items():
+        if key not in _CIM_AQ_CROSSBAR_KEYS:
+            raise HardwareConfigError(
+                f"{source}: unknown key crossbar.{key}; allowed: size, {', '.join(_CIM_AQ_CROSSBAR_KEYS)}")
+        flat[_CIM_AQ_CROSSBAR_KEYS[key]] = value
+    mapper = dict(data.get("mapper") or {})
+    for key, value in mapper.items():
+        if key != "mapping_type":
+            raise HardwareConfigError(f"{source}: unknown key mapper.{key}; allowed: mapping_type")
+        flat["mapping"] = value
+    return flat

@@ -1,0 +1,163 @@
+"""Mixed-precision policies: per quantizable layer (call order) its weight, input and ADC bits.
+
+Stored as `policy.npy` (int array L×2 or L×3, CIM-AQ's format: columns w_bit, a_bit[, adc_bits])
+and `policy.json` (the same plus layer names and context such as hardware, cost and accuracy).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from lib.fileio import atomic_write
+
+MAX_BITS = 32
+
+
+class PolicyError(ValueError):
+    """A policy that is malformed or does not fit the model it is applied to."""
+
+
+@dataclass
+class Policy:
+    """Bits per quantizable layer, in call order; `adc_bits` is optional (None = hardware default)."""
+
+    w_bits: list[int]
+    a_bits: list[int]
+    adc_bits: Optional[list[int]] = None
+    layer_names: Optional[list[str]] = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.w_bits = [int(b) for b in self.w_bits]
+        self.a_bits = [int(b) for b in self.a_bits]
+        if self.adc_bits is not None:
+            self.adc_bits = [int(b) for b in self.adc_bits]
+        n = len(self.w_bits)
+        if len(self.a_bits) != n or (self.adc_bits is not None and len(self.adc_bits) != n):
+            raise PolicyError(
+                f"policy columns differ in length: w_bits {len(self.w_bits)}, a_bits {len(self.a_bits)}"
+                + (f", adc_bits {len(self.adc_bits)}" if self.adc_bits is not None else ""))
+        if self.layer_names is not None and len(self.layer_names) != n:
+            raise PolicyError(f"policy has {n} layers but {len(self.layer_names)} layer names")
+        for column, bits in (("w_bit", self.w_bits), ("a_bit", self.a_bits), ("adc_bits", self.adc_bits or [])):
+            for index, bit in enumerate(bits):
+                if not 1 <= bit <= MAX_BITS:
+                    raise PolicyError(f"layer {index}: {column}={bit} is not allowed: expected 1..{MAX_BITS}")
+
+    def __len__(self) -> int:
+        return len(self.w_bits)
+
+    @classmethod
+    def uniform(cls, n_layers_or_names: int | Sequence[str], w_bit: int, a_bit: int,
+                adc_bits: Optional[int] = None) -> "Policy":
+        names = None if isinstance(n_layers_or_names, int) else list(n_layers_or_names)
+        n = n_layers_or_names if names is None else len(names)
+        adc = None if adc_bits is None else [adc_bits] * n
+        return cls([w_bit] * n, [a_bit] * n, adc, names)
+
+    def layer(self, index: int) -> tuple[int, int, Optional[int]]:
+        adc = None if self.adc_bits is None else self.adc_bits[index]
+        return self.w_bits[index], self.a_bits[index], adc
+
+    def as_array(self) -> np.ndarray:
+        columns = [self.w_bits, self.a_bits] + ([self.adc_bits] if self.adc_bits is not None else [])
+        return np.asarray(columns, dtype=np.int64).T.reshape(len(self), len(columns))
+
+    # ------------------------------------------------------------ validation
+    def check_matches(self, layer_names: Sequence[str]) -> None:
+        """Refuse a policy whose length or (when it has them) layer names differ from the model's."""
+        layer_names = list(layer_names)
+        if len(self) != len(layer_names):
+            raise PolicyError(
+                f"policy has {len(self)} layers but the model has {len(layer_names)} quantizable layers "
+                f"(call order: {layer_names[:3]}{' ...' if len(layer_names) > 3 else ''})")
+        if self.layer_names is not None and list(self.layer_names) != layer_names:
+            diffs = [(i, a, b) for i, (a, b) in enumerate(zip(self.layer_names, layer_names)) if a != b]
+            i, ours, theirs = diffs[0]
+            raise PolicyError(
+                f"policy layer {i} is {ours!r} but the model's layer {i} is {theirs!r} "
+                f"({len(diffs)} name(s) differ)")
+
+    # ------------------------------------------------------------ files
+    def to_json_dict(self) -> dict:
+        layers = []
+        for i in range(len(self)):
+            entry = {"w_bit": self.w_bits[i], "a_bit": self.a_bits[i]}
+            if self.layer_names is not None:
+                entry = {"name": self.layer_names[i], **entry}
+            if self.adc_bits is not None:
+                entry["adc_bits"] = self.adc_bits[i]
+            layers.append(entry)
+        return {"layers": layers, **self.meta}
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write `<stem>.npy` and `<stem>.json` atomically; returns both paths."""
+        path = Path(path)
+        stem = path.with_suffix("") if path.suffix in (".npy", ".json") else path
+        npy, js = stem.with_suffix(".npy"), stem.with_suffix(".json")
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(npy, lambda f: np.save(f, self.as_array()), binary=True)
+        atomic_write(js, lambda f: json.dump(self.to_json_dict(), f, indent=2, default=_json_default))
+        return npy, js
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        """Read our .json or a CIM-AQ/our .npy (L×2 or L×3 ints)."""
+        path = Path(path)
+        if not path.is_file():
+            raise PolicyError(f"policy file {str(path)!r} does not exist")
+        if path.suffix == ".json":
+            return cls._from_json(path)
+        if path.suffix == ".npy":
+            return cls._from_npy(path)
+        raise PolicyError(f"policy file {str(path)!r}: unknown extension {path.suffix!r}; allowed: .npy, .json")
+
+    @classmethod
+    def _from_npy(cls, path: Path) -> "Policy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+            raise PolicyError(f"policy file {str(path)!r} is not a readable .npy array: {err}") from None
+        array = np.asarray(array)
+        if array.ndim != 2 or array.shape[1] not in (2, 3) or array.shape[0] == 0:
+            raise PolicyError(
+                f"policy file {str(path)!r} has shape {array.shape}; expected (layers, 2) or (layers, 3)")
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise PolicyError(f"policy file {str(path)!r} holds non-integer bit widths")
+        array = array.astype(np.int64)
+        adc = array[:, 2].tolist() if array.shape[1] == 3 else None
+        return cls(array[:, 0].tolist(), array[:, 1].tolist(), adc)
+
+    @classmethod
+    def _from_json(cls, path: Path) -> "Policy":
+        try:
+            data = json.loads(path.read_text())
+            layers = data["layers"]
+            names = [layer["name"] for layer in layers] if all("name" in l for l in layers) else None
+            w = [layer["w_bit"] for layer in layers]
+            a = [layer["a_bit"] for layer in layers]
+            has_adc = [("adc_bits" in layer) for layer in layers]
+        except (ValueError, KeyError, TypeError) as err:
+            raise PolicyError(f"policy file {str(path)!r} is not a policy JSON (need 'layers' with "
+                              f"'w_bit'/'a_bit' entries): {err}") from None
+        if any(has_adc) and not all(has_adc):
+            raise PolicyError(f"policy file {str(path)!r}: adc_bits given for some layers only")
+        adc = [layer["adc_bits"] for layer in layers] if layers and all(has_adc) else None
+        meta = {k: v for k, v in data.items() if k != "layers"}
+        return cls(w, a, adc, names, meta)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a policy JSON")
