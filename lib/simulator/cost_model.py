@@ -1,0 +1,209 @@
+"""The cost model the search and finetune stages call: latency tables and per-policy costs.
+
+`CostModel(hw, layer_dims, max_bit)` holds the CIM-AQ-compatible table
+`table[layer, w_bit-1, a_bit-1]` (µs) and prices whole policies exactly (counts as integers),
+including against a uniform baseline whose bits may exceed max_bit (priced by the formula,
+not looked up).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from torch import nn
+
+from lib.cim.hardware import HardwareConfig
+from lib.fileio import atomic_write
+from lib.policy import Policy, PolicyError
+from lib.simulator.crossbar_cost import ROW_TILINGS, CostError, LayerCost, layer_cost
+from lib.simulator.dims_yaml import read_layer_dims
+from lib.simulator.layer_dims import LayerDims, trace_layer_dims
+
+logger = logging.getLogger(__name__)
+
+PolicyLike = Union[Policy, np.ndarray, Sequence[Sequence[int]]]
+
+
+@dataclass
+class PolicyCost:
+    """A policy's price: totals over layers (per image) and the per-layer breakdown."""
+
+    total_latency: float
+    baseline_latency: float
+    baseline_bits: tuple
+    ratio: float
+    per_layer: list = field(default_factory=list)  # list[LayerCost]
+    arrays: int = 0
+    executes: int = 0
+    adc_conversions: int = 0
+
+    def to_dict(self) -> dict:
+        return {"total_latency_us": self.total_latency, "baseline_latency_us": self.baseline_latency,
+                "baseline_bits": list(self.baseline_bits), "ratio": self.ratio, "arrays": self.arrays,
+                "executes": self.executes, "adc_conversions": self.adc_conversions,
+                "per_layer": [c.to_dict() for c in self.per_layer]}
+
+
+def latency_table(layer_dims: Sequence[LayerDims], hw: HardwareConfig, max_bit: int,
+                  row_tiling: str = "dense") -> np.ndarray:
+    """float64 [layers, max_bit, max_bit] of latency (µs) indexed [layer, w_bit-1, a_bit-1]."""
+    table = np.zeros((len(layer_dims), max_bit, max_bit), dtype=np.float64)
+    for i, dims in enumerate(layer_dims):
+        for w in range(1, max_bit + 1):
+            for a in range(1, max_bit + 1):
+                table[i, w - 1, a - 1] = layer_cost(dims, hw, w, a, row_tiling=row_tiling).latency
+    return table
+
+
+def adc_latency_table(layer_dims: Sequence[LayerDims], hw: HardwareConfig, max_bit: int,
+                      max_adc_bit: int, row_tiling: str = "dense") -> np.ndarray:
+    """float64 [layers, max_bit, max_bit, max_adc_bit] indexed [layer, w-1, a-1, adc-1].
+
+    Only differs along the last axis with adc_latency_model='sar'.
+    """
+    table = np.zeros((len(layer_dims), max_bit, max_bit, max_adc_bit), dtype=np.float64)
+    for i, dims in enumerate(layer_dims):
+        for w in range(1, max_bit + 1):
+            for a in range(1, max_bit + 1):
+                for adc in range(1, max_adc_bit + 1):
+                    table[i, w - 1, a - 1, adc - 1] = layer_cost(dims, hw, w, a, adc, row_tiling).latency
+    return table
+
+
+def _check_max_bit(max_bit) -> int:
+    if not isinstance(max_bit, int) or isinstance(max_bit, bool) or max_bit < 1:
+        raise CostError(f"max_bit={max_bit!r} is not allowed: expected an integer >= 1")
+    return max_bit
+
+
+class CostModel:
+    """Latency table and policy pricing for one network on one crossbar configuration.
+
+    Rows follow `layer_dims` (call order). Policies must have one row per layer and bits in
+    1..max_bit. `baseline_bits` is the uniform (w_bit, a_bit) that ratios are taken against.
+    """
+
+    def __init__(self, hw: HardwareConfig, layer_dims: Sequence[LayerDims], max_bit: int = 8,
+                 baseline_bits: tuple = (8, 8), row_tiling: str = "dense") -> None:
+        if not layer_dims:
+            raise CostError("a cost model needs at least one layer")
+        if row_tiling not in ROW_TILINGS:
+            raise CostError(f"row_tiling={row_tiling!r} is not allowed: expected one of {list(ROW_TILINGS)}")
+        names = [d.name for d in layer_dims]
+        if len(set(names)) != len(names):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            raise CostError(f"layer names must be unique; repeated: {duplicates}")
+        self.hw = hw
+        self.layer_dims = list(layer_dims)
+        self.max_bit = _check_max_bit(max_bit)
+        self.row_tiling = row_tiling
+        self.baseline_bits = self._check_baseline(baseline_bits)
+        self.table = latency_table(self.layer_dims, hw, self.max_bit, row_tiling)
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: nn.Module, hw: HardwareConfig, input_size, max_bit: int = 8, *,
+                   include_attention: bool = False, exclude=(), **kwargs) -> "CostModel":
+        """Trace `model` at `input_size` (batch 1) and build its cost model."""
+        dims = trace_layer_dims(model, input_size, include_attention=include_attention, exclude=exclude)
+        return cls(hw, dims, max_bit, **kwargs)
+
+    @classmethod
+    def from_dims_yaml(cls, path: str | Path, hw: HardwareConfig, max_bit: int = 8, **kwargs) -> "CostModel":
+        """Build from a CIM-AQ-format `layer_dimensions` YAML instead of tracing."""
+        return cls(hw, read_layer_dims(path), max_bit, **kwargs)
+
+    # ------------------------------------------------------------ lookups
+    def __len__(self) -> int:
+        return len(self.layer_dims)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [d.name for d in self.layer_dims]
+
+    def layer_cost(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> LayerCost:
+        """Full footprint/latency of one layer (any bits >= 1, not limited to max_bit)."""
+        return layer_cost(self.layer_dims[index], self.hw, w_bit, a_bit, adc_bits, self.row_tiling)
+
+    def latency(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> float:
+        """Latency (µs) of one layer; from the table when the bits are inside it."""
+        if adc_bits is None and 1 <= w_bit <= self.max_bit and 1 <= a_bit <= self.max_bit:
+            return float(self.table[index, w_bit - 1, a_bit - 1])
+        return self.layer_cost(index, w_bit, a_bit, adc_bits).latency
+
+    def uniform_latency(self, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> float:
+        """Total latency (µs) with every layer at the same bits (any bits >= 1)."""
+        return float(sum(self.latency(i, w_bit, a_bit, adc_bits) for i in range(len(self))))
+
+    def uniform_cost(self, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> PolicyCost:
+        """Breakdown with every layer at the same bits (any bits >= 1, unlike policy_cost)."""
+        per_layer = [self.layer_cost(i, w_bit, a_bit, adc_bits) for i in range(len(self))]
+        return self._priced(per_layer, self.baseline_bits)
+
+    def adc_table(self, max_adc_bit: int) -> np.ndarray:
+        """The 4-D table with an ADC-bits axis (see adc_latency_table)."""
+        return adc_latency_table(self.layer_dims, self.hw, self.max_bit, _check_max_bit(max_adc_bit),
+                                 self.row_tiling)
+
+    def save_table(self, path: str | Path) -> Path:
+        """Write `table` as .npy (CIM-AQ's lookup-table format), atomically."""
+        return atomic_write(path, lambda handle: np.save(handle, self.table), binary=True)
+
+    # ------------------------------------------------------------ policies
+    def policy_cost(self, policy: PolicyLike, baseline_bits: Optional[tuple] = None) -> PolicyCost:
+        """Price a policy (Policy, L×2/L×3 int array, or [(w, a[, adc]), ...]) against a uniform baseline."""
+        policy = self._as_policy(policy)
+        self._check_length(policy)
+        if policy.layer_names is not None:
+            policy.check_matches(self.layer_names)
+        for i in range(len(policy)):
+            for key, bit in (("w_bit", policy.w_bits[i]), ("a_bit", policy.a_bits[i])):
+                if not 1 <= bit <= self.max_bit:
+                    raise PolicyError(f"layer {i} ({self.layer_names[i]}): {key}={bit} is outside 1..{self.max_bit} "
+                                      f"(max_bit of this cost model)")
+        per_layer = [self.layer_cost(i, *policy.layer(i)) for i in range(len(policy))]
+        baseline = self._check_baseline(baseline_bits) if baseline_bits is not None else self.baseline_bits
+        return self._priced(per_layer, baseline)
+
+    def _priced(self, per_layer: list, baseline: tuple) -> PolicyCost:
+        baseline_latency = self.uniform_latency(*baseline)
+        total = float(sum(c.latency for c in per_layer))
+        return PolicyCost(
+            total_latency=total, baseline_latency=baseline_latency, baseline_bits=tuple(baseline),
+            ratio=total / baseline_latency if baseline_latency > 0 else float("nan"),
+            per_layer=per_layer,
+            arrays=sum(c.arrays for c in per_layer),
+            executes=sum(c.executes for c in per_layer),
+            adc_conversions=sum(c.adc_conversions for c in per_layer))
+
+    def _check_length(self, policy: Policy) -> None:
+        if len(policy) != len(self):
+            names = self.layer_names
+            raise PolicyError(f"policy has {len(policy)} layers but the cost model has {len(self)} "
+                              f"(call order: {names[:3]}{' ...' if len(names) > 3 else ''})")
+
+    @staticmethod
+    def _as_policy(policy: PolicyLike) -> Policy:
+        if isinstance(policy, Policy):
+            return policy
+        array = np.asarray(policy)
+        if array.ndim != 2 or array.shape[1] not in (2, 3):
+            raise PolicyError(f"policy array has shape {array.shape}; expected (layers, 2) or (layers, 3)")
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise PolicyError("policy array holds non-integer bit widths")
+        array = array.astype(np.int64)
+        return Policy(array[:, 0].tolist(), array[:, 1].tolist(),
+                      array[:, 2].tolist() if array.shape[1] == 3 else None)
+
+    @staticmethod
+    def _check_baseline(bits) -> tuple:
+        try:
+            w_bit, a_bit = (int(b) for b in bits)
+        except (TypeError, ValueError):
+            raise CostError(f"baseline_bits={bits!r} is not allowed: expected (w_bit, a_bit)") from None
+        if w_bit < 1 or a_bit < 1:
+            raise CostError(f"baseline_bits={bits!r} is not allowed: bits must be >= 1")
+        return (w_bit, a_bit)
