@@ -215,6 +215,10 @@ def test_channel_row_tiling_matches_whole_channel_tiles():
     hw = hw_with(mapping="dc")
     assert layer_cost(conv, hw, 8, 8).row_tiles == 9                           # ceil(2304 / 256)
     assert layer_cost(conv, hw, 8, 8, row_tiling="channel").row_tiles == 10    # 28 channels per tile
+    linear = _dims(10, 300, type="Dense")
+    odd_dr = hw_with(rows=255, mapping="dr")  # 127 weight rows per array
+    assert layer_cost(linear, odd_dr, 8, 8, row_tiling="channel").row_tiles == 3   # ceil(300 / 127)
+    assert layer_cost(linear, odd_dr, 8, 8).row_tiles == 3                         # ceil(600 / 255)
     with pytest.raises(CostError, match="row_tiling"):
         layer_cost(conv, hw, 8, 8, row_tiling="sparse")
 

@@ -10,8 +10,9 @@ All counts are exact integers; the latency (µs) is evaluated in the same order 
 the tables agree bit for bit. Two optional extensions, both off by default:
 - adc_latency_model='sar': every execute also spends adc_bits · adc_cycle_latency µs (one SAR
   cycle per bit), so t_exec becomes t_exec + adc_bits · adc_cycle_latency.
-- row_tiling='channel': conv row-tiles hold whole input channels, floor(R_eff / (k_h·k_w)) per
-  tile, as the QAT layer tiles them (can need one more tile than ceil(rows / R)).
+- row_tiling='channel': row-tiles hold whole input channels, floor(R_eff / (k_h·k_w)) per tile
+  (R_eff = R, or R // 2 for differential-row), as lib.cim's TileLayout tiles the QAT layer
+  (a conv can need one more tile than ceil(rows / R)).
 """
 from __future__ import annotations
 
@@ -89,7 +90,12 @@ def execute_time(hw: HardwareConfig, adc_bits: int) -> float:
 
 
 def _row_tiles(dims: LayerDims, hw: HardwareConfig, rows: int, row_tiling: str) -> int:
-    kernel = dims.kernel_elems
+    """ceil(rows / R) ('dense'), or whole input channels per tile like lib.cim's TileLayout ('channel').
+
+    In 'channel' mode a Linear/MatMul row is one channel; a conv of unknown kernel (read from
+    YAML) falls back to 'dense'.
+    """
+    kernel = dims.kernel_elems if dims.type == "Conv2D" else 1
     if row_tiling == "channel" and kernel is not None:
         hw.check_kernel_fits(kernel, dims.name)
         channels_per_tile = hw.effective_rows // kernel
