@@ -135,7 +135,7 @@ class HardwareConfig:
             raise HardwareConfigError(
                 f"{layer_name}: one kernel needs {kernel_elems} rows but an array holds "
                 f"{self.effective_rows} weight rows (rows={self.rows}, mapping={self.mapping}); "
-                f"allowed: rows >= kernel size")
+                f"allowed: rows >= kernel size — exclude this layer or use larger arrays")
 
 
 def _check_int(key: str, value: Any, low: int, high: Optional[int] = None) -> None:

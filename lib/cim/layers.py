@@ -1,0 +1,338 @@
+"""CIMConv2d / CIMLinear: Brevitas quantized layers whose forward is the tiled, bit-sliced
+crossbar MVM with ADC quantization of every row-tile × slice partial sum (DESIGN.md §2).
+
+Per forward: quantize the input (Brevitas, LSQ) and the weight (Brevitas, LSQ step per
+granularity); split the integer weights into cell slices; compute every row-tile × slice ×
+column partial sum in ONE grouped conv (or batched matmul); convert them with the ADC while
+applying the digital shift (2^(s·c)) and weight step; sum over tiles and slices; add bias.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from brevitas.nn import QuantConv2d, QuantLinear
+from brevitas.quant_tensor import QuantTensor
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from lib.cim.adc import PartialSumADC
+from lib.cim.crossbar import (TileLayout, num_slices, offset_reference, slice_significance,
+                              slices_with_ste)
+from lib.cim.hardware import HardwareConfig
+from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant
+
+log = logging.getLogger(__name__)
+
+
+class CIMLayerMixin:
+    """Bits, tiling and crossbar compute shared by the conv and linear CIM layers."""
+
+    hw: HardwareConfig
+    layout: TileLayout
+    psum_adc: PartialSumADC
+
+    # ------------------------------------------------------------ setup
+    def _quant_kwargs(self, hw: HardwareConfig, layout: TileLayout, w_bit: int, a_bit: int,
+                      input_signed: bool, weight_ndim: int) -> dict:
+        _check_bits("w_bit", w_bit)
+        _check_bits("a_bit", a_bit)
+        return dict(
+            weight_quant=CIMWeightQuant,
+            weight_granularity=hw.weight_granularity,
+            weight_tile_layout=layout,
+            weight_weight_ndim=weight_ndim,
+            weight_bit_width=int(w_bit),
+            input_quant=CIMSignedActQuant if input_signed else CIMUnsignedActQuant,
+            input_bit_width=int(a_bit),
+            bias_quant=None,
+            output_quant=None,
+            return_quant_tensor=False,
+        )
+
+    def _setup_crossbar(self, hw: HardwareConfig, layout: TileLayout, adc_bits: Optional[int],
+                        input_signed: bool) -> None:
+        self.hw = hw
+        self.layout = layout
+        self.input_signed = bool(input_signed)
+        self.uses_reference_column = hw.mapping == "offset"
+        adc_bits = hw.adc_bits if adc_bits is None else int(adc_bits)
+        _check_bits("adc_bits", adc_bits, high=24)
+        # Partial sums are non-negative only for unsigned inputs on unsigned (offset) cells.
+        adc_signed = self.input_signed or hw.mapping != "offset"
+        self.psum_adc = PartialSumADC(hw.psum_granularity, layout.groups, layout.tiles,
+                                      self._columns_per_array(self.w_bit), adc_bits, adc_signed, hw.n_sigma)
+        self.register_buffer("first_channel_of_tile",
+                             torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
+
+    def _columns_per_array(self, w_bit: int) -> int:
+        slices = num_slices(w_bit, self.hw.cell_bits)
+        return slices * self.layout.out_channels_per_group + int(self.uses_reference_column)
+
+    # ------------------------------------------------------------ bits
+    @property
+    def _weight_bits_module(self):
+        return self.weight_quant.tensor_quant.msb_clamp_bit_width_impl
+
+    @property
+    def _input_bits_module(self):
+        return self.input_quant.fused_activation_quant_proxy.tensor_quant.msb_clamp_bit_width_impl
+
+    @property
+    def weight_step_module(self):
+        return self.weight_quant.tensor_quant.scaling_impl
+
+    @property
+    def input_step_module(self):
+        return self.input_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
+
+    @property
+    def w_bit(self) -> int:
+        return int(self._weight_bits_module.bits)
+
+    @property
+    def a_bit(self) -> int:
+        return int(self._input_bits_module.bits)
+
+    @property
+    def adc_bits(self) -> int:
+        return self.psum_adc.num_bits
+
+    @property
+    def slices(self) -> int:
+        return num_slices(self.w_bit, self.hw.cell_bits)
+
+    def set_bits(self, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> None:
+        """Change bit widths in place: re-derive slices and grids, re-initialise affected steps.
+
+        Weight steps re-initialise from the weights (LSQ), input steps from the running |x|
+        statistics, ADC steps from the next training batch's partial sums.
+        """
+        _check_bits("w_bit", w_bit)
+        _check_bits("a_bit", a_bit)
+        old_w, old_a = self.w_bit, self.a_bit
+        if w_bit != old_w:
+            self._weight_bits_module.set(w_bit)
+            self.weight_step_module.mark_stale()
+            old_cols = self.psum_adc.columns
+            new_cols = self._columns_per_array(w_bit)
+            if new_cols != old_cols:
+                self.psum_adc.resize(self.psum_adc.arrays, new_cols)
+            else:
+                self.psum_adc.mark_stale()
+        if a_bit != old_a:
+            old_qp, new_qp = _grid_max(old_a, self.input_signed), _grid_max(a_bit, self.input_signed)
+            self._input_bits_module.set(a_bit)
+            self.input_step_module.rescale_for(old_qp, new_qp)
+            self.psum_adc.mark_stale()
+        if adc_bits is not None:
+            _check_bits("adc_bits", adc_bits, high=24)
+            self.psum_adc.set_bits(int(adc_bits))
+
+    # ------------------------------------------------------------ state
+    def _load_bits_first(self, state_dict, prefix) -> None:
+        """Checkpoints carry the bits: adopt them before the (bits-dependent) ADC shapes load."""
+        w_key = prefix + "weight_quant.tensor_quant.msb_clamp_bit_width_impl.bits"
+        a_key = prefix + "input_quant.fused_activation_quant_proxy.tensor_quant.msb_clamp_bit_width_impl.bits"
+        adc_key = prefix + "psum_adc.bits"
+        if w_key in state_dict and a_key in state_dict:
+            adc = int(state_dict[adc_key]) if adc_key in state_dict else None
+            self.set_bits(int(state_dict[w_key]), int(state_dict[a_key]), adc)
+
+    # ------------------------------------------------------------ compute
+    def _step_grid(self, weight_scale: torch.Tensor) -> torch.Tensor:
+        """Weight step per (group, row-tile, out channel), taken from Brevitas' expanded scale so
+        the LSQ gradient scaling applied in the step module carries over."""
+        lay = self.layout
+        scale = weight_scale.reshape(weight_scale.shape[0], -1)
+        if scale.shape[1] > 1:
+            scale = scale[:, self.first_channel_of_tile]
+        scale = scale.expand(lay.groups * lay.out_channels_per_group, lay.tiles)
+        return scale.reshape(lay.groups, lay.out_channels_per_group, lay.tiles).permute(0, 2, 1)
+
+    def _integer_weight(self, quant_weight: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(exact integers, the same with Brevitas' STE gradients, expanded weight scale)."""
+        scale = quant_weight.scale
+        q_ste = quant_weight.value / scale
+        q_int = torch.round(q_ste.detach())
+        return q_int, q_ste, scale
+
+    def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor) -> torch.Tensor:
+        """ADC + digital shift-and-add of partial sums (M, groups, tiles, columns) → (M, groups, out)."""
+        bits, cell = self.w_bit, self.hw.cell_bits
+        shifts = slice_significance(bits, cell, psums.device, psums.dtype)
+        ref_shift = None
+        if self.uses_reference_column:
+            ref_slice, _ = offset_reference(bits, cell)
+            ref_shift = 2.0 ** (ref_slice * cell)
+        return self.psum_adc(psums, shifts, step_grid, ref_shift)
+
+    def _weight_slices(self, quant_weight: QuantTensor):
+        q_int, q_ste, scale = self._integer_weight(quant_weight)
+        slices = slices_with_ste(q_int, q_ste, self.w_bit, self.hw.cell_bits, self.hw.mapping)
+        return slices, self._step_grid(scale)
+
+
+def _grid_max(bits: int, signed: bool) -> int:
+    return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+
+
+def _check_bits(key: str, value, low: int = 1, high: int = 16) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{key}={value!r} is not allowed: expected an integer in [{low}, {high}]")
+
+
+def _unwrap(x):
+    return x.value if isinstance(x, QuantTensor) else x
+
+
+class CIMConv2d(CIMLayerMixin, QuantConv2d):
+    """A Conv2d mapped onto crossbars: each group's (C_in/g·k_h·k_w) × C_out/g matrix is cut into
+    row-tiles of whole input channels; see the module docstring for the forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 hw: HardwareConfig, w_bit: int = 8, a_bit: int = 8, adc_bits: Optional[int] = None,
+                 input_signed: bool = True, name: str = "conv", device=None, dtype=None) -> None:
+        kh, kw = _pair(kernel_size)
+        layout = TileLayout.for_layer(hw, groups, in_channels // groups, out_channels // groups, kh * kw, name)
+        QuantConv2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, padding_mode=padding_mode, bias=bias, device=device,
+            dtype=dtype, **self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 4))
+        self._setup_crossbar(hw, layout, adc_bits, input_signed)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, hw: HardwareConfig, w_bit: int, a_bit: int,
+                   adc_bits: Optional[int] = None, input_signed: bool = True, name: str = "conv") -> "CIMConv2d":
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, hw=hw,
+                    w_bit=w_bit, a_bit=a_bit, adc_bits=adc_bits, input_signed=input_signed, name=name,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._load_bits_first(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
+        """Conv weight of the grouped conv that yields every partial sum:
+        (groups·tiles·columns, channels_per_tile, k_h, k_w), columns ordered (slice, out) [+ ref]."""
+        lay = self.layout
+        n_slices = slices.shape[0]
+        kh, kw = self.kernel_size
+        w = slices.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.in_channels_per_group, kh, kw)
+        if lay.pad:
+            w = F.pad(w, (0, 0, 0, 0, 0, lay.pad))
+        w = w.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh, kw)
+        w = w.permute(1, 3, 0, 2, 4, 5, 6).reshape(lay.groups, lay.tiles, -1, lay.channels_per_tile, kh, kw)
+        if self.uses_reference_column:
+            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+            ref = w.new_full((lay.groups, lay.tiles, 1, lay.channels_per_tile, kh, kw), cell_value)
+            w = torch.cat([w, ref], dim=2)
+        return w.reshape(-1, lay.channels_per_tile, kh, kw)
+
+    def tile_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad each group's input channels to whole tiles (ragged last tile)."""
+        lay = self.layout
+        if not lay.pad:
+            return x
+        n, _, h, w = x.shape
+        x = x.reshape(n, lay.groups, lay.in_channels_per_group, h, w)
+        return F.pad(x, (0, 0, 0, 0, 0, lay.pad)).reshape(n, lay.groups * lay.padded_channels, h, w)
+
+    def partial_sums(self, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+        """Every row-tile × column partial sum, channels last: (N, H_out, W_out, groups·tiles·columns).
+
+        One grouped conv (groups·tiles groups) in channels_last memory format, which oneDNN runs
+        about twice as fast as the contiguous layout for these odd group shapes.
+        """
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        x = self.tile_input(x).contiguous(memory_format=torch.channels_last)
+        psums = F.conv2d(x, self.crossbar_weight(slices), None, self.stride, padding, self.dilation,
+                         self.layout.groups * self.layout.tiles)
+        return psums.permute(0, 2, 3, 1)
+
+    def inner_forward_impl(self, x, quant_weight, quant_bias):
+        x = _unwrap(x)
+        lay = self.layout
+        slices, step_grid = self._weight_slices(quant_weight)
+        psums = self.partial_sums(x, slices)
+        n, h, w, _ = psums.shape
+        y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid)
+        y = y.reshape(n, h, w, self.out_channels)
+        bias = _unwrap(quant_bias)
+        if bias is not None:
+            y = y + bias
+        return y.permute(0, 3, 1, 2)
+
+
+class CIMLinear(CIMLayerMixin, QuantLinear):
+    """A Linear mapped onto crossbars: in_features cut into row-tiles of at most `rows` features.
+    Inputs may have leading dims (tokens); they are flattened for the MVM."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, hw: HardwareConfig,
+                 w_bit: int = 8, a_bit: int = 8, adc_bits: Optional[int] = None, input_signed: bool = True,
+                 name: str = "linear", device=None, dtype=None) -> None:
+        layout = TileLayout.for_layer(hw, 1, in_features, out_features, 1, name)
+        QuantLinear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype,
+                             **self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 2))
+        self._setup_crossbar(hw, layout, adc_bits, input_signed)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, hw: HardwareConfig, w_bit: int, a_bit: int,
+                   adc_bits: Optional[int] = None, input_signed: bool = True, name: str = "linear") -> "CIMLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, hw=hw, w_bit=w_bit,
+                    a_bit=a_bit, adc_bits=adc_bits, input_signed=input_signed, name=name,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._load_bits_first(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
+        """Batched-matmul weight (tiles, rows_per_tile, columns), columns ordered (slice, out) [+ ref]."""
+        lay = self.layout
+        n_slices = slices.shape[0]
+        w = slices
+        if lay.pad:
+            w = F.pad(w, (0, lay.pad))
+        w = w.reshape(n_slices, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile)
+        w = w.permute(2, 3, 0, 1).reshape(lay.tiles, lay.channels_per_tile, -1)
+        if self.uses_reference_column:
+            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+            w = torch.cat([w, w.new_full((lay.tiles, lay.channels_per_tile, 1), cell_value)], dim=2)
+        return w
+
+    def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+        """Every row-tile × column partial sum: (tiles, tokens, columns)."""
+        lay = self.layout
+        if lay.pad:
+            x2d = F.pad(x2d, (0, lay.pad))
+        xt = x2d.reshape(x2d.shape[0], lay.tiles, lay.channels_per_tile).transpose(0, 1)
+        return torch.bmm(xt, self.crossbar_weight(slices))
+
+    def inner_forward_impl(self, x, quant_weight, quant_bias):
+        x = _unwrap(x)
+        lead = x.shape[:-1]
+        slices, step_grid = self._weight_slices(quant_weight)
+        psums = self.partial_sums(x.reshape(-1, self.in_features), slices)  # (tiles, tokens, columns)
+        y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid).squeeze(1)
+        bias = _unwrap(quant_bias)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(lead + (self.out_features,))

@@ -1,0 +1,187 @@
+"""Learned step sizes (LSQ) and mutable bit widths, as modules that Brevitas injectors compose.
+
+Brevitas computes `scale = scaling_impl(x, int_threshold)` with int_threshold = the largest
+integer of the grid (Q_p); our scaling modules return the learned step itself and use Q_p
+only to initialise it (LSQ: 2·mean|x| / sqrt(Q_p)) and to scale its gradient by
+1/sqrt(n·Q_p), which Brevitas does not do.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lib.cim.crossbar import TileLayout
+
+log = logging.getLogger(__name__)
+
+MIN_STEP = 1e-8
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; gradient multiplied by `factor` (LSQ's step-gradient scaling)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def lsq_init(abs_mean: torch.Tensor, qp: float) -> torch.Tensor:
+    return (2.0 * abs_mean / math.sqrt(max(qp, 1.0))).clamp_min(MIN_STEP)
+
+
+class MutableBitWidth(nn.Module):
+    """A bit width kept in a buffer (saved in the state_dict) so a policy can change it in place."""
+
+    def __init__(self, bit_width: int) -> None:
+        super().__init__()
+        self.register_buffer("bits", torch.tensor(float(bit_width)))
+
+    def forward(self) -> torch.Tensor:
+        return self.bits
+
+    def set(self, bit_width: int) -> None:
+        self.bits.fill_(float(bit_width))
+
+
+class _LazyStep(nn.Module):
+    """A step parameter initialised on first use from the tensor it quantizes.
+
+    The python flag avoids a device sync per call; loading a state_dict that holds the step
+    counts as initialised.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._initialized = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "step" in state_dict:
+            self._initialized = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def mark_stale(self) -> None:
+        """Re-initialise from the next tensor seen (after a bit-width change, say)."""
+        self._initialized = False
+
+
+class WeightStep(_LazyStep):
+    """Weight step per layer / output channel / row-tile (array) / row-tile × output channel (column).
+
+    The parameter has the granularity's own shape; `forward` expands it to a scale that
+    broadcasts over the weight: (1,..) for layer, (C_out,1,..) for channel, and
+    (C_out, C_in/g, 1, ..) for array/column (each input channel takes its row-tile's step).
+    """
+
+    def __init__(self, granularity: str, tile_layout: TileLayout, weight_ndim: int) -> None:
+        super().__init__()
+        self.granularity = granularity
+        self.layout = tile_layout
+        self.weight_ndim = weight_ndim
+        g, t, o = tile_layout.groups, tile_layout.tiles, tile_layout.out_channels_per_group
+        shape = {"layer": (1,), "channel": (g * o,), "array": (g, t), "column": (g, t, o)}[granularity]
+        self.step = nn.Parameter(torch.ones(shape))
+        self.register_buffer("tile_index", tile_layout.tile_of_channel(), persistent=False)
+
+    def grid(self) -> torch.Tensor:
+        """The step as (groups, tiles, out_per_group): what the crossbar's digital scaling uses."""
+        g, t, o = self.layout.groups, self.layout.tiles, self.layout.out_channels_per_group
+        step = self.step
+        if self.granularity == "layer":
+            return step.view(1, 1, 1).expand(g, t, o)
+        if self.granularity == "channel":
+            return step.view(g, 1, o).expand(g, t, o)
+        if self.granularity == "array":
+            return step.view(g, t, 1).expand(g, t, o)
+        return step
+
+    def _group_abs_mean(self, weight: torch.Tensor) -> torch.Tensor:
+        """mean |w| over the weights that share each step, in the parameter's shape."""
+        lay = self.layout
+        w = weight.detach().abs().reshape(lay.groups, lay.out_channels_per_group, lay.in_channels_per_group, -1)
+        if self.granularity == "layer":
+            return w.mean().view(1)
+        if self.granularity == "channel":
+            return w.mean(dim=(2, 3)).reshape(-1)
+        per_channel = w.mean(dim=3)  # (g, o, c)
+        sums = torch.zeros(lay.groups, lay.out_channels_per_group, lay.tiles, device=w.device, dtype=w.dtype)
+        sums.index_add_(2, self.tile_index.to(w.device), per_channel)
+        counts = torch.bincount(self.tile_index, minlength=lay.tiles).to(w.dtype).to(w.device)
+        per_tile = sums / counts  # (g, o, t)
+        if self.granularity == "array":
+            return per_tile.mean(dim=1)
+        return per_tile.permute(0, 2, 1).contiguous()
+
+    def weights_per_step(self) -> int:
+        lay = self.layout
+        total = lay.groups * lay.out_channels_per_group * lay.rows
+        return max(1, total // self.step.numel())
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor, qp: float) -> None:
+        self.step.copy_(lsq_init(self._group_abs_mean(weight), qp))
+        self._initialized = True
+
+    def forward(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        qp = float(threshold)
+        if not self._initialized:
+            self.initialize(weight, qp)
+        step = scale_grad(self.step, 1.0 / math.sqrt(self.weights_per_step() * max(qp, 1.0)))
+        return self.expand_to_weight(step)
+
+    def expand_to_weight(self, step: torch.Tensor) -> torch.Tensor:
+        trailing = (1,) * (self.weight_ndim - 2)
+        if self.granularity == "layer":
+            return step.view((1, 1) + trailing)
+        if self.granularity == "channel":
+            return step.view((-1, 1) + trailing)
+        lay = self.layout
+        if self.granularity == "array":
+            grid = step.view(lay.groups, 1, lay.tiles).expand(lay.groups, lay.out_channels_per_group, lay.tiles)
+        else:
+            grid = step.permute(0, 2, 1)  # (g, o, t)
+        per_channel = grid.reshape(lay.groups * lay.out_channels_per_group, lay.tiles)[:, self.tile_index]
+        return per_channel.view(per_channel.shape + trailing)
+
+
+class ActStep(_LazyStep):
+    """One learned input step per layer, initialised from the first batch it sees.
+
+    It also keeps a running mean of |x| (training batches only) so that a change of bit width
+    can re-initialise the step from data without looking at any evaluation batch.
+    """
+
+    def __init__(self, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.step = nn.Parameter(torch.ones(1))
+        self.register_buffer("running_abs_mean", torch.zeros(1))
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, qp: float) -> None:
+        abs_mean = x.detach().abs().mean().view(1)
+        if not self.training:
+            log.warning("input step initialised from an evaluation batch; calibrate in train mode "
+                        "(lib.cim.calibrate) for batch-independent results")
+        self.running_abs_mean.copy_(abs_mean)
+        self.step.copy_(lsq_init(abs_mean, qp))
+        self._initialized = True
+
+    @torch.no_grad()
+    def rescale_for(self, old_qp: float, new_qp: float) -> None:
+        """New grid width: LSQ init from the running |x| statistics when known, else keep the range."""
+        if self._initialized and float(self.running_abs_mean) > 0:
+            self.step.copy_(lsq_init(self.running_abs_mean, new_qp))
+        elif self._initialized:
+            self.step.mul_(max(old_qp, 1.0) / max(new_qp, 1.0))
+
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        qp = float(threshold)
+        if not self._initialized:
+            self.initialize(x, qp)
+        elif self.training:
+            with torch.no_grad():
+                self.running_abs_mean.lerp_(x.detach().abs().mean().view(1), self.momentum)
+        numel_per_sample = max(1, x[0].numel()) if x.dim() > 1 else x.numel()
+        return scale_grad(self.step, 1.0 / math.sqrt(numel_per_sample * max(qp, 1.0)))
