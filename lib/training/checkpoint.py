@@ -1,0 +1,103 @@
+"""Training checkpoints: one self-describing dict, written atomically, validated on load.
+
+Format (a dict, `format` == CHECKPOINT_FORMAT):
+  version, epoch (epochs completed), state_dict, optimizer, scheduler, best_acc1, best_epoch,
+  metrics (last validation), history (per-epoch metrics), args (plain, JSON-able: everything
+  needed to rebuild the model, e.g. arch/num_classes/quant/bits/hardware), extra (caller's).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from lib.fileio import atomic_torch_save, atomic_write
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cim-aq/checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+BEST_NAME = "model_best.pth.tar"
+REQUIRED_KEYS = ("epoch", "state_dict", "args")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, foreign or does not fit; the message names it."""
+
+
+def plain(value: Any) -> Any:
+    """`value` reduced to python that torch.load(weights_only=True) accepts.
+
+    Paths → str, Namespaces/dataclasses → dicts, numpy → lists; tensors stay tensors.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "tolist") and type(value).__module__ == "numpy":
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+
+        return plain(dataclasses.asdict(value))
+    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+        return plain(vars(value))
+    return str(value)
+
+
+def make_checkpoint(**fields: Any) -> dict:
+    """A checkpoint dict with the format marker; args are reduced to plain python (see `plain`)."""
+    missing = [k for k in REQUIRED_KEYS if k not in fields]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks required field(s) {missing}")
+    fields["args"] = plain(fields["args"])
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **fields}
+
+
+def save_checkpoint(state: dict, out_dir: str | Path, is_best: bool = False,
+                    name: str = CHECKPOINT_NAME, best_name: str = BEST_NAME) -> Path:
+    """Write `out_dir/name` atomically; when `is_best`, copy it (atomically) to `out_dir/best_name`."""
+    out_dir = Path(out_dir)
+    path = atomic_torch_save(state, out_dir / name)
+    if is_best:
+        with open(path, "rb") as src:
+            atomic_write(out_dir / best_name, lambda dst: shutil.copyfileobj(src, dst), binary=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Read and validate a checkpoint written by save_checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file): {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a cim-aq checkpoint (found {keys}); "
+                              f"use it as --pretrained weights instead if it is a plain state dict")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')!r} is not supported "
+                              f"(expected {CHECKPOINT_VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks field(s) {missing}")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Strict load_state_dict whose failure names the source file and the offending keys."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {err}") from None

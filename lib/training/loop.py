@@ -1,0 +1,68 @@
+"""One training epoch and one evaluation pass, model-agnostic (FP32, QAT or mixed precision)."""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lib.training.metrics import RunningMeter
+
+
+def _batches(loader, max_batches: Optional[int]):
+    return itertools.islice(loader, max_batches) if max_batches else loader
+
+
+def _total(loader, max_batches: Optional[int]) -> Optional[int]:
+    try:
+        n = len(loader)
+    except TypeError:
+        return max_batches
+    return min(n, max_batches) if max_batches else n
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device | str = "cpu", *, max_batches: Optional[int] = None,
+                    progress: bool = True, desc: str = "train") -> dict:
+    """Train over `loader` (at most `max_batches` batches); returns {'loss', 'top1', 'top5', 'samples'}.
+
+    A non-finite loss stops training with an error instead of silently wrecking the weights.
+    """
+    model.train()
+    meter = RunningMeter()
+    bar = tqdm(_batches(loader, max_batches), total=_total(loader, max_batches), desc=desc,
+               disable=not progress, leave=False, dynamic_ncols=True)
+    for step, (images, target) in enumerate(bar):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = model(images)
+        loss = criterion(output, target)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at batch {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.update(loss.item(), output.detach(), target)
+        if progress:
+            stats = meter.summary()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.1f}")
+    bar.close()
+    return meter.summary()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, criterion: Optional[nn.Module] = None,
+             device: torch.device | str = "cpu", *, max_batches: Optional[int] = None,
+             progress: bool = False, desc: str = "eval") -> dict:
+    """Eval-mode pass over `loader`; returns {'loss', 'top1', 'top5', 'samples'} (loss 0 without criterion)."""
+    model.eval()
+    meter = RunningMeter()
+    for images, target in tqdm(_batches(loader, max_batches), total=_total(loader, max_batches), desc=desc,
+                               disable=not progress, leave=False, dynamic_ncols=True):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = model(images)
+        loss = criterion(output, target).item() if criterion is not None else 0.0
+        meter.update(loss, output, target)
+    return meter.summary()

@@ -1,0 +1,36 @@
+"""One seed for everything: global RNGs at start, and a fresh derived seed at each epoch.
+
+Reseeding per epoch (global RNGs and the train loader's shuffle generator) makes epoch e
+identical whether the run went straight through or resumed from a checkpoint at e.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; with `deterministic`, pin cuDNN to deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def seed_epoch(seed: int, epoch: int, loader=None) -> None:
+    """Reseed global RNGs (augmentation, dropout) and `loader`'s shuffle generator for `epoch`."""
+    s = epoch_seed(seed, epoch)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(s)

@@ -1,0 +1,108 @@
+"""`fit`: the epoch loop shared by FP32 pretraining, INT8 QAT and mixed-precision finetuning.
+
+Each epoch: reseed (so a resumed run matches an uninterrupted one), train, step the LR
+schedule, validate, write `checkpoint.pth.tar` (and `model_best.pth.tar` on a new best top-1)
+atomically, log metrics. Resuming restores model, optimizer, scheduler, epoch and best accuracy;
+the base LR stays the checkpoint's, and a longer `cfg.epochs` stretches the schedule from there.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from lib.training.checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_model_state,
+                                     make_checkpoint, plain, save_checkpoint)
+from lib.training.loop import evaluate, train_one_epoch
+from lib.training.optim import OptimConfig, build_criterion, build_optimizer, build_scheduler, sync_lr
+from lib.training.seeding import seed_epoch
+from lib.training.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """Outcome of fit: best and last validation metrics, per-epoch history and checkpoint paths."""
+
+    best_acc1: float
+    best_epoch: int
+    last: dict
+    history: list = field(default_factory=list)
+    epochs_run: int = 0
+    seconds: float = 0.0
+    checkpoint: Optional[Path] = None
+    best_checkpoint: Optional[Path] = None
+
+
+def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: str | Path, *,
+        args: Optional[Mapping[str, Any]] = None, device: torch.device | str = "cpu", seed: int = 0,
+        resume: Optional[str | Path | dict] = None, tracker: Optional[Tracker] = None,
+        extra: Optional[Mapping[str, Any]] = None, max_batches: Optional[int] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None, progress: bool = True) -> FitResult:
+    """Train `model` for cfg.epochs epochs (continuing from `resume`), checkpointing into `out_dir`.
+
+    args: plain description saved in every checkpoint so the model can be rebuilt (arch,
+    num_classes, quant, bits, hardware...). extra: further caller data saved as checkpoint['extra'].
+    optimizer: override build_optimizer(model, cfg) (e.g. custom parameter groups).
+    max_batches: cap on training batches per epoch (quick runs, tests).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    criterion = build_criterion(cfg)
+    optimizer = optimizer or build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    start_epoch, best_acc1, best_epoch, history = 0, -1.0, -1, []
+    if resume is not None:
+        state = resume if isinstance(resume, dict) else load_checkpoint(resume)
+        source = resume if not isinstance(resume, dict) else "the given checkpoint state"
+        load_model_state(model, state["state_dict"], source)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sync_lr(optimizer, scheduler, cfg)  # the schedule may have grown (more --epochs)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{source}: optimizer/scheduler state does not fit this run: {err}") from None
+        start_epoch = int(state["epoch"])
+        best_acc1, best_epoch = float(state.get("best_acc1", -1.0)), int(state.get("best_epoch", -1))
+        history = list(state.get("history", []))
+        log.info("resumed at epoch %d (best top-1 %.2f%%) from %s", start_epoch, best_acc1, source)
+    if start_epoch >= cfg.epochs:
+        log.info("already trained %d of %d epochs; nothing to do", start_epoch, cfg.epochs)
+
+    started = time.time()
+    last: dict = history[-1]["val"] if history else {}
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(seed, epoch, train_loader)
+        lr = optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(model, train_loader, criterion, optimizer, device, max_batches=max_batches,
+                                      progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        scheduler.step()
+        last = evaluate(model, val_loader, criterion, device)
+        is_best = last["top1"] > best_acc1
+        if is_best:
+            best_acc1, best_epoch = last["top1"], epoch + 1
+        history.append({"epoch": epoch + 1, "lr": lr, "train": train_stats, "val": last})
+        log.info("epoch %d/%d lr %.4g | train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
+                 epoch + 1, cfg.epochs, lr, train_stats["loss"], train_stats["top1"], last["loss"], last["top1"],
+                 last["top5"], " (best)" if is_best else "")
+        state = make_checkpoint(
+            epoch=epoch + 1, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), best_acc1=best_acc1, best_epoch=best_epoch, metrics=last,
+            history=history, args=dict(args or {}), optim=plain(cfg), extra=plain(dict(extra or {})))
+        save_checkpoint(state, out_dir, is_best=is_best)
+        if tracker is not None:
+            tracker.log({"train/loss": train_stats["loss"], "train/top1": train_stats["top1"], "lr": lr,
+                         "val/loss": last["loss"], "val/top1": last["top1"], "val/top5": last["top5"]}, epoch + 1)
+    best_path = out_dir / BEST_NAME
+    return FitResult(best_acc1=best_acc1, best_epoch=best_epoch, last=last, history=history,
+                     epochs_run=max(0, cfg.epochs - start_epoch), seconds=time.time() - started,
+                     checkpoint=ckpt_path if ckpt_path.exists() else None,
+                     best_checkpoint=best_path if best_path.exists() else None)
