@@ -1,0 +1,25 @@
+# The README's two commands. Both first make sure .venv exists and matches requirements.txt
+# (it is created if missing, and reinstalled when requirements.txt is newer than .venv/.stamp).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.stamp
+DEMO_DIR ?= runs/demo
+DEMO_EPOCHS ?= 15
+
+.PHONY: demo test venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -r requirements.txt
+	touch $(STAMP)
+
+# Main job. Until the two-stage workflow lands: FP32 pretraining of resnet20 on the built-in digits.
+# --resume auto: a rerun continues (or skips) what is already done.
+demo: $(STAMP)
+	$(VENV)/bin/python pretrain.py --dataset digits --arch resnet20 --input-size 32 --epochs $(DEMO_EPOCHS) \
+		--batch-size 64 --lr 0.1 --workers 1 --output-dir $(DEMO_DIR)/pretrain_fp32 --resume auto
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
