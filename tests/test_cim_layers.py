@@ -1,0 +1,256 @@
+"""Crossbar invariants of CIMConv2d / CIMLinear (DESIGN.md §2) on real Brevitas layers."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
+from lib.cim.adc import adc_range
+from lib.cim.crossbar import offset_reference, slice_significance, stored_slices
+
+MAPPINGS = ["offset", "differential-column", "differential-row"]
+GRANULARITIES = ["layer", "channel", "array", "column"]
+
+
+def _hw(**kw):
+    base = dict(rows=40, cols=64, cell_bits=2, adc_bits=6, mapping="differential-column",
+                weight_granularity="column", psum_granularity="off")
+    base.update(kw)
+    return HardwareConfig(**base)
+
+
+def _reference_conv(layer, x):
+    """The ordinary conv on the dequantized input and weights, through the same quantizers."""
+    xq = layer.input_quant(x).value
+    wq = layer.quant_weight().value
+    return F.conv2d(xq, wq, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _reference_linear(layer, x):
+    return F.linear(layer.input_quant(x).value, layer.quant_weight().value, layer.bias)
+
+
+def _grads(out, tensors, seed=0):
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((out * weights).sum(), tensors, allow_unused=True)
+
+
+CASES = list(itertools.product(MAPPINGS, GRANULARITIES, [1, 2, 4]))
+
+
+@pytest.mark.parametrize("mapping,granularity,cell_bits", CASES)
+def test_adc_off_conv_equals_ordinary_conv(mapping, granularity, cell_bits):
+    """Forward and gradients equal F.conv2d on dequantized tensors, with groups/stride/padding/
+    dilation and a ragged last row-tile, for bits 1..8."""
+    index = CASES.index((mapping, granularity, cell_bits))
+    torch.manual_seed(index)
+    w_bit, a_bit = 1 + index % 8, 1 + (index * 3) % 8
+    hw = _hw(mapping=mapping, weight_granularity=granularity, cell_bits=cell_bits)
+    layer = CIMConv2d(10, 6, 3, stride=2, padding=2, dilation=2, groups=2, hw=hw, w_bit=w_bit, a_bit=a_bit,
+                      input_signed=index % 2 == 0)
+    assert layer.layout.tiles >= 2 and layer.layout.pad > 0, "case must exercise a ragged row-tiling"
+    x = torch.randn(3, 10, 9, 11, requires_grad=True)
+    calibrate(layer, [x.detach()])
+    out, ref = layer(x), _reference_conv(layer, x)
+    assert out.shape == ref.shape
+    scale = ref.abs().max().clamp_min(1e-3).item()
+    assert torch.allclose(out, ref, atol=2e-5 * scale, rtol=1e-4)
+    params = [x, layer.weight, layer.weight_step_module.step, layer.input_step_module.step, layer.bias]
+    for got, want in zip(_grads(out, params), _grads(ref, params)):
+        assert torch.allclose(got, want, atol=1e-4 * want.abs().max().clamp_min(1e-3).item(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("mapping,granularity", list(itertools.product(MAPPINGS, GRANULARITIES)))
+def test_adc_off_linear_equals_ordinary_linear_with_tokens(mapping, granularity):
+    torch.manual_seed(3)
+    hw = _hw(mapping=mapping, weight_granularity=granularity, rows=16)
+    layer = CIMLinear(37, 5, hw=hw, w_bit=5, a_bit=7)
+    x = torch.randn(2, 4, 37, requires_grad=True)  # leading token dims
+    calibrate(layer, [x.detach()])
+    out, ref = layer(x), _reference_linear(layer, x)
+    assert out.shape == (2, 4, 5)
+    assert torch.allclose(out, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+    params = [x, layer.weight, layer.weight_step_module.step, layer.input_step_module.step]
+    for got, want in zip(_grads(out, params), _grads(ref, params)):
+        assert torch.allclose(got, want, atol=1e-4 * want.abs().max().clamp_min(1e-3).item(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+@pytest.mark.parametrize("cell_bits", [1, 2, 3, 4])
+def test_slices_are_cell_integers_that_recombine_exactly(mapping, cell_bits):
+    for bits in range(1, 9):
+        q = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float32)
+        slices = stored_slices(q, bits, cell_bits, mapping)
+        assert slices.shape[0] == -(-bits // cell_bits)
+        assert torch.equal(slices, slices.round())
+        shifts = slice_significance(bits, cell_bits).view(-1, 1)
+        recombined = (slices * shifts).sum(0)
+        if mapping == "offset":
+            assert slices.min() >= 0 and slices.max() <= 2 ** cell_bits - 1
+            assert torch.equal(recombined, q + 2 ** (bits - 1))
+            ref_slice, ref_value = offset_reference(bits, cell_bits)
+            assert ref_value * 2 ** (ref_slice * cell_bits) == 2 ** (bits - 1)
+        else:  # each cell of the pair holds a digit of q⁺ or q⁻ in [0, 2^c - 1]
+            positive, negative = slices.clamp(min=0), (-slices).clamp(min=0)
+            assert positive.max() <= 2 ** cell_bits - 1 and negative.max() <= 2 ** cell_bits - 1
+            assert torch.equal(recombined, q)
+
+
+def _adc_layer(mapping="differential-column", granularity="column", adc_bits=4, n_sigma=None, **kw):
+    hw = _hw(mapping=mapping, psum_granularity=granularity, adc_bits=adc_bits, n_sigma=n_sigma,
+             weight_granularity="column", **kw)
+    torch.manual_seed(0)
+    return CIMConv2d(12, 5, 3, padding=1, hw=hw, w_bit=5, a_bit=4, input_signed=False)
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+@pytest.mark.parametrize("granularity", ["layer", "array", "column"])
+def test_adc_outputs_lie_on_the_grid(mapping, granularity):
+    layer = _adc_layer(mapping, granularity, adc_bits=3)
+    x = torch.rand(2, 12, 6, 6)
+    calibrate(layer, [x])
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x)
+        xq = layer.input_quant(x).value
+        qw = layer.quant_weight()
+        q = torch.round(qw.value / qw.scale)
+        slices = stored_slices(q, layer.w_bit, layer.hw.cell_bits, mapping)
+        psums = layer.partial_sums(xq, slices)
+        n, h, w, _ = psums.shape
+        lay = layer.layout
+        p = psums.reshape(n * h * w, lay.groups * lay.tiles, -1)
+        step = layer.psum_adc.full_step()
+        levels = p / step
+        lo, hi = adc_range(3, layer.psum_adc.signed)
+        codes = torch.round(levels).clamp(lo, hi)
+        # per step group at most 2^adc_bits distinct codes
+        groups = {"layer": [codes.reshape(-1)], "array": list(codes.transpose(0, 1).reshape(lay.tiles, -1)),
+                  "column": list(codes.reshape(codes.shape[0], -1).T)}[granularity]
+        assert all(torch.unique(g).numel() <= 2 ** 3 for g in groups)
+        # rebuilding the output from those grid values reproduces the layer's output
+        step_grid = layer._step_grid(qw.scale)
+        quantized = (codes * step).reshape(n * h * w, lay.groups, lay.tiles, -1)
+        layer.psum_adc.granularity = "off"  # the layer's own shift-and-add, on grid values
+        try:
+            rebuilt = layer._convert(quantized, step_grid)
+        finally:
+            layer.psum_adc.granularity = granularity
+        rebuilt = rebuilt.reshape(n, h, w, -1).permute(0, 3, 1, 2) + layer.bias.view(1, -1, 1, 1)
+    assert torch.allclose(out, rebuilt, atol=1e-5 * out.abs().max().item())
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+def test_more_adc_bits_move_output_towards_adc_off(mapping):
+    x = torch.rand(4, 12, 8, 8)
+    errors = []
+    reference = None
+    for bits in (2, 4, 8):
+        layer = _adc_layer(mapping, "column", adc_bits=bits)
+        calibrate(layer, [x])
+        layer.eval()
+        with torch.no_grad():
+            out = layer(x)
+            if reference is None:
+                reference = _reference_conv(layer, x)
+        errors.append((out - reference).pow(2).mean().item())
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_row_tiles_see_only_their_own_input_channels():
+    hw = _hw(rows=27, psum_granularity="column")  # 3 channels of a 3x3 kernel per tile
+    layer = CIMConv2d(8, 4, 3, padding=1, hw=hw, w_bit=4, a_bit=4)
+    assert layer.layout.tiles == 3 and layer.layout.channels_per_tile == 3
+    with torch.no_grad():
+        qw = layer.quant_weight()
+        slices = stored_slices(torch.round(qw.value / qw.scale), 4, 2, hw.mapping)
+        x = torch.randn(2, 8, 5, 5)
+        x2 = x.clone()
+        x2[:, 3:6] += torch.randn(2, 3, 5, 5)  # perturb tile 1 only
+        cols = layer.psum_adc.columns
+        p1 = layer.partial_sums(x, slices).reshape(2, 5, 5, 3, cols)
+        p2 = layer.partial_sums(x2, slices).reshape(2, 5, 5, 3, cols)
+    assert torch.equal(p1[..., 0, :], p2[..., 0, :]) and torch.equal(p1[..., 2, :], p2[..., 2, :])
+    assert not torch.equal(p1[..., 1, :], p2[..., 1, :])
+    # same for Linear: features [16, 32) form tile 1
+    lin = CIMLinear(40, 3, hw=hw.with_overrides(rows=16), w_bit=3, a_bit=4)
+    with torch.no_grad():
+        qw = lin.quant_weight()
+        slices = stored_slices(torch.round(qw.value / qw.scale), 3, 2, hw.mapping)
+        x = torch.randn(5, 40)
+        x2 = x.clone()
+        x2[:, 16:32] += 1.0
+        p1, p2 = lin.partial_sums(x, slices), lin.partial_sums(x2, slices)
+    assert torch.equal(p1[0], p2[0]) and torch.equal(p1[2], p2[2]) and not torch.equal(p1[1], p2[1])
+
+
+@pytest.mark.parametrize("n_sigma", [None, 2.0])
+def test_eval_output_of_a_sample_does_not_depend_on_its_batch(n_sigma):
+    layer = _adc_layer(adc_bits=4, n_sigma=n_sigma)
+    calibrate(layer, [torch.rand(8, 12, 6, 6), torch.rand(8, 12, 6, 6)])
+    layer.eval()
+    sample = torch.rand(1, 12, 6, 6)
+    with torch.no_grad():
+        alone = layer(sample)
+        in_batch = layer(torch.cat([sample, 10 * torch.rand(7, 12, 6, 6)]))[:1]
+    assert torch.allclose(alone, in_batch, atol=1e-5)
+
+
+def test_gradients_reach_all_steps_and_training_lowers_loss():
+    torch.manual_seed(0)
+    hw = _hw(psum_granularity="column", adc_bits=5, rows=36)
+    model = nn.Sequential(
+        CIMConv2d(3, 8, 3, padding=1, hw=hw, w_bit=4, a_bit=6, input_signed=True), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), CIMLinear(32, 4, hw=hw, w_bit=4, a_bit=6, input_signed=False))
+    x = torch.randn(32, 3, 8, 8)
+    y = (x[:, 0].mean(dim=(1, 2)) > 0).long() + 2 * (x[:, 1].mean(dim=(1, 2)) > 0).long()
+    calibrate(model, [x])
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    for layer in (model[0], model[4]):
+        for tensor in (layer.weight, layer.weight_step_module.step, layer.input_step_module.step, layer.psum_adc.step):
+            assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = loss.item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.8 * first
+
+
+def test_set_bits_rederives_slices_and_grids_in_place():
+    layer = _adc_layer(adc_bits=4)
+    x = torch.rand(2, 12, 6, 6)
+    calibrate(layer, [x])
+    module_id, weight_id = id(layer), id(layer.weight)
+    assert layer.slices == 3 and layer.psum_adc.columns == 15
+    layer.set_bits(8, 3, adc_bits=6)
+    assert (layer.w_bit, layer.a_bit, layer.adc_bits, layer.slices) == (8, 3, 6, 4)
+    assert layer.psum_adc.columns == 4 * 5 and layer.psum_adc.step.shape == (layer.layout.tiles, 20)
+    calibrate(layer, [x])
+    layer.eval()
+    with torch.no_grad():
+        xq = layer.input_quant(x).value
+        assert torch.unique(torch.round(xq / layer.input_step_module.step)).numel() <= 8
+        assert torch.isfinite(layer(x)).all()
+    assert id(layer) == module_id and id(layer.weight) == weight_id
+    with pytest.raises(ValueError, match="w_bit=0"):
+        layer.set_bits(0, 4)
+
+
+def test_state_dict_round_trip_restores_bits_and_outputs_exactly():
+    layer = _adc_layer(adc_bits=5)
+    x = torch.rand(2, 12, 6, 6)
+    layer.set_bits(6, 5, 7)
+    calibrate(layer, [x])
+    layer.eval()
+    fresh = _adc_layer(adc_bits=5)  # different bits and shapes until the state is loaded
+    fresh.load_state_dict(layer.state_dict())
+    fresh.eval()
+    assert (fresh.w_bit, fresh.a_bit, fresh.adc_bits) == (6, 5, 7)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))

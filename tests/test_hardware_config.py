@@ -1,0 +1,61 @@
+"""HardwareConfig: both YAML layouts, validation errors that name key, value and what is allowed."""
+from pathlib import Path
+
+import pytest
+
+from lib.cim import HardwareConfig, HardwareConfigError
+from lib.cim.layers import CIMConv2d
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_cim_aq_layout_reads_unchanged():
+    hw = HardwareConfig.from_yaml(ROOT / "run/hardware/cim_aq_default.yaml")
+    assert (hw.rows, hw.cols, hw.cell_bits, hw.input_bits) == (256, 256, 4, 1)
+    assert (hw.write_latency, hw.execute_latency, hw.mapping) == (56, 1.4, "differential-column")
+
+
+def test_shipped_flat_layout_reads():
+    hw = HardwareConfig.from_yaml(ROOT / "run/hardware/cell2bit.yaml")
+    assert hw.cell_bits == 2 and hw.slices(5) == 3 and hw.psum_granularity == "column"
+
+
+@pytest.mark.parametrize("alias,full", [("of", "offset"), ("dc", "differential-column"), ("dr", "differential-row")])
+def test_mapping_aliases(alias, full):
+    hw = HardwareConfig(mapping=alias)
+    assert hw.mapping == full
+    assert hw.effective_rows == (128 if full == "differential-row" else 256)
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    ({"cell_bits": 0}, r"cell_bits=0 is not allowed: expected an integer in \[1, 8\]"),
+    ({"adc_bits": 0}, r"adc_bits=0 is not allowed"),
+    ({"mapping": "diagonal"}, r"mapping='diagonal' is not allowed: expected one of \['offset'"),
+    ({"weight_granularity": "row"}, r"weight_granularity='row' is not allowed"),
+    ({"psum_granularity": "tile"}, r"psum_granularity='tile' is not allowed"),
+    ({"n_sigma": -1}, r"n_sigma=-1 is not allowed"),
+    ({"rows": 0}, r"rows=0 is not allowed"),
+    ({"execute_latency": -2.0}, r"execute_latency=-2.0 is not allowed"),
+])
+def test_bad_values_name_key_value_and_allowed(changes, pattern):
+    with pytest.raises(HardwareConfigError, match=pattern):
+        HardwareConfig(**changes)
+
+
+def test_unknown_keys_are_errors_in_both_layouts(tmp_path):
+    path = tmp_path / "hw.yaml"
+    path.write_text("rows: 128\ncolumns: 128\n")
+    with pytest.raises(HardwareConfigError, match=r"unknown key\(s\) \['columns'\]"):
+        HardwareConfig.from_yaml(path)
+    path.write_text("crossbar:\n  size: {m: 64, n: 64}\n  resolution_weight_bit: 2\n")
+    with pytest.raises(HardwareConfigError, match="unknown key crossbar.resolution_weight_bit"):
+        HardwareConfig.from_yaml(path)
+    with pytest.raises(HardwareConfigError, match="does not exist"):
+        HardwareConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_rows_smaller_than_one_kernel_is_an_error():
+    with pytest.raises(HardwareConfigError, match="one kernel needs 9 rows but an array holds 8"):
+        CIMConv2d(4, 4, 3, hw=HardwareConfig(rows=8))
+    with pytest.raises(HardwareConfigError, match="holds 4 weight rows"):
+        CIMConv2d(4, 4, 3, hw=HardwareConfig(rows=8, mapping="dr"))
