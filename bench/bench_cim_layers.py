@@ -47,6 +47,12 @@ def forward_backward(layer, x):
     return run
 
 
+def forced(layer):
+    """The same layer taking the tiled, sliced crossbar path although its ADC is off."""
+    layer.force_crossbar = True
+    return layer
+
+
 def compare(name: str, layers: dict, x: torch.Tensor, repeats: int) -> None:
     results = {}
     for label, layer in layers.items():
@@ -76,6 +82,7 @@ def main() -> None:
         "torch": conv,
         "brevitas QuantConv2d": QuantConv2d(64, 64, 3, padding=1, weight_bit_width=4),
         "CIMConv2d ADC off": CIMConv2d.from_float(conv, hw_off, 4, 4, input_signed=False),
+        "  same, crossbar path": forced(CIMConv2d.from_float(conv, hw_off, 4, 4, input_signed=False)),
         "CIMConv2d ADC on": CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False),
     }
     print(f"conv row-tiles: {layers['CIMConv2d ADC on'].layout.tiles}, slices: {layers['CIMConv2d ADC on'].slices}")
@@ -86,6 +93,7 @@ def main() -> None:
         "torch": linear,
         "brevitas QuantLinear": QuantLinear(512, 512, weight_bit_width=4),
         "CIMLinear ADC off": CIMLinear.from_float(linear, hw_off, 4, 4, input_signed=False),
+        "  same, crossbar path": forced(CIMLinear.from_float(linear, hw_off, 4, 4, input_signed=False)),
         "CIMLinear ADC on": CIMLinear.from_float(linear, hw, 4, 4, input_signed=False),
     }
     compare("Linear 512->512, batch 256", layers, torch.rand(256, 512), args.repeats)

@@ -53,7 +53,10 @@ def test_adc_off_conv_equals_ordinary_conv(mapping, granularity, cell_bits):
     assert layer.layout.tiles >= 2 and layer.layout.pad > 0, "case must exercise a ragged row-tiling"
     x = torch.randn(3, 10, 9, 11, requires_grad=True)
     calibrate(layer, [x.detach()])
+    fast = layer(x)  # ADC off: the layer's shortcut
+    layer.force_crossbar = True
     out, ref = layer(x), _reference_conv(layer, x)
+    assert torch.equal(fast, ref)
     assert out.shape == ref.shape
     scale = ref.abs().max().clamp_min(1e-3).item()
     assert torch.allclose(out, ref, atol=2e-5 * scale, rtol=1e-4)
@@ -67,6 +70,7 @@ def test_adc_off_linear_equals_ordinary_linear_with_tokens(mapping, granularity)
     torch.manual_seed(3)
     hw = _hw(mapping=mapping, weight_granularity=granularity, rows=16)
     layer = CIMLinear(37, 5, hw=hw, w_bit=5, a_bit=7)
+    layer.force_crossbar = True
     x = torch.randn(2, 4, 37, requires_grad=True)  # leading token dims
     calibrate(layer, [x.detach()])
     out, ref = layer(x), _reference_linear(layer, x)

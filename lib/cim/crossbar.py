@@ -74,15 +74,13 @@ def stored_slices(q: torch.Tensor, bits: int, cell_bits: int, mapping: str) -> t
     Either way Σ_s 2^(s·c) · slice_s recombines u (offset) or q (differential) exactly.
     """
     slices = num_slices(bits, cell_bits)
-    base = 2 ** cell_bits
-    shifts = (2 ** (cell_bits * torch.arange(slices, device=q.device, dtype=q.dtype)))
-    shape = (slices,) + (1,) * q.dim()
+    ints = torch.round(q).to(torch.int32)
+    shifts = (cell_bits * torch.arange(slices, device=q.device, dtype=torch.int32)).view((slices,) + (1,) * q.dim())
+    mask = 2 ** cell_bits - 1
     if mapping == "offset":
-        u = q + 2 ** (bits - 1)
-        return torch.remainder(torch.div(u.unsqueeze(0), shifts.view(shape), rounding_mode="floor"), base)
-    magnitude = q.abs().unsqueeze(0)
-    digits = torch.remainder(torch.div(magnitude, shifts.view(shape), rounding_mode="floor"), base)
-    return digits * torch.sign(q).unsqueeze(0)
+        return torch.bitwise_and(torch.bitwise_right_shift(ints + 2 ** (bits - 1), shifts), mask).to(q.dtype)
+    digits = torch.bitwise_and(torch.bitwise_right_shift(ints.abs(), shifts), mask)
+    return (digits * torch.sign(ints)).to(q.dtype)
 
 
 def slice_significance(bits: int, cell_bits: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -98,13 +96,22 @@ def offset_reference(bits: int, cell_bits: int) -> tuple[int, float]:
     return slice_index, cell_value
 
 
-def slices_with_ste(q_int: torch.Tensor, q_ste: torch.Tensor, bits: int, cell_bits: int,
-                    mapping: str) -> torch.Tensor:
-    """Integer slices in the forward pass; in the backward pass each slice passes 2^(-s·c)/S of the
-    gradient to q, so that Σ_s 2^(s·c)·slice_s has gradient exactly 1 w.r.t. q (ADC off ⇒ the
-    crossbar's gradients equal an ordinary layer's)."""
-    hard = stored_slices(q_int, bits, cell_bits, mapping)
-    slices = hard.shape[0]
-    share = slice_significance(bits, cell_bits, q_ste.device, q_ste.dtype).reciprocal() / slices
-    delta = (q_ste - q_ste.detach()).unsqueeze(0)
-    return hard + delta * share.view((slices,) + (1,) * q_ste.dim())
+class _SlicesSTE(torch.autograd.Function):
+    """Integer slices forward; backward passes share_s = 2^(-s·c)/S of slice s's gradient to q, so
+    that Σ_s 2^(s·c)·slice_s has gradient exactly 1 w.r.t. q (ADC off ⇒ the crossbar's gradients
+    equal an ordinary layer's). One function so the full-size weight is touched only a few times."""
+
+    @staticmethod
+    def forward(ctx, q, bits: int, cell_bits: int, mapping: str):
+        slices = stored_slices(q, bits, cell_bits, mapping)
+        ctx.share = (slice_significance(bits, cell_bits, q.device, q.dtype).reciprocal() / slices.shape[0])
+        return slices
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.tensordot(ctx.share, grad, dims=1), None, None, None
+
+
+def slices_with_ste(q: torch.Tensor, bits: int, cell_bits: int, mapping: str) -> torch.Tensor:
+    """Cell slices (S, *q.shape) of the integer-valued weights q, with a straight-through gradient."""
+    return _SlicesSTE.apply(q, bits, cell_bits, mapping)

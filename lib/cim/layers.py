@@ -64,6 +64,7 @@ class CIMLayerMixin:
         adc_signed = self.input_signed or hw.mapping != "offset"
         self.psum_adc = PartialSumADC(hw.psum_granularity, layout.groups, layout.tiles,
                                       self._columns_per_array(self.w_bit), adc_bits, adc_signed, hw.n_sigma)
+        self.force_crossbar = False  # take the crossbar path even with the ADC off (tests, studies)
         self.register_buffer("first_channel_of_tile",
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
 
@@ -152,13 +153,6 @@ class CIMLayerMixin:
         scale = scale.expand(lay.groups * lay.out_channels_per_group, lay.tiles)
         return scale.reshape(lay.groups, lay.out_channels_per_group, lay.tiles).permute(0, 2, 1)
 
-    def _integer_weight(self, quant_weight: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(exact integers, the same with Brevitas' STE gradients, expanded weight scale)."""
-        scale = quant_weight.scale
-        q_ste = quant_weight.value / scale
-        q_int = torch.round(q_ste.detach())
-        return q_int, q_ste, scale
-
     def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor) -> torch.Tensor:
         """ADC + digital shift-and-add of partial sums (M, groups, tiles, columns) → (M, groups, out)."""
         bits, cell = self.w_bit, self.hw.cell_bits
@@ -170,9 +164,20 @@ class CIMLayerMixin:
         return self.psum_adc(psums, shifts, step_grid, ref_shift)
 
     def _weight_slices(self, quant_weight: QuantTensor):
-        q_int, q_ste, scale = self._integer_weight(quant_weight)
-        slices = slices_with_ste(q_int, q_ste, self.w_bit, self.hw.cell_bits, self.hw.mapping)
+        """Cell slices of the integer weights (value / scale, with Brevitas' STE gradients) and the
+        weight step per (group, tile, out)."""
+        scale = quant_weight.scale
+        slices = slices_with_ste(quant_weight.value / scale, self.w_bit, self.hw.cell_bits, self.hw.mapping)
         return slices, self._step_grid(scale)
+
+    def inner_forward_impl(self, x, quant_weight, quant_bias):
+        """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum).
+
+        With the ADC off the crossbar sum equals the plain layer on dequantized tensors exactly
+        (an invariant the tests check), so that case takes the cheap path unless force_crossbar."""
+        if self.psum_adc.enabled or self.force_crossbar:
+            return self.crossbar_forward(x, quant_weight, quant_bias)
+        return self.dequantized_forward(_unwrap(x), quant_weight.value, _unwrap(quant_bias))
 
 
 def _grid_max(bits: int, signed: bool) -> int:
@@ -262,7 +267,10 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
                          self.layout.groups * self.layout.tiles)
         return psums.permute(0, 2, 3, 1)
 
-    def inner_forward_impl(self, x, quant_weight, quant_bias):
+    def dequantized_forward(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
+
+    def crossbar_forward(self, x, quant_weight, quant_bias):
         x = _unwrap(x)
         lay = self.layout
         slices, step_grid = self._weight_slices(quant_weight)
@@ -305,28 +313,31 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
-        """Batched-matmul weight (tiles, rows_per_tile, columns), columns ordered (slice, out) [+ ref]."""
+        """Batched-matmul weight (tiles, rows_per_tile, slices·out): a strided view of the slices
+        when no padding is needed (BLAS reads it in place), columns ordered (slice, out)."""
         lay = self.layout
-        n_slices = slices.shape[0]
-        w = slices
+        w = slices.reshape(-1, self.in_features)
         if lay.pad:
             w = F.pad(w, (0, lay.pad))
-        w = w.reshape(n_slices, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile)
-        w = w.permute(2, 3, 0, 1).reshape(lay.tiles, lay.channels_per_tile, -1)
-        if self.uses_reference_column:
-            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
-            w = torch.cat([w, w.new_full((lay.tiles, lay.channels_per_tile, 1), cell_value)], dim=2)
-        return w
+        return w.view(w.shape[0], lay.tiles, lay.channels_per_tile).permute(1, 2, 0)
 
     def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
-        """Every row-tile × column partial sum: (tiles, tokens, columns)."""
+        """Every row-tile × column partial sum: (tiles, tokens, columns); the offset reference
+        column (same cell value on every row) is the cell value times the tile's input sum."""
         lay = self.layout
         if lay.pad:
             x2d = F.pad(x2d, (0, lay.pad))
         xt = x2d.reshape(x2d.shape[0], lay.tiles, lay.channels_per_tile).transpose(0, 1)
-        return torch.bmm(xt, self.crossbar_weight(slices))
+        psums = torch.bmm(xt, self.crossbar_weight(slices))
+        if self.uses_reference_column:
+            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+            psums = torch.cat([psums, cell_value * xt.sum(dim=2, keepdim=True)], dim=2)
+        return psums
 
-    def inner_forward_impl(self, x, quant_weight, quant_bias):
+    def dequantized_forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def crossbar_forward(self, x, quant_weight, quant_bias):
         x = _unwrap(x)
         lead = x.shape[:-1]
         slices, step_grid = self._weight_slices(quant_weight)

@@ -141,8 +141,10 @@ class WeightStep(_LazyStep):
             grid = step.view(lay.groups, 1, lay.tiles).expand(lay.groups, lay.out_channels_per_group, lay.tiles)
         else:
             grid = step.permute(0, 2, 1)  # (g, o, t)
-        per_channel = grid.reshape(lay.groups * lay.out_channels_per_group, lay.tiles)[:, self.tile_index]
-        return per_channel.view(per_channel.shape + trailing)
+        # each tile's step repeated over its channels (expand + reshape: its backward is a plain sum)
+        per_channel = grid.reshape(-1, lay.tiles, 1).expand(-1, lay.tiles, lay.channels_per_tile)
+        per_channel = per_channel.reshape(-1, lay.padded_channels)[:, :lay.in_channels_per_group]
+        return per_channel.reshape(per_channel.shape + trailing)
 
 
 class ActStep(_LazyStep):
