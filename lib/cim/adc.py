@@ -87,6 +87,7 @@ class PartialSumADC(nn.Module):
         self.n_sigma = n_sigma
         self.momentum = momentum
         self.register_buffer("bits", torch.tensor(float(bits)))
+        self._bits = int(bits)  # Python mirror of the buffer: no GPU sync to read it
         self._initialized = False
         self.resize(groups * tiles, columns)
 
@@ -100,6 +101,7 @@ class PartialSumADC(nn.Module):
         self.register_buffer("running_mean", torch.zeros(arrays, columns, device=device))
         self.register_buffer("running_var", torch.ones(arrays, columns, device=device))
         self.register_buffer("stats_seen", torch.zeros((), device=device))
+        self._has_stats = False
         self._initialized = False
 
     @property
@@ -108,11 +110,12 @@ class PartialSumADC(nn.Module):
 
     @property
     def num_bits(self) -> int:
-        return int(self.bits)
+        return self._bits
 
     def set_bits(self, bits: int) -> None:
         old = self.num_bits
         self.bits.fill_(float(bits))
+        self._bits = int(bits)
         if bits != old:
             self._initialized = False
 
@@ -129,7 +132,7 @@ class PartialSumADC(nn.Module):
 
     def clip_bounds(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Running mean ± n_sigma·std per (array, column), or None when clipping is off."""
-        if self.n_sigma is None or float(self.stats_seen) == 0:
+        if self.n_sigma is None or not self._has_stats:
             return None
         std = self.running_var.clamp_min(0).sqrt()
         return self.running_mean - self.n_sigma * std, self.running_mean + self.n_sigma * std
@@ -148,14 +151,19 @@ class PartialSumADC(nn.Module):
         if key in state_dict:
             self._initialized = True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if prefix + "bits" in state_dict:
+            self._bits = int(state_dict[prefix + "bits"])
+        if prefix + "stats_seen" in state_dict:
+            self._has_stats = float(state_dict[prefix + "stats_seen"]) > 0
 
     @torch.no_grad()
     def _update_stats(self, p: torch.Tensor) -> None:
         var, mean = torch.var_mean(p.detach(), dim=0, unbiased=False)
         var, mean = var.reshape(self.arrays, self.columns), mean.reshape(self.arrays, self.columns)
-        if float(self.stats_seen) == 0:
+        if not self._has_stats:
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
+            self._has_stats = True
         else:
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var, self.momentum)

@@ -91,11 +91,11 @@ class CIMLayerMixin:
 
     @property
     def w_bit(self) -> int:
-        return int(self._weight_bits_module.bits)
+        return self._weight_bits_module.value
 
     @property
     def a_bit(self) -> int:
-        return int(self._input_bits_module.bits)
+        return self._input_bits_module.value
 
     @property
     def adc_bits(self) -> int:

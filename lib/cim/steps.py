@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MIN_STEP = 1e-8
 
 
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+def scale_grad(x: torch.Tensor, factor) -> torch.Tensor:
     """Identity forward; gradient multiplied by `factor` (LSQ's step-gradient scaling)."""
     scaled = x * factor
     return (x - scaled).detach() + scaled
@@ -32,17 +32,27 @@ def lsq_init(abs_mean: torch.Tensor, qp: float) -> torch.Tensor:
 
 
 class MutableBitWidth(nn.Module):
-    """A bit width kept in a buffer (saved in the state_dict) so a policy can change it in place."""
+    """A bit width kept in a buffer (saved in the state_dict) so a policy can change it in place.
+
+    `value` mirrors it as a Python int so that reading it never synchronises with a GPU.
+    """
 
     def __init__(self, bit_width: int) -> None:
         super().__init__()
         self.register_buffer("bits", torch.tensor(float(bit_width)))
+        self.value = int(bit_width)
 
     def forward(self) -> torch.Tensor:
         return self.bits
 
     def set(self, bit_width: int) -> None:
         self.bits.fill_(float(bit_width))
+        self.value = int(bit_width)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "bits" in state_dict:
+            self.value = int(state_dict[prefix + "bits"])
 
 
 class _LazyStep(nn.Module):
@@ -124,11 +134,10 @@ class WeightStep(_LazyStep):
         self._initialized = True
 
     def forward(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        qp = float(threshold)
         if not self._initialized:
-            self.initialize(weight, qp)
-        step = scale_grad(self.step, 1.0 / math.sqrt(self.weights_per_step() * max(qp, 1.0)))
-        return self.expand_to_weight(step)
+            self.initialize(weight, float(threshold))
+        factor = torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step())
+        return self.expand_to_weight(scale_grad(self.step, factor))
 
     def expand_to_weight(self, step: torch.Tensor) -> torch.Tensor:
         trailing = (1,) * (self.weight_ndim - 2)
@@ -179,11 +188,10 @@ class ActStep(_LazyStep):
             self.step.mul_(max(old_qp, 1.0) / max(new_qp, 1.0))
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        qp = float(threshold)
         if not self._initialized:
-            self.initialize(x, qp)
+            self.initialize(x, float(threshold))
         elif self.training:
             with torch.no_grad():
                 self.running_abs_mean.lerp_(x.detach().abs().mean().view(1), self.momentum)
         numel_per_sample = max(1, x[0].numel()) if x.dim() > 1 else x.numel()
-        return scale_grad(self.step, 1.0 / math.sqrt(numel_per_sample * max(qp, 1.0)))
+        return scale_grad(self.step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
