@@ -5,6 +5,9 @@ VENV := .venv
 STAMP := $(VENV)/.stamp
 DEMO_DIR ?= runs/demo
 DEMO_EPOCHS ?= 15
+# One torch thread: on a small machine shared with anything else, two OpenMP threads spin against
+# each other and run several times slower; data loading stays in the main process for the same reason.
+DEMO_THREADS ?= 1
 
 .PHONY: demo test venv
 
@@ -19,7 +22,8 @@ $(STAMP): requirements.txt
 # --resume auto: a rerun continues (or skips) what is already done.
 demo: $(STAMP)
 	$(VENV)/bin/python pretrain.py --dataset digits --arch resnet20 --input-size 32 --epochs $(DEMO_EPOCHS) \
-		--batch-size 64 --lr 0.1 --workers 1 --output-dir $(DEMO_DIR)/pretrain_fp32 --resume auto
+		--batch-size 64 --lr 0.1 --workers 0 --threads $(DEMO_THREADS) --output-dir $(DEMO_DIR)/pretrain_fp32 \
+		--resume auto
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

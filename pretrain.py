@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a classifier: FP32, or uniform-precision QAT on CIM layers (`--quant uniform`).
+r"""Pretrain a classifier: FP32, or uniform-precision QAT on CIM layers (`--quant uniform`).
 
 Examples:
   python pretrain.py --dataset digits --arch resnet20 --input-size 32 --epochs 15
@@ -91,7 +91,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None,
-                   help="where checkpoints and logs go (default runs/pretrain/<dataset>_<arch>[_w<W>a<A>])")
+                   help="where checkpoints and logs go (default: the --resume checkpoint's folder, else "
+                        "runs/pretrain/<dataset>_<arch>[_w<W>a<A>])")
     g.add_argument("--resume", default=None,
                    help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint.pth.tar if it exists")
     g.add_argument("--evaluate", action="store_true",
@@ -230,7 +231,10 @@ def run_train(args: argparse.Namespace) -> dict:
         resume_state = load_checkpoint(resume_path)
         log.info("resuming from %s (epoch %d)", resume_path, resume_state["epoch"])
     spec = resolve_spec(args, resume_state["args"] if resume_state else None)
-    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec)
+    if args.output_dir:
+        out_dir = Path(args.output_dir)
+    else:  # a resumed run continues in its checkpoint's folder
+        out_dir = resume_path.parent if resume_path is not None else default_output_dir(spec)
     cfg = OptimConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                       nesterov=args.nesterov, weight_decay=args.weight_decay, no_decay_1d=not args.decay_1d,
                       scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,

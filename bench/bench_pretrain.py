@@ -2,7 +2,7 @@
 """Benchmark (by hand): pretrain.py trains resnet20 on the built-in digits at 32x32 to >= 95% val top-1.
 
 Runs the real CLI in a subprocess into a fresh folder and prints best val top-1 and wall time.
-  .venv/bin/python bench/bench_pretrain.py [--epochs 15] [--threads 0] [--workers 1]
+  .venv/bin/python bench/bench_pretrain.py [--epochs 15] [--threads 1] [--workers 0]
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=15, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--workers", type=int, default=1, help="data-loading workers")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading workers")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--output-dir", default=None, help="run folder (default: a fresh temp folder)")
     args = p.parse_args()
     out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="bench_pretrain_"))

@@ -68,8 +68,8 @@ def test_resume_continues_exactly(tmp_path):
     assert _run(QUICK + ["--epochs", "1", "--output-dir", split]) == 0
     after_one = load_checkpoint(split / "checkpoint.pth.tar")
     assert after_one["epoch"] == 1 and after_one["args"]["arch"] == "tiny_cnn"
-    # --resume needs no model flags: they come from the checkpoint
-    assert _run(["--resume", split / "checkpoint.pth.tar", "--epochs", "2", "--output-dir", split, "--workers", "0",
+    # --resume needs no model flags (they come from the checkpoint) and continues in the checkpoint's folder
+    assert _run(["--resume", split / "checkpoint.pth.tar", "--epochs", "2", "--workers", "0",
                  "--batch-size", "50", "--lr", "0.1", "--seed", "1", "--no-progress", "--no-tensorboard"]) == 0
     a, b = load_checkpoint(straight / "checkpoint.pth.tar"), load_checkpoint(split / "checkpoint.pth.tar")
     assert b["epoch"] == 2 and b["history"][0] == after_one["history"][0]

@@ -7,6 +7,8 @@ Format (a dict, `format` == CHECKPOINT_FORMAT):
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -44,11 +46,9 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if hasattr(value, "__dataclass_fields__"):
-        import dataclasses
-
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return plain(dataclasses.asdict(value))
-    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+    if isinstance(value, argparse.Namespace):
         return plain(vars(value))
     return str(value)
 
