@@ -22,17 +22,6 @@ from lib.cim.hardware import HardwareConfig  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def forward_only(layer, x):
     def run():
         with torch.no_grad():
@@ -53,16 +42,30 @@ def forced(layer):
     return layer
 
 
+def round_robin_medians(jobs: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median time of each job, timing the jobs in turn within every repeat so that a change of
+    machine load affects all of them alike (the ratios are what we report)."""
+    for _ in range(warmup):
+        for job in jobs.values():
+            job()
+    times = {label: [] for label in jobs}
+    for _ in range(repeats):
+        for label, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
 def compare(name: str, layers: dict, x: torch.Tensor, repeats: int) -> None:
-    results = {}
-    for label, layer in layers.items():
+    for layer in layers.values():
         layer.train()
-        results[label] = (median_time(forward_only(layer, x), repeats),
-                          median_time(forward_backward(layer, x), repeats))
-    base_f, base_fb = results["torch"]
-    print(f"\n{name}  (median of {repeats}; ratios vs torch)")
-    for label, (f, fb) in results.items():
-        print(f"  {label:<22} forward {f / base_f:6.2f}x   forward+backward {fb / base_fb:6.2f}x")
+    fwd = round_robin_medians({k: forward_only(l, x) for k, l in layers.items()}, repeats)
+    fwd_bwd = round_robin_medians({k: forward_backward(l, x) for k, l in layers.items()}, repeats)
+    print(f"\n{name}  (median of {repeats}, round-robin; ratios vs torch)")
+    for label in layers:
+        print(f"  {label:<22} forward {fwd[label] / fwd['torch']:6.2f}x   "
+              f"forward+backward {fwd_bwd[label] / fwd_bwd['torch']:6.2f}x")
 
 
 def main() -> None:
