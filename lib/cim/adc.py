@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lib.cim.adc_kernels import KERNELS
 from lib.cim.steps import lsq_init
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class _ConvertAccumulate(torch.autograd.Function):
 
     The ADC conversion, the digital shift-and-add (gamma = weight step · 2^(s·c)) and the sum over
     row-tiles and slices in one function, so that the backward pass receives the small (m,g,o)
-    gradient and touches the large partial-sum tensor about ten times instead of twenty.
+    gradient and reads the large partial-sum tensor once or a few times (adc_kernels).
     Gradients are LSQ's: p passes where round(p/step) is on the grid; step gets (level - v) inside
     and the clipped level outside, scaled by `grad_factor`.
     """
@@ -39,25 +40,16 @@ class _ConvertAccumulate(torch.autograd.Function):
     def forward(ctx, p, step, gamma, lo: int, hi: int, grad_factor: float):
         ctx.save_for_backward(p, step, gamma)
         ctx.bounds = (lo, hi, grad_factor)
-        levels = torch.round(p / step).clamp_(lo, hi)
-        return levels.mul_(step * gamma).sum(dim=(2, 3))
+        return KERNELS.forward(p, step, step * gamma, lo, hi)
 
     @staticmethod
     def backward(ctx, grad_y):
         p, step, gamma = ctx.saved_tensors
         lo, hi, grad_factor = ctx.bounds
-        grad = grad_y.unsqueeze(2).unsqueeze(3)  # broadcast over tiles and slices
-        v = p / step
-        rounded = torch.round(v)
-        levels = rounded.clamp(lo, hi)
-        on_grid = rounded.eq_(levels)  # 1.0 where the clamp did not act
-        sum_levels = (levels.mul_(grad)).sum(dim=0)
-        grad_on_grid = on_grid.mul_(grad)
-        sum_v = v.mul_(grad_on_grid).sum(dim=0)
-        grad_p = grad_on_grid.mul_(gamma) if ctx.needs_input_grad[0] else None
+        grad_p, sum_levels, sum_v = KERNELS.backward(grad_y.contiguous(), p, step, gamma, lo, hi)
         grad_step = (gamma * (sum_levels - sum_v) * grad_factor).sum_to_size(step.shape)
         grad_gamma = (step * sum_levels).sum_to_size(gamma.shape)
-        return grad_p, grad_step, grad_gamma, None, None, None
+        return grad_p if ctx.needs_input_grad[0] else None, grad_step, grad_gamma, None, None, None
 
 
 def _quantize(p, step, lo: int, hi: int, grad_factor: float):
