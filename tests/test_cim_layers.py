@@ -258,3 +258,29 @@ def test_state_dict_round_trip_restores_bits_and_outputs_exactly():
     assert (fresh.w_bit, fresh.a_bit, fresh.adc_bits) == (6, 5, 7)
     with torch.no_grad():
         assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("mapping", ["offset", "differential-column"])
+def test_fused_and_eager_adc_kernels_agree(mapping, monkeypatch):
+    """CIM_AQ_COMPILE=0 (eager) and =1 (Inductor-fused) give the same outputs and gradients."""
+    x = torch.rand(4, 12, 7, 7)
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("CIM_AQ_COMPILE", mode)
+        layer = _adc_layer(mapping, "column", adc_bits=4)
+        calibrate(layer, [x])
+        out = layer(x)
+        grads = _grads(out, [layer.weight, layer.weight_step_module.step, layer.input_step_module.step,
+                             layer.psum_adc.step])
+        results.append((out.detach(), grads))
+    (out0, grads0), (out1, grads1) = results
+    assert torch.allclose(out0, out1, atol=1e-5 * out0.abs().max().item())
+    for g0, g1 in zip(grads0, grads1):
+        assert torch.allclose(g0, g1, atol=1e-4 * g0.abs().max().item(), rtol=1e-3)
+
+
+def test_bad_compile_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CIM_AQ_COMPILE", "yes")
+    layer = _adc_layer()
+    with pytest.raises(ValueError, match="CIM_AQ_COMPILE='yes' is not allowed: expected auto, 0 or 1"):
+        layer(torch.rand(1, 12, 4, 4))
