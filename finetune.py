@@ -1,0 +1,389 @@
+#!/usr/bin/env python
+"""Finetune a model to a mixed-precision policy on CIM layers, export it to ONNX QCDQ, report.
+
+Examples:
+  python finetune.py --dataset digits --arch resnet20 --policy runs/search/policy.npy \
+      --hardware run/hardware/cim_aq_default.yaml --init runs/pretrain/digits_resnet20_w8a8/model_best.pth.tar \
+      --epochs 10 --lr 0.01
+  python finetune.py --evaluate --resume runs/finetune/digits_resnet20/model_best.pth.tar
+
+The policy (CIM-AQ `.npy`, L×2 or L×3 ints: w_bit, a_bit[, adc_bits], or our `.json` with layer
+names) is checked against the model's quantizable layers in call order before anything trains;
+a mismatch is an error. --init is the starting point: a uniform-INT8 (or any quantized) checkpoint
+from pretrain.py, an FP32 checkpoint, or a plain state dict. The best epoch is chosen on a holdout
+split of the training images; the val split is only the reported test set.
+
+Writes into --output-dir: checkpoint.pth.tar, model_best.pth.tar, policy.npy/policy.json,
+model.onnx (validated with onnxruntime), report.json, tb/. --evaluate writes eval_metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lib.data import DatasetError, HoldoutSpec, build_loaders, default_input_size
+from lib.fileio import atomic_write_json
+from lib.policy import Policy, PolicyError
+from lib.training import (CheckpointError, OptimConfig, Tracker, evaluate, fit, load_checkpoint, load_model_state,
+                          seed_everything)
+from lib.training.checkpoint import plain
+from models import ModelError, create_model, read_state_dict
+
+log = logging.getLogger("finetune")
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "cim_aq_default.yaml"
+BASELINE_BITS = (8, 8)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help="digits | digits-small | cifar10 | cifar100 | imagefolder "
+                   "(default: the --init/--resume checkpoint's, else digits)")
+    g.add_argument("--data-root", default=None, help="dataset folder (for digits: the cache folder)")
+    g.add_argument("--input-size", type=int, default=None, help="input image side (default: the checkpoint's, "
+                   "else 32 for digits/CIFAR, 224 for image folders)")
+    g.add_argument("--transform-style", default="auto", choices=("auto", "imagenet", "cifar"), help="augmentation")
+    g.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
+    g.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    g.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of the training images held out to pick the best epoch (the val split is the "
+                        "reported test set)")
+
+    g = p.add_argument_group("model and policy")
+    g.add_argument("--arch", default=None, help="model name (default: the --init checkpoint's)")
+    g.add_argument("--policy", default=None, help="policy file: CIM-AQ .npy (L×2 / L×3) or our .json")
+    g.add_argument("--hardware", default=None,
+                   help="crossbar hardware YAML (default: the --init checkpoint's hardware, else "
+                        f"{DEFAULT_HARDWARE.relative_to(REPO_ROOT)})")
+    g.add_argument("--init", default=None,
+                   help="starting weights: a quantized (e.g. uniform INT8) or FP32 cim-aq checkpoint, or a plain "
+                        "state dict")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=10, help="total epochs (a resumed run continues up to this)")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer")
+    g.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "constant"), help="per-epoch LR schedule")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="linear LR warmup epochs")
+    g.add_argument("--min-lr", type=float, default=0.0, help="final LR of the cosine schedule")
+    g.add_argument("--step-size", type=int, default=30, help="epochs per decay for --scheduler step")
+    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --scheduler step")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing in [0, 1)")
+    g.add_argument("--max-batches", type=int, default=None, help="cap on training batches per epoch (smoke runs)")
+    g.add_argument("--calibration-batches", type=int, default=4,
+                   help="training batches that initialise the quantizer steps a new policy changed")
+
+    g = p.add_argument_group("export")
+    g.add_argument("--no-export", action="store_true", help="skip the ONNX export and its onnxruntime check")
+    g.add_argument("--export-images", type=int, default=256, help="validation images for the onnxruntime check")
+    g.add_argument("--min-agreement", type=float, default=0.99, help="required onnxruntime/PyTorch top-1 agreement")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None, help="default runs/finetune/<dataset>_<arch>_<policy stem>")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint.pth.tar if it exists")
+    g.add_argument("--evaluate", action="store_true",
+                   help="only evaluate a checkpoint (--resume, default <output-dir>/model_best.pth.tar) on the val set")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
+    g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this W&B project (offline without "
+                   "network)")
+    g.add_argument("--run-name", default=None, help="run name for W&B")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument("--log-level", default="INFO", help="logging level")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def read_start(path: Optional[str]) -> tuple[Optional[dict], Optional[dict]]:
+    """(cim-aq checkpoint dict or None, plain state dict or None) of --init."""
+    if not path:
+        return None, None
+    try:
+        return load_checkpoint(path), None
+    except CheckpointError as err:
+        if "not a cim-aq checkpoint" not in str(err):
+            raise
+    return None, read_state_dict(path)
+
+
+def resolve_spec(args: argparse.Namespace, start_args: Optional[dict]) -> dict:
+    """Model/data description from the flags, filled from the starting checkpoint's args."""
+    start_args = start_args or {}
+    if args.arch and start_args.get("arch") and args.arch != start_args["arch"]:
+        raise SystemExit(f"error: --arch {args.arch} conflicts with the --init checkpoint's arch={start_args['arch']!r}")
+    spec = {"arch": args.arch or start_args.get("arch"),
+            "dataset": args.dataset or start_args.get("dataset") or "digits",
+            "data_root": args.data_root if args.data_root is not None else start_args.get("data_root"),
+            "input_size": args.input_size or start_args.get("input_size")}
+    if not spec["arch"]:
+        raise SystemExit("error: --arch is required (or an --init checkpoint that records it)")
+    if spec["input_size"] is None:
+        spec["input_size"] = default_input_size(spec["dataset"])
+    return spec
+
+
+def hardware_for(args: argparse.Namespace, start_args: Optional[dict]):
+    """--hardware, else the starting checkpoint's hardware, else the default YAML."""
+    from lib.cim import HardwareConfig
+
+    if args.hardware:
+        return HardwareConfig.from_yaml(args.hardware), str(args.hardware)
+    if start_args and start_args.get("hardware_config"):
+        return (HardwareConfig.from_dict(start_args["hardware_config"], source="--init checkpoint"),
+                start_args.get("hardware"))
+    return HardwareConfig.from_yaml(DEFAULT_HARDWARE), str(DEFAULT_HARDWARE)
+
+
+def validate_policy(policy: Policy, float_model: nn.Module, hw, input_size: int):
+    """Refuse a policy that does not fit the model (length, layer names, bit range); returns its cost.
+
+    The policy's rows follow the model's Conv2d/Linear layers in call order (the cost model's order).
+    """
+    from lib.simulator import CostModel
+
+    max_bit = max([8] + policy.w_bits + policy.a_bits)
+    cost_model = CostModel.from_model(float_model, hw, input_size, max_bit=max_bit, baseline_bits=BASELINE_BITS)
+    policy.check_matches(cost_model.layer_names)
+    if policy.layer_names is None:
+        policy.layer_names = list(cost_model.layer_names)
+    return cost_model.policy_cost(policy)
+
+
+def build_model(spec: dict, policy: Policy, hw, start_state: Optional[dict], start_plain: Optional[dict],
+                calibration, calibration_batches: int) -> nn.Module:
+    """The model at `policy` on CIM layers, starting from --init.
+
+    A quantized start on the same hardware is loaded whole (steps included), then the policy is
+    applied in place (steps whose bits changed re-initialise) and calibrated. Any other start
+    contributes its float weights, and the model is converted and calibrated from them.
+    """
+    from lib.cim import apply_policy, calibrate, quantize_model
+    from lib.export.checkpoint_model import model_from_args
+
+    start_args = start_state["args"] if start_state else {}
+    quantized_start = start_args.get("quant") in ("uniform", "mixed")
+    same_hw = quantized_start and start_args.get("hardware_config") == hw.to_dict()
+    if start_state is not None and same_hw:
+        model = model_from_args(start_args)
+        load_model_state(model, start_state["state_dict"], "--init checkpoint")
+        apply_policy(model, policy)
+        if calibration is not None:
+            calibrate(model, calibration, max_batches=calibration_batches)
+        log.info("started from the quantized --init checkpoint and applied the policy")
+        return model
+    model = create_model(spec["arch"], spec["num_classes"])
+    if start_state is not None or start_plain is not None:
+        weights = start_plain if start_plain is not None else start_state["state_dict"]
+        if quantized_start:
+            log.info("--init was quantized on other hardware: starting from its float weights only")
+        float_keys = set(model.state_dict())
+        load_model_state(model, {k: v for k, v in weights.items() if k in float_keys}, "--init")
+    else:
+        log.warning("no --init: finetuning starts from random weights")
+    return quantize_model(model, policy, hw, input_size=spec["input_size"],
+                          calibration_data=None if calibration is None else _take(calibration, calibration_batches))
+
+
+def _take(loader, count: int):
+    for index, batch in enumerate(loader):
+        if index >= count:
+            break
+        yield batch
+
+
+def load_data(args: argparse.Namespace, spec: dict, holdout: bool = True):
+    spec_holdout = HoldoutSpec(size=args.holdout, seed=0) if holdout and args.holdout > 0 else None
+    data = build_loaders(spec["dataset"], spec["data_root"], spec["input_size"], batch_size=args.batch_size,
+                         workers=args.workers, holdout=spec_holdout, transform_style=args.transform_style,
+                         seed=args.seed)
+    spec["num_classes"] = data.num_classes
+    return data
+
+
+def first_images(loader, count: int) -> torch.Tensor:
+    chunks, seen = [], 0
+    for images, _ in loader:
+        chunks.append(images)
+        seen += images.shape[0]
+        if seen >= count:
+            break
+    return torch.cat(chunks)[:count]
+
+
+def default_output_dir(spec: dict, policy_path: str) -> Path:
+    return REPO_ROOT / "runs" / "finetune" / f"{spec['dataset']}_{spec['arch']}_{Path(policy_path).stem}"
+
+
+# ------------------------------------------------------------------------------------------ jobs
+def run_evaluate(args: argparse.Namespace) -> dict:
+    from lib.export.checkpoint_model import model_from_checkpoint
+
+    if args.resume and args.resume != "auto":
+        ckpt = Path(args.resume)
+    elif args.output_dir:
+        ckpt = Path(args.output_dir) / "model_best.pth.tar"
+    else:
+        raise SystemExit("error: --evaluate needs --resume CHECKPOINT or --output-dir holding model_best.pth.tar")
+    model, state = model_from_checkpoint(ckpt)
+    saved = state["args"]
+    spec = {"dataset": args.dataset or saved.get("dataset"),
+            "data_root": args.data_root if args.data_root is not None else saved.get("data_root"),
+            "input_size": saved.get("input_size")}
+    data = load_data(args, spec, holdout=False)
+    device = pick_device(args.device)
+    metrics = evaluate(model.to(device), data.val, nn.CrossEntropyLoss(), device, progress=not args.no_progress)
+    result = {"checkpoint": str(ckpt), "epoch": state["epoch"], "dataset": spec["dataset"], "split": "val",
+              "val": metrics, "policy": saved.get("policy")}
+    out = ckpt.parent / "eval_metrics.json"
+    atomic_write_json(out, result)
+    print(json.dumps({"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
+                      "samples": metrics["samples"], "metrics": str(out)}))
+    return result
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    started = time.time()
+    resume_state = None
+    if args.resume == "auto":
+        if not args.output_dir:
+            raise SystemExit("error: --resume auto needs --output-dir")
+        guess = Path(args.output_dir) / "checkpoint.pth.tar"
+        resume_state = load_checkpoint(guess) if guess.exists() else None
+    elif args.resume:
+        resume_state = load_checkpoint(args.resume)
+        if not args.output_dir:
+            args.output_dir = str(Path(args.resume).parent)
+    if resume_state is not None:
+        return _train(args, resume_state["args"], None, None, resume_state, started)
+    if not args.policy:
+        raise SystemExit("error: --policy is required (a CIM-AQ .npy or our .json)")
+    start_state, start_plain = read_start(args.init)
+    return _train(args, start_state["args"] if start_state else None, start_state, start_plain, None, started)
+
+
+def _train(args, start_args, start_state, start_plain, resume_state, started) -> dict:
+    from lib.export import export_model
+    from lib.export.checkpoint_model import model_from_args, policy_from_args
+
+    seed_everything(args.seed)
+    if resume_state is not None:
+        saved = resume_state["args"]
+        spec = {k: saved[k] for k in ("arch", "dataset", "data_root", "input_size")}
+        policy = policy_from_args(saved)
+        hw_path, policy_file = saved.get("hardware"), saved.get("policy_file")
+        from lib.cim import HardwareConfig
+
+        hw = HardwareConfig.from_dict(saved["hardware_config"], source="resume checkpoint")
+    else:
+        spec = resolve_spec(args, start_args)
+        policy, policy_file = Policy.load(args.policy), str(args.policy)
+        hw, hw_path = hardware_for(args, start_args)
+    data = load_data(args, spec)
+    if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):
+        raise SystemExit(f"error: --init has {start_args['num_classes']} classes but {spec['dataset']} has "
+                         f"{spec['num_classes']}")
+    # The policy must fit the model before anything trains (length, names, bits).
+    cost = validate_policy(policy, create_model(spec["arch"], spec["num_classes"]), hw, spec["input_size"])
+    log.info("policy %s: %d layers, latency %.1f µs = %.3f × uniform %d/%d-bit", args.policy or "(resumed)",
+             len(policy), cost.total_latency, cost.ratio, *BASELINE_BITS)
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy.save(out_dir / "policy")
+
+    device = pick_device(args.device)
+    if resume_state is not None:
+        model = model_from_args(resume_state["args"])
+    else:
+        model = build_model(spec, policy, hw, start_state, start_plain, data.train, args.calibration_batches)
+    flags = {k: v for k, v in vars(args).items() if k not in spec and k not in ("policy", "hardware", "resume")}
+    saved_args = {**flags, **spec, "quant": "mixed", "policy": policy.to_json_dict(), "policy_file": policy_file,
+                  "hardware": hw_path, "hardware_config": hw.to_dict()}
+    atomic_write_json(out_dir / "args.json", plain(saved_args))
+    cfg = OptimConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                      nesterov=args.nesterov, weight_decay=args.weight_decay, scheduler=args.scheduler,
+                      warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, step_size=args.step_size,
+                      gamma=args.gamma, label_smoothing=args.label_smoothing)
+    tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
+                      run_name=args.run_name or out_dir.name, config=plain(saved_args))
+    try:
+        selection = data.holdout if data.holdout is not None else data.val
+        result = fit(model, data.train, selection, cfg, out_dir, args=saved_args, device=device,
+                     seed=args.seed, resume=resume_state, tracker=tracker, max_batches=args.max_batches,
+                     progress=not args.no_progress)
+    finally:
+        tracker.close()
+
+    best = load_checkpoint(result.best_checkpoint or result.checkpoint)
+    load_model_state(model, best["state_dict"], result.best_checkpoint)
+    test = evaluate(model, data.val, nn.CrossEntropyLoss(), device)
+    log.info("best epoch %d (holdout top-1 %.2f%%): test top-1 %.2f%% top-5 %.2f%%", result.best_epoch,
+             result.best_acc1, test["top1"], test["top5"])
+    report = {
+        "accuracy": {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+                     "test_samples": test["samples"], "holdout_best_top1": result.best_acc1,
+                     "best_epoch": result.best_epoch,
+                     "selected_on": "holdout" if data.holdout is not None else "val"},
+        "policy": policy.to_json_dict(),
+        "latency_us": cost.total_latency, "baseline_latency_us": cost.baseline_latency,
+        "baseline_bits": list(cost.baseline_bits), "latency_ratio": cost.ratio, "arrays": cost.arrays,
+        "executes": cost.executes, "adc_conversions": cost.adc_conversions,
+        "hardware": hw.to_dict(), "arch": spec["arch"], "dataset": spec["dataset"],
+        "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,
+    }
+    if not args.no_export:
+        images = first_images(data.val, args.export_images)
+        meta = {"arch": spec["arch"], "dataset": spec["dataset"], "test_top1": test["top1"]}
+        exported = export_model(model, out_dir / "model.onnx", images, metadata=meta,
+                                min_agreement=args.min_agreement)
+        report.update(exported.check.to_dict())
+        report["export"] = {k: v for k, v in exported.to_dict().items() if not k.startswith("ort_")}
+    report["seconds"] = round(time.time() - started, 2)
+    atomic_write_json(out_dir / "report.json", plain(report))
+    print(json.dumps({"test_top1": test["top1"], "latency_ratio": cost.ratio,
+                      "ort_top1_agreement": report.get("ort_top1_agreement"),
+                      "ort_max_abs_diff": report.get("ort_max_abs_diff"), "output_dir": str(out_dir)}))
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from lib.export import ExportError
+
+    try:
+        if args.evaluate:
+            run_evaluate(args)
+        else:
+            run_train(args)
+    except (DatasetError, ModelError, CheckpointError, PolicyError, ExportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Export a trained CIM checkpoint to ONNX QCDQ and check it with onnxruntime on validation images.
+
+Example:
+  python -m lib.export --checkpoint runs/finetune/digits_resnet20/model_best.pth.tar --output model.onnx
+
+The model is rebuilt from the checkpoint's recorded args; the validation images come from the
+checkpoint's dataset (override with --dataset/--data-root). Writes the ONNX file and a JSON
+report (default <output stem>.export.json) with the onnxruntime agreement and graph summary.
+Exit status 2 on any error, including a failed onnxruntime check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lib.fileio import atomic_write_json
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lib.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="cim-aq checkpoint of a quantized model (pretrain/finetune)")
+    p.add_argument("--output", required=True, help="ONNX file to write")
+    p.add_argument("--report", default=None, help="JSON report path (default <output stem>.export.json)")
+    p.add_argument("--dataset", default=None, help="dataset of the validation images (default: the checkpoint's)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--images", type=int, default=256, help="validation images for the onnxruntime check")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="required onnxruntime/PyTorch top-1 agreement")
+    p.add_argument("--opset", type=int, default=13, help="ONNX opset (13 or newer, at most 20)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--log-level", default="INFO", help="logging level")
+    return p.parse_args(argv)
+
+
+def validation_images(dataset: str, data_root: Optional[str], input_size: int, count: int) -> torch.Tensor:
+    """The first `count` images of the dataset's val split, preprocessed as for evaluation."""
+    from lib.data import build_loaders
+
+    data = build_loaders(dataset, data_root, input_size, batch_size=min(count, 256), workers=0)
+    chunks, seen = [], 0
+    for images, _ in data.val:
+        chunks.append(images)
+        seen += images.shape[0]
+        if seen >= count:
+            break
+    if not chunks:
+        raise ValueError(f"dataset {dataset!r} has no validation images")
+    return torch.cat(chunks)[:count]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from lib.data import DatasetError
+    from lib.export import ExportError, export_model
+    from lib.export.checkpoint_model import model_from_checkpoint
+    from lib.training import CheckpointError
+    from models import ModelError
+
+    try:
+        model, state = model_from_checkpoint(args.checkpoint)
+        saved = state["args"]
+        dataset = args.dataset or saved.get("dataset")
+        if not dataset:
+            raise ValueError("the checkpoint names no dataset; pass --dataset (and --data-root)")
+        data_root = args.data_root if args.data_root is not None else saved.get("data_root")
+        images = validation_images(dataset, data_root, int(saved.get("input_size") or 32), args.images)
+        meta = {"checkpoint": str(args.checkpoint), "arch": saved.get("arch"), "dataset": dataset}
+        result = export_model(model, args.output, images, metadata=meta, opset=args.opset,
+                              min_agreement=args.min_agreement)
+    except (ExportError, CheckpointError, DatasetError, ModelError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = Path(args.report) if args.report else Path(args.output).with_suffix(".export.json")
+    atomic_write_json(report, {**result.to_dict(), "metadata": result.metadata})
+    print(json.dumps({"onnx": str(result.path), "ort_top1_agreement": result.check.top1_agreement,
+                      "ort_max_abs_diff": result.check.max_abs_diff, "export_seconds": round(result.export_seconds, 2),
+                      "report": str(report)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""ONNX QCDQ export: onnxruntime reproduces the CIM model for every step granularity, ADC on/off,
+odd bit widths and torchvision ResNet-18; the graph carries Q/DQ at the policy's widths; export
+never changes the model (even when it fails); a silently broken graph is caught."""
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import lib.export.exporter as exporter
+from lib.cim import HardwareConfig, quantizable_layers, quantize_model
+from lib.export import ExportError, export_model, layer_qdq, ort_logits
+from lib.export.__main__ import main as export_main
+from lib.policy import Policy
+from lib.training import make_checkpoint, save_checkpoint
+from models import create_model
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    monkeypatch.setenv("CIM_AQ_COMPILE", "0")  # eager ADC kernels: no compile time for these small nets
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    """Real images: (calibration batch from train, 96 validation images) of digits-small at 8x8."""
+    from lib.data import build_loaders
+
+    data = build_loaders("digits-small", input_size=8, batch_size=96, workers=0, seed=0)
+    train, _ = next(iter(data.train))
+    val, _ = next(iter(data.val))
+    return train, val
+
+
+class ToyNet(nn.Module):
+    """Every layer shape the export form handles: plain, grouped + reflect padding, depthwise, a
+    Linear over tokens (3-D input) and a biased classifier; BatchNorm instead of conv biases."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect", bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.b3 = nn.BatchNorm2d(8)
+        self.tokens = nn.Linear(8, 6, bias=False)  # (a mid-network bias: see _assert_reproduces)
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        x = torch.relu(self.b3(self.c3(x)))
+        t = x.flatten(2).transpose(1, 2)[:, :2]  # (N, 2 tokens, 8)
+        return self.head(self.tokens(t).flatten(1))
+
+
+def _quantized(model, bits, hw, calib, input_size=8):
+    torch.manual_seed(0)
+    quantize_model(model, bits, hw, input_size=input_size, calibration_data=[calib[:48], calib[48:]])
+    return model.eval()
+
+
+def _check_bits(onnx_model, model):
+    """Each layer's Q/DQ nodes sit at its bits: input at a_bit; weights at w_bit (ADC off) or cells at
+    the cell grid with one conv per tile × slice (+ reference column) and psums at adc_bits (ADC on)."""
+    for name, layer in quantizable_layers(model):
+        roles = layer_qdq(onnx_model, name)
+        assert {(n.bits, n.signed) for n in roles["input"]} == {(layer.a_bit, layer.input_signed)}, name
+        if layer.psum_adc.enabled:
+            offset = layer.hw.mapping == "offset"
+            cell_bits = layer.hw.cell_bits if offset else layer.hw.cell_bits + 1
+            assert {n.bits for n in roles["weight"]} == {cell_bits}, name
+            assert len(roles["weight"]) == layer.layout.tiles * (layer.slices + int(offset)), name
+            assert {n.bits for n in roles["psum"]} == {layer.adc_bits}, name
+            assert len(roles["psum"]) == len(roles["weight"]), name
+        else:
+            assert {(n.bits, n.signed) for n in roles["weight"]} == {(layer.w_bit, True)}, name
+            assert not roles["psum"]
+        if layer.bias is not None:
+            assert [n.bits for n in roles["bias"]] == [32], name
+
+
+def _head_bias_bound(model) -> float:
+    """Largest change the int32 rounding of the classifier's bias can make to a logit: half of
+    input step × weight step (the export stores biases as int32 at that scale; the CIM layer adds
+    them in float)."""
+    _, head = quantizable_layers(model)[-1]
+    with torch.no_grad():
+        grid = head._step_grid(head.quant_weight().scale)
+        return 0.5 * float(head.input_step_module.step) * float(grid[:, 0, :].max())
+
+
+def _assert_reproduces(result, model) -> None:
+    """onnxruntime equals the export form (PyTorch) up to float order, and the CIM model up to the
+    classifier's int32 bias rounding. (Top-1 agreement alone is a weak signal on untrained models,
+    whose logits can be closer than that rounding; export_model checks it too.)"""
+    assert result.check.form_max_abs_diff < 1e-4
+    assert result.check.max_abs_diff <= _head_bias_bound(model) + 1e-4
+    assert result.check.top1_agreement >= 0.9
+
+
+GRANULARITY_CASES = [
+    # (weight granularity, psum granularity, mapping, n_sigma)
+    ("layer", "off", "offset", None),
+    ("channel", "off", "differential-column", None),
+    ("array", "off", "offset", None),
+    ("column", "off", "differential-column", None),
+    ("layer", "column", "differential-column", None),
+    ("channel", "column", "offset", None),
+    ("array", "array", "differential-row", 2.0),
+    ("column", "column", "offset", None),
+    ("column", "layer", "differential-column", None),
+]
+
+
+@pytest.mark.parametrize("weight_gran,psum_gran,mapping,n_sigma", GRANULARITY_CASES)
+def test_onnxruntime_reproduces_every_granularity(tmp_path, digits8, weight_gran, psum_gran, mapping, n_sigma):
+    calib, images = digits8
+    hw = HardwareConfig(rows=20, cols=32, cell_bits=2, adc_bits=6, mapping=mapping,
+                        weight_granularity=weight_gran, psum_granularity=psum_gran, n_sigma=n_sigma)
+    policy = Policy([4, 5, 3, 6, 4], [6, 5, 4, 5, 7])
+    model = _quantized(ToyNet(), policy, hw, calib)
+    assert max(layer.layout.tiles for _, layer in quantizable_layers(model)) > 1  # tiling is exercised
+    result = export_model(model, tmp_path / "m.onnx", images, min_agreement=0.9)
+    _assert_reproduces(result, model)
+    _check_bits(onnx.load(tmp_path / "m.onnx"), model)
+
+
+@pytest.mark.parametrize("bits,hw_kwargs,fallback", [
+    ((1, 1), {}, "input Q/DQ at 1 bits"),
+    ((6, 3), {"adc_bits": 12}, "partial-sum Q/DQ at 12 bits"),
+    ((5, 4), {"cell_bits": 1, "mapping": "offset", "adc_bits": 4}, "cell Q/DQ at 1 bits"),
+    ((8, 8), {"cell_bits": 8}, "cell as 9-bit integer levels × step"),
+])
+def test_widths_brevitas_cannot_export_use_our_qdq(tmp_path, digits8, bits, hw_kwargs, fallback):
+    calib, images = digits8
+    hw = HardwareConfig(**{"rows": 20, "cols": 32, "cell_bits": 2, "adc_bits": 6, **hw_kwargs})
+    model = _quantized(ToyNet(), bits, hw, calib)
+    result = export_model(model, tmp_path / "m.onnx", images, min_agreement=0.9)
+    assert any(fallback in info["fallbacks"] for info in result.layers)
+    _assert_reproduces(result, model)
+    graph = onnx.load(tmp_path / "m.onnx")
+    for name, layer in quantizable_layers(model):
+        assert {n.bits for n in layer_qdq(graph, name)["input"]} == {layer.a_bit}
+        assert {n.bits for n in layer_qdq(graph, name)["psum"]} == {layer.adc_bits}
+
+
+def test_torchvision_resnet18_with_a_mixed_policy(tmp_path):
+    from lib.data import build_loaders
+
+    data = build_loaders("digits-small", input_size=32, batch_size=32, workers=0, seed=0)
+    calib, images = next(iter(data.train))[0], next(iter(data.val))[0]
+    model = create_model("resnet18", 10)
+    rng = np.random.RandomState(0)
+    policy = Policy(rng.randint(2, 9, 21).tolist(), rng.randint(2, 9, 21).tolist())
+    hw = HardwareConfig(rows=1152, cols=512, cell_bits=4, adc_bits=8)  # ADC on, column-wise steps
+    torch.manual_seed(0)
+    quantize_model(model, policy, hw, input_size=32, calibration_data=[calib])
+    result = export_model(model.eval(), tmp_path / "r18.onnx", images, min_agreement=0.9)
+    # (onnxruntime vs the PyTorch export form is not asserted here: with hundreds of convs, float
+    # summation order moves a few partial sums across an ADC rounding boundary either way)
+    assert result.check.max_abs_diff <= _head_bias_bound(model) + 0.05
+    assert result.check.top1_agreement >= 0.9 and result.check.images == 32
+    graph = onnx.load(tmp_path / "r18.onnx")
+    layers = quantizable_layers(model)
+    assert [layer.w_bit for _, layer in layers] == policy.w_bits
+    for (name, layer), a_bit in zip(layers, policy.a_bits):
+        assert {n.bits for n in layer_qdq(graph, name)["input"]} == {a_bit}, name
+        assert len(layer_qdq(graph, name)["weight"]) == layer.layout.tiles * layer.slices, name
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(meta["policy"])["layers"][3]["w_bit"] == policy.w_bits[3]
+    assert 0 < float(meta["latency_ratio"]) < 2
+
+
+def _state_copy(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_model_is_unchanged_by_export_even_when_it_fails(tmp_path, digits8):
+    calib, images = digits8
+    hw = HardwareConfig(rows=20, cols=32, cell_bits=2, adc_bits=6)
+    model = _quantized(ToyNet(), (4, 5), hw, calib)
+    state, before = _state_copy(model), model(images).detach()
+    export_model(model, tmp_path / "ok.onnx", images)
+    # opset 9 has no per-channel Q/DQ: Brevitas fails in the middle of its export pass
+    with pytest.raises(ExportError, match="export failed"):
+        export_model(model, tmp_path / "bad.onnx", images, opset=9)
+    assert not (tmp_path / "bad.onnx").exists()
+    assert torch.equal(model(images), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(getattr(m, "export_mode", False) for m in model.modules())
+    assert model.training is False
+    export_model(model, tmp_path / "again.onnx", images)  # still exportable
+
+
+def test_silently_broken_graph_is_caught_by_onnxruntime(tmp_path, digits8):
+    """Brevitas exports a weight step varying along input channels without complaint (BREVITAS_NOTES);
+    exporting the CIM layers as they are must fail the onnxruntime check, not write the file."""
+    calib, images = digits8
+    hw = HardwareConfig(rows=20, cols=32, cell_bits=2, psum_granularity="off", weight_granularity="column")
+    model = _quantized(ToyNet(), (4, 5), hw, calib)
+    with mock.patch.object(exporter, "build_export_form", lambda m: (m, [])):
+        with pytest.raises(ExportError, match="onnxruntime"):
+            export_model(model, tmp_path / "naive.onnx", images)
+    assert not (tmp_path / "naive.onnx").exists() and (tmp_path / "naive.rejected.onnx").exists()
+
+
+def test_graph_is_clean_checked_and_carries_metadata(tmp_path, digits8):
+    calib, images = digits8
+    hw = HardwareConfig(rows=20, cols=32, cell_bits=2, adc_bits=6)
+    model = _quantized(create_model("tiny_cnn", 10), (5, 6), hw, calib)
+    result = export_model(model, tmp_path / "m.onnx", images, metadata={"test_top1": 12.5})
+    graph = onnx.load(tmp_path / "m.onnx")
+    onnx.checker.check_model(graph, full_check=True)
+    initializers = {init.name for init in graph.graph.initializer}
+    assert [i.name for i in graph.graph.input] == ["input"] and not initializers & {"input"}
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(meta["hardware"])["cell_bits"] == 2
+    assert [l["w_bit"] for l in json.loads(meta["policy"])["layers"]] == [5, 5, 5, 5]
+    assert float(meta["latency_ratio"]) == pytest.approx(result.metadata["latency_ratio"])
+    assert float(meta["test_top1"]) == 12.5 and float(meta["ort_top1_agreement"]) >= 0.99
+    assert result.graph["ops"]["QuantizeLinear"] > 0 and result.graph["ops"]["DequantizeLinear"] > 0
+    # dynamic batch: any batch size runs
+    with torch.no_grad():
+        for n in (1, 5):
+            out = ort_logits(graph.SerializeToString(), images[:n])
+            assert out.shape == (n, 10)
+            assert np.abs(out - model(images[:n]).numpy()).max() < 0.05
+
+
+def test_uncalibrated_or_float_models_are_refused(tmp_path, digits8):
+    _, images = digits8
+    with pytest.raises(ExportError, match="no CIM layers"):
+        export_model(create_model("tiny_cnn", 10), tmp_path / "f.onnx", images)
+    model = quantize_model(create_model("tiny_cnn", 10), (8, 8), HardwareConfig(rows=32, cols=32), input_size=8)
+    with pytest.raises(ExportError, match="calibrate"):
+        export_model(model, tmp_path / "u.onnx", images)
+
+
+def test_cli_exports_a_checkpoint_and_refuses_a_float_one(tmp_path, digits8, capsys):
+    calib, _ = digits8
+    hw = HardwareConfig(rows=32, cols=32, cell_bits=2, adc_bits=6)
+    policy = Policy([8, 4, 3, 6], [8, 6, 4, 8], layer_names=["features.0", "features.3", "features.6", "fc"])
+    model = _quantized(create_model("tiny_cnn", 10), policy, hw, calib)
+    args = {"arch": "tiny_cnn", "num_classes": 10, "input_size": 8, "dataset": "digits-small", "data_root": None,
+            "quant": "mixed", "policy": policy.to_json_dict(), "hardware_config": hw.to_dict()}
+    save_checkpoint(make_checkpoint(epoch=1, state_dict=model.state_dict(), args=args), tmp_path / "q")
+    out = tmp_path / "cli.onnx"
+    assert export_main(["--checkpoint", str(tmp_path / "q" / "checkpoint.pth.tar"), "--output", str(out),
+                        "--images", "64"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "cli.export.json").read_text())
+    assert out.is_file() and printed["ort_top1_agreement"] >= 0.99
+    assert report["ort_images"] == 64 and report["metadata"]["policy"]["layers"][1]["w_bit"] == 4
+
+    fp32 = {**args, "quant": "none"}
+    save_checkpoint(make_checkpoint(epoch=1, state_dict=create_model("tiny_cnn", 10).state_dict(), args=fp32),
+                    tmp_path / "f")
+    assert export_main(["--checkpoint", str(tmp_path / "f" / "checkpoint.pth.tar"), "--output",
+                        str(tmp_path / "f.onnx")]) == 2
+    assert "no CIM layers" in capsys.readouterr().err
