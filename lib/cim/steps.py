@@ -191,7 +191,8 @@ class ActStep(_LazyStep):
         if not self._initialized:
             self.initialize(x, float(threshold))
         elif self.training:
-            with torch.no_grad():
-                self.running_abs_mean.lerp_(x.detach().abs().mean().view(1), self.momentum)
+            with torch.no_grad():  # one fused pass: Σ|x| / n
+                abs_mean = torch.linalg.vector_norm(x.detach(), ord=1) / max(1, x.numel())
+                self.running_abs_mean.lerp_(abs_mean.view(1), self.momentum)
         numel_per_sample = max(1, x[0].numel()) if x.dim() > 1 else x.numel()
         return scale_grad(self.step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
