@@ -65,10 +65,12 @@ class ExportResult:
     layers: list = field(default_factory=list)
     graph: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # seconds per phase
 
     def to_dict(self) -> dict:
         return {"onnx": str(self.path), **self.check.to_dict(), "export_seconds": self.export_seconds,
-                "export_form_max_abs_diff": self.form_max_abs_diff, "layers": self.layers, "graph": self.graph}
+                "export_form_max_abs_diff": self.form_max_abs_diff, "timings": self.timings, "layers": self.layers,
+                "graph": self.graph}
 
 
 # ------------------------------------------------------------------------------ export form
@@ -177,19 +179,31 @@ def export_model(model: nn.Module, output: str | Path, images: torch.Tensor, *,
                 check_calibrated(name, layer)
     except ExportFormError as err:
         raise ExportError(str(err)) from err
+    timings: dict[str, float] = {}
+    clock = [time.time()]
+
+    def lap(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - clock[0], 3)
+        clock[0] = now
+
     work = copy.deepcopy(model).cpu().eval()  # everything below mutates only this copy
     images = images.detach().cpu().float()
     try:
         with torch.no_grad():
             reference = work(images)
+        lap("copy_and_reference")
         meta = {"producer": "cim-aq lib.export", "export_form": "per-tile/per-slice QCDQ (see README, ONNX export)",
                 **model_metadata(work, tuple(images.shape[1:])), **dict(metadata or {})}
+        lap("metadata")
         form, infos = build_export_form(work)
         with torch.no_grad():
             form_logits = form(images)
         form_diff = float((form_logits - reference).abs().max())
         log.info("export form vs CIM model (PyTorch): max |Δlogit| %.3g", form_diff)
+        lap("export_form")
         raw = _brevitas_export(form, images[:example_batch], opset)
+        lap("brevitas_export")
     except ExportFormError as err:
         raise ExportError(str(err)) from err
     except Exception as err:
@@ -200,12 +214,14 @@ def export_model(model: nn.Module, output: str | Path, images: torch.Tensor, *,
         graph_tools.check(model_proto)
     except onnx.checker.ValidationError as err:
         raise ExportError(f"exported graph fails onnx.checker: {err}") from err
+    lap("clean_and_check")
     export_seconds = time.time() - started
     model_bytes = model_proto.SerializeToString()
     try:
         ort_out = ort_logits(model_bytes, images)
         check = compare_logits(reference, ort_out, min_agreement)
         check.form_max_abs_diff = float(np.abs(form_logits.numpy() - ort_out).max())
+        lap("onnxruntime_check")
     except Exception as err:  # onnxruntime refuses an invalid graph only when it runs it
         _write_rejected(output, model_bytes)
         raise ExportError(f"onnxruntime cannot run the exported graph: {type(err).__name__}: {err}") from err
@@ -221,7 +237,7 @@ def export_model(model: nn.Module, output: str | Path, images: torch.Tensor, *,
              output, len(model_proto.graph.node), check.top1_agreement, check.max_abs_diff, check.images,
              export_seconds)
     return ExportResult(path=output, check=check, export_seconds=export_seconds, form_max_abs_diff=form_diff,
-                        layers=infos, graph=graph_tools.qdq_summary(model_proto), metadata=meta)
+                        layers=infos, graph=graph_tools.qdq_summary(model_proto), metadata=meta, timings=timings)
 
 
 def _write_rejected(output: Path, model_bytes: bytes) -> None:
