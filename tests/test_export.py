@@ -155,6 +155,22 @@ def test_widths_brevitas_cannot_export_use_our_qdq(tmp_path, digits8, bits, hw_k
         assert {n.bits for n in layer_qdq(graph, name)["psum"]} == {layer.adc_bits}
 
 
+@pytest.mark.parametrize("psum_gran", ["off", "column"])
+def test_negative_learned_steps_are_exported_exactly(tmp_path, digits8, psum_gran):
+    """LSQ does not keep steps positive (seen after a few epochs of QAT): a negative weight or ADC
+    step mirrors the grid, which the export reproduces with |step| and a sign."""
+    calib, images = digits8
+    hw = HardwareConfig(rows=20, cols=32, cell_bits=2, adc_bits=6, psum_granularity=psum_gran)
+    model = _quantized(ToyNet(), (5, 6), hw, calib)
+    with torch.no_grad():
+        for _, layer in quantizable_layers(model)[:-1]:  # (the head's bias bound needs its steps as they are)
+            layer.weight_step_module.step[..., ::2].neg_()
+            if layer.psum_adc.enabled:
+                layer.psum_adc.step[..., 1::3].neg_()
+    result = export_model(model, tmp_path / "m.onnx", images, min_agreement=0.9)
+    _assert_reproduces(result, model)
+
+
 def test_torchvision_resnet18_with_a_mixed_policy(tmp_path):
     from lib.data import build_loaders
 

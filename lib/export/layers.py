@@ -149,6 +149,9 @@ class ExportCIMLayer(nn.Module):
             q = torch.round(qw.value.detach() / scale)
             step_grid = layer._step_grid(scale).detach()  # (groups, tiles, out_per_group)
             a_step = layer.input_step_module.step.detach().reshape(())
+        if not (bool((step_grid != 0).all()) and float(a_step) > 0):
+            raise ExportFormError(f"{name}: the learned input step ({float(a_step):.3g}) is not positive or a weight "
+                                  f"step is 0; such a layer cannot be exported")
         self.w_bit, self.a_bit, self.cell_bits = layer.w_bit, layer.a_bit, hw.cell_bits
         self.adc_bits = layer.adc_bits if self.adc else None
         self.padding_mode = "zeros"
@@ -165,8 +168,9 @@ class ExportCIMLayer(nn.Module):
         self._build_input(a_step, layer.input_signed)
         self._build_tiles(lay)
         bias = layer.bias.detach() if layer.bias is not None else None
-        # Accumulator scale of the int32 bias: input step × tile 0's weight step, per output channel.
-        bias_scale = a_step * step_grid[:, 0, :].reshape(-1)
+        # Accumulator scale of the int32 bias: input step × tile 0's weight step, per output channel
+        # (its magnitude: LSQ does not keep weight steps positive, see _build_adc_off).
+        bias_scale = (a_step * step_grid[:, 0, :].reshape(-1)).abs()
         self.pieces = nn.ModuleList()
         self.bias = None
         if self.adc:
@@ -191,7 +195,6 @@ class ExportCIMLayer(nn.Module):
 
     def _build_tiles(self, lay) -> None:
         """Input channels (group-major, as a grouped conv expects them) of each row-tile."""
-        self.tile_channels = []
         self.tile_ranges = []
         for t in range(lay.tiles):
             start = t * lay.channels_per_tile
@@ -200,7 +203,6 @@ class ExportCIMLayer(nn.Module):
             index = torch.cat([torch.arange(g * lay.in_channels_per_group + start, g * lay.in_channels_per_group + stop)
                                for g in range(lay.groups)])
             self.register_buffer(f"tile_index_{t}", index, persistent=False)
-            self.tile_channels.append(stop - start)
 
     def _piece(self, weight: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, narrow: bool,
                out_channels: int, groups: int, bias: Optional[torch.Tensor] = None, what: str = "weights"):
@@ -235,12 +237,24 @@ class ExportCIMLayer(nn.Module):
     def _build_adc_off(self, layer, q: torch.Tensor, step_grid: torch.Tensor, bias, granularity: str) -> None:
         split = self.tiles > 1 and granularity in ("array", "column")
         self.split_tiles = split
-        self.brevitas_bias = bias is not None and self.brevitas_input and brevitas_can_export(self.w_bit)
+        # LSQ does not keep weight steps positive: q·s = q·|s|·sign(s), and as sign(s) is constant per
+        # output channel of a piece, it becomes a Mul after that piece's conv (exact).
+        negative = bool((step_grid < 0).any())
+        if negative:
+            log.warning("%s: %d negative weight step(s) exported as |step| with the sign applied after the conv",
+                        self.layer_name, int((step_grid < 0).sum()))
+        self.brevitas_bias = (bias is not None and self.brevitas_input and brevitas_can_export(self.w_bit)
+                              and not negative)
         per_channel = self._per_channel(granularity)
         for t in range(self.tiles if split else 1):
             step = step_grid[:, t, :].reshape(-1)
             if not per_channel:
                 step = step[:1]
+            sign = torch.sign(step)
+            step = step.abs()
+            if bool((sign < 0).any()):
+                view = (1, -1) + (1,) * (self.ndim - 2)
+                self.register_buffer(f"piece_sign_{t}", (sign.reshape(view) if sign.numel() > 1 else sign.reshape(())))
             if split:
                 start, stop = self.tile_ranges[t]
                 w_int = q[:, start:stop]
@@ -369,6 +383,9 @@ class ExportCIMLayer(nn.Module):
             y = None
             for t, piece in enumerate(self.pieces):
                 out = piece(self._tile_input(xq, t))
+                sign = getattr(self, f"piece_sign_{t}", None)
+                if sign is not None:
+                    out = out * sign
                 y = out if y is None else y + out
         if self.bias is not None:
             y = self.bias(y)
