@@ -25,11 +25,11 @@ def _reference_conv(layer, x):
     """The ordinary conv on the dequantized input and weights, through the same quantizers."""
     xq = layer.input_quant(x).value
     wq = layer.quant_weight().value
-    return F.conv2d(xq, wq, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.conv2d(xq, wq, layer.quantized_bias(), layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def _reference_linear(layer, x):
-    return F.linear(layer.input_quant(x).value, layer.quant_weight().value, layer.bias)
+    return F.linear(layer.input_quant(x).value, layer.quant_weight().value, layer.quantized_bias())
 
 
 def _grads(out, tensors, seed=0):
@@ -142,7 +142,7 @@ def test_adc_outputs_lie_on_the_grid(mapping, granularity):
             rebuilt = layer._convert(quantized, step_grid)
         finally:
             layer.psum_adc.granularity = granularity
-        rebuilt = rebuilt.reshape(n, h, w, -1).permute(0, 3, 1, 2) + layer.bias.view(1, -1, 1, 1)
+        rebuilt = rebuilt.reshape(n, h, w, -1).permute(0, 3, 1, 2) + layer.quantized_bias().view(1, -1, 1, 1)
     assert torch.allclose(out, rebuilt, atol=1e-5 * out.abs().max().item())
 
 
@@ -284,3 +284,20 @@ def test_bad_compile_setting_is_a_clear_error(monkeypatch):
     layer = _adc_layer()
     with pytest.raises(ValueError, match="CIM_AQ_COMPILE='yes' is not allowed: expected auto, 0 or 1"):
         layer(torch.rand(1, 12, 4, 4))
+
+
+def test_steps_stay_positive_and_bias_sits_on_its_int32_grid():
+    layer = _adc_layer(adc_bits=4)
+    x = torch.rand(2, 12, 6, 6)
+    calibrate(layer, [x])
+    assert layer.is_calibrated
+    with torch.no_grad():  # LSQ can drive raw steps through zero; the quantizers use |step|
+        layer.weight_step_module.step.neg_()
+        layer.input_step_module.step.neg_()
+        layer.psum_adc.step.neg_()
+    assert (layer.weight_step_grid() > 0).all() and layer.input_step() > 0 and (layer.psum_adc.full_step() > 0).all()
+    assert torch.isfinite(layer(x)).all()
+    codes = layer.quantized_bias() / layer.bias_step()
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    bias_grad = torch.autograd.grad(layer(x).sum(), layer.bias)[0]
+    assert torch.allclose(bias_grad, torch.full_like(bias_grad, 2 * 6 * 6.0))  # straight through

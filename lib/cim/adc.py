@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lib.cim.adc_kernels import KERNELS
-from lib.cim.steps import lsq_init
+from lib.cim.steps import lsq_init, positive, scale_grad
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ class _ConvertAccumulate(torch.autograd.Function):
 
 def _quantize(p, step, lo: int, hi: int, grad_factor: float):
     """Plain LSQ quantization (used for the small offset-reference partial sums)."""
-    from lib.cim.steps import scale_grad
-
     step = scale_grad(step, grad_factor)
     v = p / step
     levels = v + (torch.round(v) - v).detach()
@@ -111,6 +109,11 @@ class PartialSumADC(nn.Module):
         if bits != old:
             self._initialized = False
 
+    @property
+    def initialized(self) -> bool:
+        """Whether the step has been set from partial sums or a checkpoint."""
+        return self._initialized
+
     def mark_stale(self) -> None:
         """Re-initialise the step from the next partial sums (their scale changed)."""
         self._initialized = False
@@ -119,8 +122,8 @@ class PartialSumADC(nn.Module):
         return adc_range(self.num_bits, self.signed)
 
     def full_step(self) -> torch.Tensor:
-        """The step expanded to every (array, column)."""
-        return self.step.expand(self.arrays, self.columns)
+        """The (positive) step used for every (array, column)."""
+        return positive(self.step).expand(self.arrays, self.columns)
 
     def clip_bounds(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Running mean ± n_sigma·std per (array, column), or None when clipping is off."""

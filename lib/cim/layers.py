@@ -23,6 +23,7 @@ from lib.cim.crossbar import (TileLayout, num_slices, offset_reference, slice_si
                               slices_with_ste)
 from lib.cim.hardware import HardwareConfig
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant
+from lib.cim.steps import positive
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,44 @@ class CIMLayerMixin:
             ref_shift = 2.0 ** (ref_slice * cell)
         return self.psum_adc(psums, shifts, step_grid, ref_shift)
 
+    # ------------------------------------------------------------ public views of the learned state
+    def weight_step_grid(self) -> torch.Tensor:
+        """Weight step per (group, row-tile, output channel of the group), as the forward uses it."""
+        return self._step_grid(self.quant_weight().scale)
+
+    def input_step(self) -> torch.Tensor:
+        """The input quantizer's step (a 0-d tensor), as the forward uses it."""
+        return positive(self.input_step_module.step).reshape(())
+
+    def bias_step(self, input_scale: Optional[torch.Tensor] = None,
+                  step_grid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Step of the int32 bias per output channel: input step × row-tile 0's weight step, the
+        accumulator scale at which the digital periphery adds it."""
+        input_scale = self.input_step() if input_scale is None else input_scale
+        step_grid = self.weight_step_grid() if step_grid is None else step_grid
+        return (input_scale.reshape(()) * step_grid[:, 0, :].reshape(-1)).detach()
+
+    def quantized_bias(self, bias_step: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The bias on its int32 grid (straight-through gradient), or None without a bias."""
+        if self.bias is None:
+            return None
+        step = self.bias_step() if bias_step is None else bias_step
+        limit = 2.0 ** 31
+        codes = torch.clamp(self.bias / step, -limit, limit - 1)
+        return (codes + (torch.round(codes) - codes).detach()) * step
+
+    @property
+    def is_calibrated(self) -> bool:
+        """True once the input, weight and (if on) ADC steps have been set from data or a checkpoint."""
+        return (self.input_step_module.initialized and self.weight_step_module.initialized
+                and (not self.psum_adc.enabled or self.psum_adc.initialized))
+
+    def _bias_for(self, x, quant_weight: QuantTensor) -> Optional[torch.Tensor]:
+        if self.bias is None:
+            return None
+        scale = x.scale if isinstance(x, QuantTensor) else self.input_step()
+        return self.quantized_bias(self.bias_step(scale, self._step_grid(quant_weight.scale)))
+
     def _weight_slices(self, quant_weight: QuantTensor):
         """Cell slices of the integer weights (value / scale, with Brevitas' STE gradients) and the
         weight step per (group, tile, out)."""
@@ -171,13 +210,15 @@ class CIMLayerMixin:
         return slices, self._step_grid(scale)
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
-        """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum).
+        """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
+        the bias on its int32 grid (`quantized_bias`), as the digital periphery adds it.
 
         With the ADC off the crossbar sum equals the plain layer on dequantized tensors exactly
         (an invariant the tests check), so that case takes the cheap path unless force_crossbar."""
+        bias = self._bias_for(x, quant_weight)
         if self.psum_adc.enabled or self.force_crossbar:
-            return self.crossbar_forward(x, quant_weight, quant_bias)
-        return self.dequantized_forward(_unwrap(x), quant_weight.value, _unwrap(quant_bias))
+            return self.crossbar_forward(x, quant_weight, bias)
+        return self.dequantized_forward(_unwrap(x), quant_weight.value, bias)
 
 
 def _grid_max(bits: int, signed: bool) -> int:
@@ -270,7 +311,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     def dequantized_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
 
-    def crossbar_forward(self, x, quant_weight, quant_bias):
+    def crossbar_forward(self, x, quant_weight, bias):
         x = _unwrap(x)
         lay = self.layout
         slices, step_grid = self._weight_slices(quant_weight)
@@ -278,7 +319,6 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         n, h, w, _ = psums.shape
         y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid)
         y = y.reshape(n, h, w, self.out_channels)
-        bias = _unwrap(quant_bias)
         if bias is not None:
             y = y + bias
         return y.permute(0, 3, 1, 2)
@@ -337,13 +377,12 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
     def dequantized_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
-    def crossbar_forward(self, x, quant_weight, quant_bias):
+    def crossbar_forward(self, x, quant_weight, bias):
         x = _unwrap(x)
         lead = x.shape[:-1]
         slices, step_grid = self._weight_slices(quant_weight)
         psums = self.partial_sums(x.reshape(-1, self.in_features), slices)  # (tiles, tokens, columns)
         y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid).squeeze(1)
-        bias = _unwrap(quant_bias)
         if bias is not None:
             y = y + bias
         return y.reshape(lead + (self.out_features,))

@@ -21,10 +21,26 @@ log = logging.getLogger(__name__)
 MIN_STEP = 1e-8
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def scale_grad(x: torch.Tensor, factor) -> torch.Tensor:
-    """Identity forward; gradient multiplied by `factor` (LSQ's step-gradient scaling)."""
-    scaled = x * factor
-    return (x - scaled).detach() + scaled
+    """Exact identity forward; gradient multiplied by `factor` (LSQ's step-gradient scaling)."""
+    return _ScaleGrad.apply(x, factor)
+
+
+def positive(step: torch.Tensor) -> torch.Tensor:
+    """The step a quantizer uses: |learned value|, floored. LSQ's gradient can push a raw step
+    through zero; the magnitude keeps the grid valid (and what the export writes)."""
+    return step.abs().clamp_min(MIN_STEP)
 
 
 def lsq_init(abs_mean: torch.Tensor, qp: float) -> torch.Tensor:
@@ -75,6 +91,11 @@ class _LazyStep(nn.Module):
         """Re-initialise from the next tensor seen (after a bit-width change, say)."""
         self._initialized = False
 
+    @property
+    def initialized(self) -> bool:
+        """Whether the step has been set from data or a checkpoint (else the next forward sets it)."""
+        return self._initialized
+
 
 class WeightStep(_LazyStep):
     """Weight step per layer / output channel / row-tile (array) / row-tile × output channel (column).
@@ -97,7 +118,7 @@ class WeightStep(_LazyStep):
     def grid(self) -> torch.Tensor:
         """The step as (groups, tiles, out_per_group): what the crossbar's digital scaling uses."""
         g, t, o = self.layout.groups, self.layout.tiles, self.layout.out_channels_per_group
-        step = self.step
+        step = positive(self.step)
         if self.granularity == "layer":
             return step.view(1, 1, 1).expand(g, t, o)
         if self.granularity == "channel":
@@ -137,7 +158,7 @@ class WeightStep(_LazyStep):
         if not self._initialized:
             self.initialize(weight, float(threshold))
         factor = torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step())
-        return self.expand_to_weight(scale_grad(self.step, factor))
+        return self.expand_to_weight(scale_grad(positive(self.step), factor))
 
     def expand_to_weight(self, step: torch.Tensor) -> torch.Tensor:
         trailing = (1,) * (self.weight_ndim - 2)
@@ -195,4 +216,4 @@ class ActStep(_LazyStep):
                 abs_mean = torch.linalg.vector_norm(x.detach(), ord=1) / max(1, x.numel())
                 self.running_abs_mean.lerp_(abs_mean.view(1), self.momentum)
         numel_per_sample = max(1, x[0].numel()) if x.dim() > 1 else x.numel()
-        return scale_grad(self.step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
+        return scale_grad(positive(self.step), torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))

@@ -69,16 +69,12 @@ def _with_value(x, value: torch.Tensor):
     return value
 
 
-def _is_initialized(module) -> bool:
-    return bool(getattr(module, "_initialized", True))
-
-
 def check_calibrated(name: str, layer: CIMLayerMixin) -> None:
     """Refuse layers whose data-initialised steps were never set: their exported steps would be 1.0."""
     missing = []
-    if not _is_initialized(layer.input_step_module):
+    if not layer.input_step_module.initialized:
         missing.append("input step")
-    if layer.psum_adc.enabled and not _is_initialized(layer.psum_adc):
+    if layer.psum_adc.enabled and not layer.psum_adc.initialized:
         missing.append("ADC steps")
     if missing:
         raise ExportFormError(f"{name}: {' and '.join(missing)} never initialised; calibrate the model "
@@ -147,11 +143,8 @@ class ExportCIMLayer(nn.Module):
             qw = layer.quant_weight()
             scale = qw.scale.detach()
             q = torch.round(qw.value.detach() / scale)
-            step_grid = layer._step_grid(scale).detach()  # (groups, tiles, out_per_group)
-            a_step = layer.input_step_module.step.detach().reshape(())
-        if not (bool((step_grid != 0).all()) and float(a_step) > 0):
-            raise ExportFormError(f"{name}: the learned input step ({float(a_step):.3g}) is not positive or a weight "
-                                  f"step is 0; such a layer cannot be exported")
+            step_grid = layer.weight_step_grid().detach()  # (groups, tiles, out_per_group), positive
+            a_step = layer.input_step().detach()
         self.w_bit, self.a_bit, self.cell_bits = layer.w_bit, layer.a_bit, hw.cell_bits
         self.adc_bits = layer.adc_bits if self.adc else None
         self.padding_mode = "zeros"
@@ -168,9 +161,8 @@ class ExportCIMLayer(nn.Module):
         self._build_input(a_step, layer.input_signed)
         self._build_tiles(lay)
         bias = layer.bias.detach() if layer.bias is not None else None
-        # Accumulator scale of the int32 bias: input step × tile 0's weight step, per output channel
-        # (its magnitude: LSQ does not keep weight steps positive, see _build_adc_off).
-        bias_scale = (a_step * step_grid[:, 0, :].reshape(-1)).abs()
+        # The int32 bias at the step the layer itself quantizes it to (input step × tile 0's weight step).
+        bias_scale = layer.bias_step().detach()
         self.pieces = nn.ModuleList()
         self.bias = None
         if self.adc:
@@ -237,24 +229,12 @@ class ExportCIMLayer(nn.Module):
     def _build_adc_off(self, layer, q: torch.Tensor, step_grid: torch.Tensor, bias, granularity: str) -> None:
         split = self.tiles > 1 and granularity in ("array", "column")
         self.split_tiles = split
-        # LSQ does not keep weight steps positive: q·s = q·|s|·sign(s), and as sign(s) is constant per
-        # output channel of a piece, it becomes a Mul after that piece's conv (exact).
-        negative = bool((step_grid < 0).any())
-        if negative:
-            log.warning("%s: %d negative weight step(s) exported as |step| with the sign applied after the conv",
-                        self.layer_name, int((step_grid < 0).sum()))
-        self.brevitas_bias = (bias is not None and self.brevitas_input and brevitas_can_export(self.w_bit)
-                              and not negative)
+        self.brevitas_bias = bias is not None and self.brevitas_input and brevitas_can_export(self.w_bit)
         per_channel = self._per_channel(granularity)
         for t in range(self.tiles if split else 1):
             step = step_grid[:, t, :].reshape(-1)
             if not per_channel:
                 step = step[:1]
-            sign = torch.sign(step)
-            step = step.abs()
-            if bool((sign < 0).any()):
-                view = (1, -1) + (1,) * (self.ndim - 2)
-                self.register_buffer(f"piece_sign_{t}", (sign.reshape(view) if sign.numel() > 1 else sign.reshape(())))
             if split:
                 start, stop = self.tile_ranges[t]
                 w_int = q[:, start:stop]
@@ -285,7 +265,6 @@ class ExportCIMLayer(nn.Module):
             bounds = tuple(b.detach().reshape(self.groups, self.tiles, columns) for b in bounds)
         adc_per_channel = self._per_channel(adc.granularity)
         self.psum_quants = nn.ModuleList()
-        self.psum_signs: list = []
         self.clip = bounds is not None
         one = torch.ones(1)
         view = (1, -1) + (1,) * (self.ndim - 2)
@@ -328,18 +307,6 @@ class ExportCIMLayer(nn.Module):
             lo, hi = (b[:, t, cols].reshape(view) for b in bounds)
             self.register_buffer(f"clip_lo_{index}", lo.clone())
             self.register_buffer(f"clip_hi_{index}", hi.clone())
-        if not bool((step != 0).all()):
-            raise ExportFormError(f"{self.layer_name}: an ADC step is exactly 0; the layer cannot be converted")
-        # LSQ steps are not kept positive during training; a negative step s equals |s| applied to
-        # the sign-flipped partial sum (then flipped back, folded into the shift-and-scale).
-        sign = torch.sign(step)
-        self.psum_signs.append(None if bool((sign > 0).all()) else
-                               (sign.reshape(view) if sign.numel() > 1 else sign.reshape(())))
-        if self.psum_signs[-1] is not None:
-            self.register_buffer(f"psum_sign_{index}", self.psum_signs[-1].clone())
-            log.warning("%s: %d negative ADC step(s) exported as |step| on the sign-flipped partial sum",
-                        self.layer_name, int((sign < 0).sum()))
-        step = step.abs()
         bits, signed = adc.num_bits, adc.signed
         if step.numel() > 1:
             # The ADC's input range [lo·step, hi·step] as Max/Min before the Q/DQ: the same values
@@ -383,9 +350,6 @@ class ExportCIMLayer(nn.Module):
             y = None
             for t, piece in enumerate(self.pieces):
                 out = piece(self._tile_input(xq, t))
-                sign = getattr(self, f"piece_sign_{t}", None)
-                if sign is not None:
-                    out = out * sign
                 y = out if y is None else y + out
         if self.bias is not None:
             y = self.bias(y)
@@ -404,15 +368,10 @@ class ExportCIMLayer(nn.Module):
             p = piece(tile_inputs[t])
             if self.clip:
                 p = torch.maximum(torch.minimum(p, getattr(self, f"clip_hi_{index}")), getattr(self, f"clip_lo_{index}"))
-            sign = getattr(self, f"psum_sign_{index}", None)
-            if sign is not None:
-                p = p * sign
             range_lo = getattr(self, f"range_lo_{index}", None)
             if range_lo is not None:
                 p = torch.minimum(torch.maximum(p, range_lo), getattr(self, f"range_hi_{index}"))
             level = self.psum_quants[index](p)
-            if sign is not None:
-                level = level * sign
             if s == "ref" and self.ref_expand is not None:
                 level = level.index_select(1, self.ref_expand)
             term = level * getattr(self, f"gamma_{index}")
