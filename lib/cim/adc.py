@@ -132,10 +132,6 @@ class PartialSumADC(nn.Module):
         std = self.running_var.clamp_min(0).sqrt()
         return self.running_mean - self.n_sigma * std, self.running_mean + self.n_sigma * std
 
-    def _grid4(self, values: torch.Tensor) -> torch.Tensor:
-        """(arrays, columns) → (groups, tiles, columns), matching the partial sums' trailing dims."""
-        return values.reshape(self.groups, self.tiles, self.columns)
-
     # ------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         key = prefix + "step"
@@ -152,9 +148,13 @@ class PartialSumADC(nn.Module):
             self._has_stats = float(state_dict[prefix + "stats_seen"]) > 0
 
     @torch.no_grad()
-    def _update_stats(self, p: torch.Tensor) -> None:
+    def _update_stats(self, p: torch.Tensor, ref: Optional[torch.Tensor]) -> None:
         var, mean = torch.var_mean(p.detach(), dim=0, unbiased=False)
-        var, mean = var.reshape(self.arrays, self.columns), mean.reshape(self.arrays, self.columns)
+        if ref is not None:
+            ref_var, ref_mean = torch.var_mean(ref.detach(), dim=0, unbiased=False)
+        else:
+            ref_var = ref_mean = None
+        var, mean = self._per_column(var, ref_var), self._per_column(mean, ref_mean)
         if not self._has_stats:
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
@@ -165,8 +165,9 @@ class PartialSumADC(nn.Module):
         self.stats_seen.add_(1)
 
     @torch.no_grad()
-    def _initialize(self, p: torch.Tensor) -> None:
-        abs_mean = p.detach().abs().mean(dim=0).reshape(self.arrays, self.columns)
+    def _initialize(self, p: torch.Tensor, ref: Optional[torch.Tensor]) -> None:
+        ref_mean = None if ref is None else ref.detach().abs().mean(dim=0)
+        abs_mean = self._per_column(p.detach().abs().mean(dim=0), ref_mean)
         if self.granularity == "layer":
             abs_mean = abs_mean.mean().view(1, 1)
         elif self.granularity == "array":
@@ -179,40 +180,56 @@ class PartialSumADC(nn.Module):
         self._initialized = True
 
     # ------------------------------------------------------------ compute
-    def forward(self, p: torch.Tensor, shifts: torch.Tensor, step_grid: torch.Tensor,
-                ref_shift: Optional[float] = None) -> torch.Tensor:
-        """Convert partial sums p (M, groups, tiles, columns) and shift-and-add them to (M, groups, out).
+    def _per_column(self, main: torch.Tensor, ref: Optional[torch.Tensor]) -> torch.Tensor:
+        """Join per-(group, tile, weight column) and per-(group, tile) reference values into the
+        (arrays, columns) layout of the steps and statistics."""
+        if ref is None:
+            return main.reshape(self.arrays, self.columns)
+        return torch.cat([main.reshape(self.arrays, -1), ref.reshape(self.arrays, 1)], dim=1)
 
-        shifts: 2^(s·c) per slice; step_grid: weight step per (group, tile, out); ref_shift: the
-        offset reference column's significance (its term is subtracted per output channel).
+    def _split(self, values: torch.Tensor, has_ref: bool):
+        """(arrays, columns) → ((groups, tiles, weight columns), (groups, tiles) reference or None)."""
+        grid = values.reshape(self.groups, self.tiles, self.columns)
+        if not has_ref:
+            return grid, None
+        return grid[..., :-1], grid[..., -1]
+
+    def forward(self, p: torch.Tensor, shifts: torch.Tensor, step_grid: torch.Tensor,
+                ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
+        """Convert partial sums and shift-and-add them: p (M, groups, tiles, slices·out) → (M, groups, out).
+
+        shifts: 2^(s·c) per slice; step_grid: weight step per (group, tile, out); ref (M, groups,
+        tiles): the offset reference column's partial sums, of significance ref_shift, subtracted
+        per output channel.
         """
         groups, tiles, out = step_grid.shape
         slices = shifts.numel()
-        weight_cols = slices * out
-        gamma = step_grid.unsqueeze(2) * shifts.view(1, 1, -1, 1)  # (g, t, S, o)
-        main = p if ref_shift is None else p[..., :weight_cols]
-        main = main.unflatten(3, (slices, out))
+        gamma = (step_grid.unsqueeze(2) * shifts.view(1, 1, -1, 1)).reshape(groups, tiles * slices, out)
+        main = p.reshape(p.shape[0], groups, tiles * slices, out)
         if not self.enabled:
-            y = (main * gamma).sum(dim=(2, 3))
-            if ref_shift is not None:
-                y = y - torch.einsum("mgt,gto->mgo", p[..., weight_cols] * ref_shift, step_grid)
+            y = (main * gamma).sum(dim=2)
+            if ref is not None:
+                y = y - torch.einsum("mgt,gto->mgo", ref * ref_shift, step_grid)
             return y
         if self.training and self.n_sigma is not None:
-            self._update_stats(p)
+            self._update_stats(p, ref)
         bounds = self.clip_bounds()
         if bounds is not None:
-            p = torch.maximum(torch.minimum(p, self._grid4(bounds[1])), self._grid4(bounds[0]))
-            main = (p if ref_shift is None else p[..., :weight_cols]).unflatten(3, (slices, out))
+            (lo_main, lo_ref), (hi_main, hi_ref) = self._split(bounds[0], ref is not None), self._split(bounds[1], ref is not None)
+            p = torch.maximum(torch.minimum(p, hi_main), lo_main)
+            main = p.reshape(main.shape)
+            if ref is not None:
+                ref = torch.maximum(torch.minimum(ref, hi_ref), lo_ref)
         if not self._initialized:
-            self._initialize(p)
+            self._initialize(p, ref)
         lo, hi = self.grid_range()
-        factor = 1.0 / math.sqrt(max(1, p.numel() // self.step.numel()) * max(hi, 1))
-        step = self._grid4(self.full_step())
-        main_step = step[..., :weight_cols].unflatten(2, (slices, out))
-        y = _ConvertAccumulate.apply(main, main_step, gamma, lo, hi, factor)
-        if ref_shift is not None:
-            ref = _quantize(p[..., weight_cols], step[..., weight_cols], lo, hi, factor)
-            y = y - torch.einsum("mgt,gto->mgo", ref * ref_shift, step_grid)
+        elements = p.numel() + (0 if ref is None else ref.numel())
+        factor = 1.0 / math.sqrt(max(1, elements // self.step.numel()) * max(hi, 1))
+        step_main, step_ref = self._split(self.full_step(), ref is not None)
+        y = _ConvertAccumulate.apply(main, step_main.reshape(gamma.shape), gamma, lo, hi, factor)
+        if ref is not None:
+            converted = _quantize(ref, step_ref, lo, hi, factor)
+            y = y - torch.einsum("mgt,gto->mgo", converted * ref_shift, step_grid)
         return y
 
     def extra_repr(self) -> str:

@@ -17,17 +17,18 @@ import torch
 log = logging.getLogger(__name__)
 
 COMPILE_ENV = "CIM_AQ_COMPILE"
+RECOMPILE_LIMIT = 64
 
 
 def forward_eager(p, step, coef, lo, hi):
-    """Σ over (tile, slice) of clamp(round(p / step), lo, hi) · coef, with p (M, g, t, S, o)."""
+    """Σ over tile·slice of clamp(round(p / step), lo, hi) · coef, with p (M, g, tiles·slices, o)."""
     levels = torch.round(p / step).clamp_(lo, hi)
-    return levels.mul_(coef).sum(dim=(2, 3))
+    return levels.mul_(coef).sum(dim=2)
 
 
 def backward_eager(grad_y, p, step, gamma, lo, hi):
     """(grad wrt p, Σ_m grad·level, Σ_m grad·v·on_grid) with v = p / step; in-place to save passes."""
-    grad = grad_y.unsqueeze(2).unsqueeze(3)  # broadcast over tiles and slices
+    grad = grad_y.unsqueeze(2)  # broadcast over tiles·slices
     v = p / step
     rounded = torch.round(v)
     levels = rounded.clamp(lo, hi)
@@ -39,13 +40,13 @@ def backward_eager(grad_y, p, step, gamma, lo, hi):
 
 
 def _forward_functional(p, step, coef, lo, hi):
-    return (torch.clamp(torch.round(p / step), lo, hi) * coef).sum(dim=(2, 3))
+    return (torch.clamp(torch.round(p / step), lo, hi) * coef).sum(dim=2)
 
 
 def _backward_functional(grad_y, p, step, gamma, lo, hi, chunks: int):
     """Fused backward; the sums over M go in two stages (`chunks` blocks of M/chunks rows), which
     Inductor's CPU code runs about 1.5x faster than one reduction over the outer dimension."""
-    grad = grad_y.unsqueeze(2).unsqueeze(3)
+    grad = grad_y.unsqueeze(2)
     v = p / step
     rounded = torch.round(v)
     levels = torch.clamp(rounded, lo, hi)
@@ -57,7 +58,10 @@ def _backward_functional(grad_y, p, step, gamma, lo, hi, chunks: int):
 
 
 def _reduction_chunks(rows: int) -> int:
-    """Largest power of two up to 64 dividing `rows` (a compile-time constant: few variants)."""
+    """Largest power of two up to 64 dividing `rows` for large tensors, else 1 (a compile-time
+    constant: few variants)."""
+    if rows < 4096:
+        return 1
     chunks = 64
     while rows % chunks:
         chunks //= 2
@@ -87,13 +91,19 @@ class _Kernels:
 
     def _get(self, name: str, fn):
         if name not in self._compiled:
+            # A model's layers differ in groups/tiles/slices (1 or more) and batch sizes: allow the
+            # handful of variants that makes, beyond torch's default of 8 per function.
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            if limit is not None and limit < RECOMPILE_LIMIT:
+                torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
             self._compiled[name] = torch.compile(fn, dynamic=True)
         return self._compiled[name]
 
     def _run(self, name: str, functional, eager, tensor, *args, compiled_extra=()):
         if self._use_compiled(tensor):
-            try:
-                return self._get(name, functional)(*args, *compiled_extra)
+            try:  # detached and contiguous: no view base, layout or autograd state to guard on
+                plain = [a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+                return self._get(name, functional)(*plain, *compiled_extra)
             except Exception as err:  # noqa: BLE001 - any compiler failure: same maths, eagerly
                 if self._mode() == "1":
                     raise

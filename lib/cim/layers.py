@@ -154,15 +154,17 @@ class CIMLayerMixin:
         scale = scale.expand(lay.groups * lay.out_channels_per_group, lay.tiles)
         return scale.reshape(lay.groups, lay.out_channels_per_group, lay.tiles).permute(0, 2, 1)
 
-    def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor) -> torch.Tensor:
-        """ADC + digital shift-and-add of partial sums (M, groups, tiles, columns) → (M, groups, out)."""
+    def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor,
+                 ref: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ADC + digital shift-and-add of partial sums (M, groups, tiles, slices·out) and the offset
+        reference column's (M, groups, tiles) → (M, groups, out)."""
         bits, cell = self.w_bit, self.hw.cell_bits
         shifts = slice_significance(bits, cell, psums.device, psums.dtype)
         ref_shift = None
-        if self.uses_reference_column:
+        if ref is not None:
             ref_slice, _ = offset_reference(bits, cell)
             ref_shift = 2.0 ** (ref_slice * cell)
-        return self.psum_adc(psums, shifts, step_grid, ref_shift)
+        return self.psum_adc(psums, shifts, step_grid, ref, ref_shift)
 
     # ------------------------------------------------------------ public views of the learned state
     def weight_step_grid(self) -> torch.Tensor:
@@ -268,8 +270,8 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
-        """Conv weight of the grouped conv that yields every partial sum:
-        (groups·tiles·columns, channels_per_tile, k_h, k_w), columns ordered (slice, out) [+ ref]."""
+        """Conv weight of the grouped conv that yields every weight column's partial sum:
+        (groups·tiles·slices·out, channels_per_tile, k_h, k_w), ordered (group, tile, slice, out)."""
         lay = self.layout
         n_slices = slices.shape[0]
         kh, kw = self.kernel_size
@@ -277,12 +279,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         if lay.pad:
             w = F.pad(w, (0, 0, 0, 0, 0, lay.pad))
         w = w.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh, kw)
-        w = w.permute(1, 3, 0, 2, 4, 5, 6).reshape(lay.groups, lay.tiles, -1, lay.channels_per_tile, kh, kw)
-        if self.uses_reference_column:
-            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
-            ref = w.new_full((lay.groups, lay.tiles, 1, lay.channels_per_tile, kh, kw), cell_value)
-            w = torch.cat([w, ref], dim=2)
-        return w.reshape(-1, lay.channels_per_tile, kh, kw)
+        return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
 
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad each group's input channels to whole tiles (ragged last tile)."""
@@ -293,20 +290,28 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         x = x.reshape(n, lay.groups, lay.in_channels_per_group, h, w)
         return F.pad(x, (0, 0, 0, 0, 0, lay.pad)).reshape(n, lay.groups * lay.padded_channels, h, w)
 
-    def partial_sums(self, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
-        """Every row-tile × column partial sum, channels last: (N, H_out, W_out, groups·tiles·columns).
+    def partial_sums(self, x: torch.Tensor, slices: torch.Tensor):
+        """Every row-tile × weight column partial sum, channels last (N, H_out, W_out,
+        groups·tiles·slices·out), and for offset mapping the reference columns' (N, H_out, W_out,
+        groups·tiles) — else None.
 
         One grouped conv (groups·tiles groups) in channels_last memory format, which oneDNN runs
-        about twice as fast as the contiguous layout for these odd group shapes.
+        about twice as fast as the contiguous layout for these odd group shapes; the reference
+        column (the same cell value on every row) is a second, small grouped conv.
         """
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         x = self.tile_input(x).contiguous(memory_format=torch.channels_last)
-        psums = F.conv2d(x, self.crossbar_weight(slices), None, self.stride, padding, self.dilation,
-                         self.layout.groups * self.layout.tiles)
-        return psums.permute(0, 2, 3, 1)
+        arrays = self.layout.groups * self.layout.tiles
+        psums = F.conv2d(x, self.crossbar_weight(slices), None, self.stride, padding, self.dilation, arrays)
+        ref = None
+        if self.uses_reference_column:
+            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+            ones = x.new_full((arrays, self.layout.channels_per_tile) + tuple(self.kernel_size), cell_value)
+            ref = F.conv2d(x, ones, None, self.stride, padding, self.dilation, arrays).permute(0, 2, 3, 1)
+        return psums.permute(0, 2, 3, 1), ref
 
     def dequantized_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
@@ -315,9 +320,11 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         x = _unwrap(x)
         lay = self.layout
         slices, step_grid = self._weight_slices(quant_weight)
-        psums = self.partial_sums(x, slices)
+        psums, ref = self.partial_sums(x, slices)
         n, h, w, _ = psums.shape
-        y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid)
+        if ref is not None:
+            ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
+        y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref)
         y = y.reshape(n, h, w, self.out_channels)
         if bias is not None:
             y = y + bias
@@ -361,18 +368,20 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
             w = F.pad(w, (0, lay.pad))
         return w.view(w.shape[0], lay.tiles, lay.channels_per_tile).permute(1, 2, 0)
 
-    def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
-        """Every row-tile × column partial sum: (tiles, tokens, columns); the offset reference
-        column (same cell value on every row) is the cell value times the tile's input sum."""
+    def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor):
+        """Every row-tile × weight column partial sum (tiles, tokens, slices·out), and for offset
+        mapping the reference column's (tiles, tokens) — the cell value times the tile's input
+        sum — else None."""
         lay = self.layout
         if lay.pad:
             x2d = F.pad(x2d, (0, lay.pad))
         xt = x2d.reshape(x2d.shape[0], lay.tiles, lay.channels_per_tile).transpose(0, 1)
         psums = torch.bmm(xt, self.crossbar_weight(slices))
+        ref = None
         if self.uses_reference_column:
             _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
-            psums = torch.cat([psums, cell_value * xt.sum(dim=2, keepdim=True)], dim=2)
-        return psums
+            ref = cell_value * xt.sum(dim=2)
+        return psums, ref
 
     def dequantized_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -381,8 +390,10 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         x = _unwrap(x)
         lead = x.shape[:-1]
         slices, step_grid = self._weight_slices(quant_weight)
-        psums = self.partial_sums(x.reshape(-1, self.in_features), slices)  # (tiles, tokens, columns)
-        y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid).squeeze(1)
+        psums, ref = self.partial_sums(x.reshape(-1, self.in_features), slices)  # (tiles, tokens, cols)
+        if ref is not None:
+            ref = ref.t().unsqueeze(1)
+        y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid, ref).squeeze(1)
         if bias is not None:
             y = y + bias
         return y.reshape(lead + (self.out_features,))
