@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lib import cli
 from lib.data import DatasetError, HoldoutSpec, build_loaders, default_input_size
 from lib.fileio import atomic_write_json
 from lib.policy import Policy, PolicyError
@@ -369,20 +370,11 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cli.setup(args.log_level, args.threads)
     from lib.export import ExportError
 
-    try:
-        if args.evaluate:
-            run_evaluate(args)
-        else:
-            run_train(args)
-    except (DatasetError, ModelError, CheckpointError, PolicyError, ExportError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    job = run_evaluate if args.evaluate else run_train
+    return cli.run(lambda: job(args), (DatasetError, ModelError, CheckpointError, PolicyError, ExportError, ValueError))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lib import cli
 from lib.data import DatasetError, build_loaders, default_input_size
 from lib.fileio import atomic_write_json
-from lib.training import (CheckpointError, OptimConfig, Tracker, build_criterion, evaluate, fit, load_checkpoint,
+from lib.training import (CheckpointError, OptimConfig, Tracker, evaluate, fit, load_checkpoint,
                           load_model_state, seed_everything)
 from lib.training.checkpoint import plain
 from models import ModelError, create_model, read_state_dict
@@ -269,18 +270,9 @@ def run_train(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        if args.evaluate:
-            run_evaluate(args)
-        else:
-            run_train(args)
-    except (DatasetError, ModelError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    cli.setup(args.log_level, args.threads)
+    job = run_evaluate if args.evaluate else run_train
+    return cli.run(lambda: job(args), (DatasetError, ModelError, CheckpointError, ValueError))
 
 
 if __name__ == "__main__":

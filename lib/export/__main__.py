@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from lib import cli
 from lib.fileio import atomic_write_json
 
 
@@ -56,9 +56,7 @@ def validation_images(dataset: str, data_root: Optional[str], input_size: int, c
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cli.setup(args.log_level, args.threads)
     from lib.data import DatasetError
     from lib.export import ExportError, export_model
     from lib.export.checkpoint_model import model_from_checkpoint

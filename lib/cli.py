@@ -1,0 +1,29 @@
+"""What every stage CLI does around its work: logging, torch threads, and user errors as one line
+on stderr with exit status 2 (tracebacks are for bugs, not for bad input)."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup(log_level: str = "info", threads: int = 0) -> None:
+    """Configure logging and, when threads > 0, the number of torch CPU threads."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run(job: Callable[[], object], user_errors: tuple = (ValueError,)) -> int:
+    """Run `job`; a user error (bad value, missing file, mismatched policy...) prints `error: ...`
+    and returns 2, anything else propagates."""
+    try:
+        job()
+    except user_errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
