@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.stamp
 DEMO_DIR ?= runs/demo
-DEMO_EPOCHS ?= 15
 # One torch thread: on a small machine shared with anything else, two OpenMP threads spin against
 # each other and run several times slower; data loading stays in the main process for the same reason.
 DEMO_THREADS ?= 1
@@ -18,12 +17,11 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $(STAMP)
 
-# Main job. Until the two-stage workflow lands: FP32 pretraining of resnet20 on the built-in digits.
-# --resume auto: a rerun continues (or skips) what is already done.
+# Main job: run/demo_pipeline.sh on the built-in digits — FP32 pretraining, uniform INT8 QAT on CIM
+# layers, a mixed-precision policy, finetuning, ONNX QCDQ export checked in onnxruntime, report.
+# Reruns continue or skip finished stages (--resume auto).
 demo: $(STAMP)
-	$(VENV)/bin/python pretrain.py --dataset digits --arch resnet20 --input-size 32 --epochs $(DEMO_EPOCHS) \
-		--batch-size 64 --lr 0.1 --workers 0 --threads $(DEMO_THREADS) --output-dir $(DEMO_DIR)/pretrain_fp32 \
-		--resume auto
+	DEMO_DIR=$(DEMO_DIR) THREADS=$(DEMO_THREADS) PYTHON=$(VENV)/bin/python bash run/demo_pipeline.sh
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
