@@ -33,9 +33,10 @@ from lib import cli
 from lib.data import DatasetError, HoldoutSpec, build_loaders, default_input_size
 from lib.fileio import atomic_write_json
 from lib.policy import Policy, PolicyError
-from lib.training import (CheckpointError, OptimConfig, Tracker, evaluate, fit, load_checkpoint, load_model_state,
+from lib.training import (CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state,
                           seed_everything)
 from lib.training.checkpoint import plain
+from lib.training.optim import add_optim_args, optim_config_from_args
 from models import ModelError, create_model, read_state_dict
 
 log = logging.getLogger("finetune")
@@ -70,20 +71,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="starting weights: a quantized (e.g. uniform INT8) or FP32 cim-aq checkpoint, or a plain "
                         "state dict")
 
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=10, help="total epochs (a resumed run continues up to this)")
-    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer")
-    g.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4, help="weight decay")
-    g.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "constant"), help="per-epoch LR schedule")
-    g.add_argument("--warmup-epochs", type=int, default=0, help="linear LR warmup epochs")
-    g.add_argument("--min-lr", type=float, default=0.0, help="final LR of the cosine schedule")
-    g.add_argument("--step-size", type=int, default=30, help="epochs per decay for --scheduler step")
-    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --scheduler step")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing in [0, 1)")
-    g.add_argument("--max-batches", type=int, default=None, help="cap on training batches per epoch (smoke runs)")
+    g = add_optim_args(p, epochs=10, lr=0.01)
     g.add_argument("--calibration-batches", type=int, default=4,
                    help="training batches that initialise the quantizer steps a new policy changed")
 
@@ -322,10 +310,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     saved_args = {**flags, **spec, "quant": "mixed", "policy": policy.to_json_dict(), "policy_file": policy_file,
                   "hardware": hw_path, "hardware_config": hw.to_dict()}
     atomic_write_json(out_dir / "args.json", plain(saved_args))
-    cfg = OptimConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                      nesterov=args.nesterov, weight_decay=args.weight_decay, scheduler=args.scheduler,
-                      warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, step_size=args.step_size,
-                      gamma=args.gamma, label_smoothing=args.label_smoothing)
+    cfg = optim_config_from_args(args)
     tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
                       run_name=args.run_name or out_dir.name, config=plain(saved_args))
     try:

@@ -26,9 +26,10 @@ from torch import nn
 from lib import cli
 from lib.data import DatasetError, build_loaders, default_input_size
 from lib.fileio import atomic_write_json
-from lib.training import (CheckpointError, OptimConfig, Tracker, evaluate, fit, load_checkpoint,
+from lib.training import (CheckpointError, Tracker, evaluate, fit, load_checkpoint,
                           load_model_state, seed_everything)
 from lib.training.checkpoint import plain
+from lib.training.optim import add_optim_args, optim_config_from_args
 from models import ModelError, create_model, read_state_dict
 
 log = logging.getLogger("pretrain")
@@ -72,23 +73,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--hardware", default=None,
                    help=f"crossbar hardware YAML for --quant uniform (default {DEFAULT_HARDWARE.relative_to(REPO_ROOT)})")
 
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=30, help="total epochs (a resumed run continues up to this)")
-    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer")
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4, help="weight decay")
-    g.add_argument("--decay-1d", action="store_true",
-                   help="also decay biases, norm weights and other 1-D parameters (off by default)")
-    g.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "constant"),
-                   help="per-epoch LR schedule")
-    g.add_argument("--warmup-epochs", type=int, default=0, help="linear LR warmup epochs")
-    g.add_argument("--min-lr", type=float, default=0.0, help="final LR of the cosine schedule")
-    g.add_argument("--step-size", type=int, default=30, help="epochs per decay for --scheduler step")
-    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --scheduler step")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing in [0, 1)")
-    g.add_argument("--max-batches", type=int, default=None, help="cap on training batches per epoch (smoke runs)")
+    add_optim_args(p, epochs=30, lr=0.1)
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None,
@@ -236,10 +221,7 @@ def run_train(args: argparse.Namespace) -> dict:
         out_dir = Path(args.output_dir)
     else:  # a resumed run continues in its checkpoint's folder
         out_dir = resume_path.parent if resume_path is not None else default_output_dir(spec)
-    cfg = OptimConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                      nesterov=args.nesterov, weight_decay=args.weight_decay, no_decay_1d=not args.decay_1d,
-                      scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
-                      step_size=args.step_size, gamma=args.gamma, label_smoothing=args.label_smoothing)
+    cfg = optim_config_from_args(args)
     if spec["quant"] == "uniform" and not (args.init or args.pretrained or resume_state):
         log.warning("--quant uniform without --init: QAT starts from random weights")
     seed_everything(args.seed)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -45,3 +46,13 @@ def make_image_tree():
 def image_tree(tmp_path) -> Path:
     """A small three-class ImageFolder tree (4 train / 2 val images per class, 12x12 RGB)."""
     return write_image_tree(tmp_path / "imgs")
+
+
+@pytest.fixture
+def eager_single_thread(monkeypatch):
+    """Eager ADC kernels (no compile time for tiny nets) and one torch thread for the test."""
+    monkeypatch.setenv("CIM_AQ_COMPILE", "0")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

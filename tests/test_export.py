@@ -21,13 +21,7 @@ from lib.training import make_checkpoint, save_checkpoint
 from models import create_model
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    monkeypatch.setenv("CIM_AQ_COMPILE", "0")  # eager ADC kernels: no compile time for these small nets
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
 
 
 @pytest.fixture(scope="module")

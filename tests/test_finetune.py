@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import finetune
 import pretrain
@@ -21,13 +20,7 @@ DATA = ["--dataset", "digits", "--input-size", "8", "--batch-size", "64", "--wor
 TINY_LAYERS = ["features.0", "features.3", "features.6", "fc"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    monkeypatch.setenv("CIM_AQ_COMPILE", "0")  # eager ADC kernels: no compile time for these tiny nets
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
 
 
 @pytest.fixture(scope="module")

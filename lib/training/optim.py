@@ -113,3 +113,33 @@ def sync_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_schedule
 
 def build_criterion(cfg: OptimConfig) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def add_optim_args(parser, epochs: int, lr: float):
+    """The optimization flags every training CLI shares (defaults per stage); returns the group."""
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=epochs, help="total epochs (a resumed run continues up to this)")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--decay-1d", action="store_true",
+                   help="also decay biases, norm weights and other 1-D parameters (off by default)")
+    g.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "constant"),
+                   help="per-epoch LR schedule")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="linear LR warmup epochs")
+    g.add_argument("--min-lr", type=float, default=0.0, help="final LR of the cosine schedule")
+    g.add_argument("--step-size", type=int, default=30, help="epochs per decay for --scheduler step")
+    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --scheduler step")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing in [0, 1)")
+    g.add_argument("--max-batches", type=int, default=None, help="cap on training batches per epoch (smoke runs)")
+    return g
+
+
+def optim_config_from_args(args) -> "OptimConfig":
+    """OptimConfig from the flags of add_optim_args."""
+    return OptimConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                       nesterov=args.nesterov, weight_decay=args.weight_decay, no_decay_1d=not args.decay_1d,
+                       scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
+                       step_size=args.step_size, gamma=args.gamma, label_smoothing=args.label_smoothing)
