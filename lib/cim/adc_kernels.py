@@ -122,10 +122,17 @@ class _Kernels:
                          compiled_extra=(_reduction_chunks(p.shape[0]),))
 
 
+_BOUNDS: dict = {}
+
+
 def _bounds(p: torch.Tensor, lo: int, hi: int):
-    """Grid bounds as 0-d tensors: a compiled kernel then serves every ADC width without recompiling."""
-    return (torch.tensor(float(lo), dtype=p.dtype, device=p.device),
-            torch.tensor(float(hi), dtype=p.dtype, device=p.device))
+    """Grid bounds as 0-d tensors (a compiled kernel then serves every ADC width without
+    recompiling), made once per value, dtype and device: no host-to-device copy per call."""
+    key = (lo, hi, p.dtype, p.device)
+    if key not in _BOUNDS:
+        _BOUNDS[key] = (torch.tensor(float(lo), dtype=p.dtype, device=p.device),
+                        torch.tensor(float(hi), dtype=p.dtype, device=p.device))
+    return _BOUNDS[key]
 
 
 KERNELS = _Kernels()
