@@ -68,6 +68,33 @@ def _reduction_chunks(rows: int) -> int:
     return chunks
 
 
+def quant_forward_eager(x, scale, lo, hi):
+    """clamp(round(x / scale), lo, hi) · scale."""
+    return torch.round(x / scale).clamp_(lo, hi).mul_(scale)
+
+
+def quant_backward_eager(grad, x, scale, lo, hi):
+    """LSQ: (grad wrt x where round(x/scale) is on the grid, Σ grad·(level − v·on_grid))."""
+    v = x / scale
+    rounded = torch.round(v)
+    levels = rounded.clamp(lo, hi)
+    on_grid = rounded.eq_(levels)
+    grad_x = grad * on_grid
+    return grad_x, (levels.sub_(v.mul_(on_grid))).mul_(grad).sum()
+
+
+def _quant_forward_functional(x, scale, lo, hi):
+    return torch.clamp(torch.round(x / scale), lo, hi) * scale
+
+
+def _quant_backward_functional(grad, x, scale, lo, hi):
+    v = x / scale
+    rounded = torch.round(v)
+    levels = torch.clamp(rounded, lo, hi)
+    on_grid = (rounded == levels).to(x.dtype)
+    return grad * on_grid, (grad * (levels - v * on_grid)).sum()
+
+
 class _Kernels:
     """Chooses fused or eager kernels once per process and device type."""
 
@@ -115,6 +142,13 @@ class _Kernels:
     def forward(self, p, step, coef, lo: int, hi: int):
         bounds = _bounds(p, lo, hi)
         return self._run("forward", _forward_functional, forward_eager, p, p, step, coef, *bounds)
+
+    def quant_forward(self, x, scale, lo, hi):
+        """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors)."""
+        return self._run("quant_forward", _quant_forward_functional, quant_forward_eager, x, x, scale, lo, hi)
+
+    def quant_backward(self, grad, x, scale, lo, hi):
+        return self._run("quant_backward", _quant_backward_functional, quant_backward_eager, x, grad, x, scale, lo, hi)
 
     def backward(self, grad_y, p, step, gamma, lo: int, hi: int):
         bounds = _bounds(p, lo, hi)

@@ -2,7 +2,8 @@
 quantizers and our LSQ step / mutable bit-width modules.
 
 Weights: signed integer grid [-2^(b-1), 2^(b-1)-1], one learned step per layer / channel /
-array / column. Inputs: unsigned [0, 2^a-1] after a ReLU, signed otherwise, one learned step.
+array / column. Inputs: unsigned [0, 2^a-1] after a ReLU, signed otherwise, one learned step,
+quantized by FusedIntQuant (Brevitas IntQuant's maths in one fused kernel per direction).
 `scaling_impl_type = PARAMETER` makes Brevitas clamp with the gradient LSQ needs (zero outside
 the grid for x, Q_n/Q_p for the step).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from brevitas.inject.enum import ScalingImplType
 from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
 
+from lib.cim.fused_quant import FusedIntQuant
 from lib.cim.steps import ActStep, MutableBitWidth, WeightStep
 
 
@@ -34,6 +36,7 @@ class CIMUnsignedActQuant(Uint8ActPerTensorFloat):
     scaling_impl_type = ScalingImplType.PARAMETER
     scaling_impl = ActStep
     bit_width_impl = MutableBitWidth
+    int_quant = FusedIntQuant
 
 
 class CIMSignedActQuant(Int8ActPerTensorFloat):
@@ -42,4 +45,5 @@ class CIMSignedActQuant(Int8ActPerTensorFloat):
     scaling_impl_type = ScalingImplType.PARAMETER
     scaling_impl = ActStep
     bit_width_impl = MutableBitWidth
+    int_quant = FusedIntQuant
     narrow_range = False

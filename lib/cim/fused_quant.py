@@ -1,0 +1,53 @@
+"""A drop-in for Brevitas' IntQuant in the CIM input quantizers: the same grid and LSQ gradients
+(round-to-nearest-even, clamp to the grid; the input passes where the rounded value is on the
+grid, the step gets level − x/step there and the clipped level elsewhere), computed in one fused
+kernel per direction instead of Brevitas' chain of elementwise ops on the whole activation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lib.cim.adc_kernels import KERNELS
+
+
+class _FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, lo, hi):
+        ctx.save_for_backward(x, scale, lo, hi)
+        return KERNELS.quant_forward(x, scale, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, lo, hi = ctx.saved_tensors
+        grad_x, grad_scale = KERNELS.quant_backward(grad.contiguous(), x, scale, lo, hi)
+        return grad_x, grad_scale.reshape(scale.shape), None, None
+
+
+class FusedIntQuant(nn.Module):
+    """Brevitas IntQuant's interface (forward(scale, zero_point, bit_width, x) → dequantized x) for
+    per-tensor scales and a zero zero-point, as the CIM input quantizers use."""
+
+    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module) -> None:
+        super().__init__()
+        self.narrow_range = narrow_range
+        self.signed = signed
+        self.input_view_impl = input_view_impl
+
+    def min_int(self, bit_width: torch.Tensor) -> torch.Tensor:
+        if not self.signed:
+            return torch.zeros_like(bit_width)
+        low = -(2.0 ** (bit_width - 1))
+        return low + 1 if self.narrow_range else low
+
+    def max_int(self, bit_width: torch.Tensor) -> torch.Tensor:
+        return 2.0 ** (bit_width - 1) - 1 if self.signed else 2.0 ** bit_width - 1
+
+    def forward(self, scale: torch.Tensor, zero_point: torch.Tensor, bit_width: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+        x = self.input_view_impl(x)
+        if scale.numel() != 1:
+            raise ValueError(f"FusedIntQuant quantizes with one step per tensor; got a scale of shape "
+                             f"{tuple(scale.shape)}")
+        lo, hi = self.min_int(bit_width).to(x.dtype), self.max_int(bit_width).to(x.dtype)
+        return _FakeQuant.apply(x, scale.to(x.dtype), lo, hi)
