@@ -391,9 +391,6 @@ def test_cli_with_layer_dims_and_policy(tmp_path, resnet_cost):
 
 
 def test_cli_traces_registry_model(tmp_path, resnet_cost):
-    models = pytest.importorskip("models")
-    if not hasattr(models, "create_model"):
-        pytest.skip("model registry not available yet")
     out = tmp_path / "t.npy"
     result = subprocess.run(
         [sys.executable, "-m", "lib.simulator.latency", "--arch", "resnet18", "--num-classes", str(NUM_CLASSES),
@@ -424,9 +421,6 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_cli_unknown_arch(capsys):
-    models = pytest.importorskip("models")
-    if not hasattr(models, "create_model"):
-        pytest.skip("model registry not available yet")
     code = cli_main(["--hardware", str(CIM_AQ_HW), "--arch", "resnet_nonexistent"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown model 'resnet_nonexistent'" in err and "Traceback" not in err
