@@ -134,6 +134,17 @@ class CIMLayerMixin:
             self.psum_adc.set_bits(int(adc_bits))
 
     # ------------------------------------------------------------ state
+    def _copy_float_parameters(self, source: nn.Module) -> None:
+        """Take the weight and bias of the float layer this one replaces."""
+        with torch.no_grad():
+            self.weight.copy_(source.weight)
+            if source.bias is not None:
+                self.bias.copy_(source.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._load_bits_first(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _load_bits_first(self, state_dict, prefix) -> None:
         """Checkpoints carry the bits: adopt them before the (bits-dependent) ADC shapes load."""
         w_key = prefix + "weight_quant.tensor_quant.msb_clamp_bit_width_impl.bits"
@@ -259,15 +270,8 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, hw=hw,
                     w_bit=w_bit, a_bit=a_bit, adc_bits=adc_bits, input_signed=input_signed, name=name,
                     device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
+        layer._copy_float_parameters(conv)
         return layer
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._load_bits_first(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
         """Conv weight of the grouped conv that yields every weight column's partial sum:
@@ -349,15 +353,8 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, hw=hw, w_bit=w_bit,
                     a_bit=a_bit, adc_bits=adc_bits, input_signed=input_signed, name=name,
                     device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        layer._copy_float_parameters(linear)
         return layer
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._load_bits_first(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
         """Batched-matmul weight (tiles, rows_per_tile, slices·out): a strided view of the slices
