@@ -8,9 +8,7 @@ column granularity; Linear 512→512, batch 256.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.cim.hardware import HardwareConfig  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
+from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
 
 def forward_only(layer, x):
@@ -40,21 +39,6 @@ def forced(layer):
     """The same layer taking the tiled, sliced crossbar path although its ADC is off."""
     layer.force_crossbar = True
     return layer
-
-
-def round_robin_medians(jobs: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median time of each job, timing the jobs in turn within every repeat so that a change of
-    machine load affects all of them alike (the ratios are what we report)."""
-    for _ in range(warmup):
-        for job in jobs.values():
-            job()
-    times = {label: [] for label in jobs}
-    for _ in range(repeats):
-        for label, job in jobs.items():
-            start = time.perf_counter()
-            job()
-            times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def compare(name: str, layers: dict, x: torch.Tensor, repeats: int) -> None:

@@ -12,7 +12,6 @@ images) is exported with lib.export, then both runtimes classify the same valida
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -30,19 +29,7 @@ from lib.export.checkpoint_model import model_from_checkpoint  # noqa: E402
 from lib.layer_trace import called_layer_names  # noqa: E402
 from lib.policy import Policy  # noqa: E402
 from models import create_model, read_state_dict  # noqa: E402
-
-
-def round_robin(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, timed in alternation (a busy shared machine slows both alike)."""
-    for fn in fns.values():
-        fn()  # warm-up (compilation, allocator, onnxruntime arena)
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
 
 def build(args, data):
@@ -116,7 +103,7 @@ def main() -> int:
 
     with torch.no_grad():
         accuracy = float(np.mean([(model(x).argmax(1) == y).float().mean().item() for x, y in data.val]))
-    medians = round_robin({"torch": run_torch, "ort": run_ort}, args.repeats)
+    medians = round_robin_medians({"torch": run_torch, "ort": run_ort}, args.repeats, warmup=1)
     torch_s, ort_s = medians["torch"], medians["ort"]
     per_image = 1e3 / len(images)
     print(f"resnet20 / digits 32x32, {len(layers)} CIM layers, psum={hw.psum_granularity}, "
