@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from lib import cli
-from lib.data import DatasetError, HoldoutSpec, build_loaders, default_input_size
+from lib.data import DatasetError, HoldoutSpec, build_loaders, default_input_size, first_images
 from lib.fileio import atomic_write_json
 from lib.policy import Policy, PolicyError
 from lib.training import (CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state,
@@ -97,11 +96,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--log-level", default="INFO", help="logging level")
     return p.parse_args(argv)
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -191,15 +185,8 @@ def build_model(spec: dict, policy: Policy, hw, start_state: Optional[dict], sta
         load_model_state(model, {k: v for k, v in weights.items() if k in float_keys}, "--init")
     else:
         log.warning("no --init: finetuning starts from random weights")
-    return quantize_model(model, policy, hw, input_size=spec["input_size"],
-                          calibration_data=None if calibration is None else _take(calibration, calibration_batches))
-
-
-def _take(loader, count: int):
-    for index, batch in enumerate(loader):
-        if index >= count:
-            break
-        yield batch
+    return quantize_model(model, policy, hw, input_size=spec["input_size"], calibration_data=calibration,
+                          calibration_batches=calibration_batches)
 
 
 def load_data(args: argparse.Namespace, spec: dict, holdout: bool = True):
@@ -209,16 +196,6 @@ def load_data(args: argparse.Namespace, spec: dict, holdout: bool = True):
                          seed=args.seed)
     spec["num_classes"] = data.num_classes
     return data
-
-
-def first_images(loader, count: int) -> torch.Tensor:
-    chunks, seen = [], 0
-    for images, _ in loader:
-        chunks.append(images)
-        seen += images.shape[0]
-        if seen >= count:
-            break
-    return torch.cat(chunks)[:count]
 
 
 def default_output_dir(spec: dict, policy_path: str) -> Path:
@@ -241,7 +218,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
             "data_root": args.data_root if args.data_root is not None else saved.get("data_root"),
             "input_size": saved.get("input_size")}
     data = load_data(args, spec, holdout=False)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     metrics = evaluate(model.to(device), data.val, nn.CrossEntropyLoss(), device, progress=not args.no_progress)
     result = {"checkpoint": str(ckpt), "epoch": state["epoch"], "dataset": spec["dataset"], "split": "val",
               "val": metrics, "policy": saved.get("policy")}
@@ -252,8 +229,19 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse values that would only fail after training (the export runs last)."""
+    if args.export_images < 1:
+        raise ValueError(f"--export-images={args.export_images} is not allowed: expected an integer >= 1")
+    if not 0 < args.min_agreement <= 1:
+        raise ValueError(f"--min-agreement={args.min_agreement} is not allowed: expected a fraction in (0, 1]")
+    if args.calibration_batches < 1:
+        raise ValueError(f"--calibration-batches={args.calibration_batches} is not allowed: expected an integer >= 1")
+
+
 def run_train(args: argparse.Namespace) -> dict:
     started = time.time()
+    check_flags(args)
     resume_state = None
     if args.resume == "auto":
         if not args.output_dir:
@@ -301,7 +289,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     policy.save(out_dir / "policy")
 
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     if resume_state is not None:
         model = model_from_args(resume_state["args"])
     else:
@@ -338,6 +326,8 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         "hardware": hw.to_dict(), "arch": spec["arch"], "dataset": spec["dataset"],
         "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,
     }
+    # Written before the export too, so a failed export leaves the training results on disk.
+    atomic_write_json(out_dir / "report.json", plain(report))
     if not args.no_export:
         images = first_images(data.val, args.export_images)
         meta = {"arch": spec["arch"], "dataset": spec["dataset"], "test_top1": test["top1"]}

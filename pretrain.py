@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from lib import cli
@@ -160,11 +159,6 @@ def default_output_dir(spec: dict) -> Path:
     return REPO_ROOT / "runs" / "pretrain" / name
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def load_data(args: argparse.Namespace, spec: dict):
     data = build_loaders(spec["dataset"], spec["data_root"], spec["input_size"], batch_size=args.batch_size,
@@ -187,7 +181,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise SystemExit("error: --evaluate needs --resume CHECKPOINT or --output-dir holding model_best.pth.tar")
     state = load_checkpoint(ckpt_path)
     spec = resolve_spec(args, state["args"])
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     data = load_data(args, spec)
     model = build_model(spec)
     load_model_state(model, state["state_dict"], ckpt_path)
@@ -225,7 +219,7 @@ def run_train(args: argparse.Namespace) -> dict:
     if spec["quant"] == "uniform" and not (args.init or args.pretrained or resume_state):
         log.warning("--quant uniform without --init: QAT starts from random weights")
     seed_everything(args.seed)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     data = load_data(args, spec)
     fresh = resume_state is None
     model = build_model(spec, pretrained=args.pretrained if fresh else None, init=args.init if fresh else None,

@@ -27,3 +27,12 @@ def run(job: Callable[[], object], user_errors: tuple = (ValueError,)) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def pick_device(name: str):
+    """'auto' → CUDA when available, else CPU; otherwise the named torch device."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -137,7 +137,7 @@ def quantize_model(model: nn.Module, policy_or_bits: BitsSpec, hw: HardwareConfi
                    module_map: Optional[Mapping[type, Callable]] = None,
                    instance_map: Optional[Mapping[str, Mapping[str, Any]]] = None,
                    exclude: Iterable[str] = (), input_size: int | Sequence[int] = 32,
-                   calibration_data: Optional[Iterable] = None) -> nn.Module:
+                   calibration_data: Optional[Iterable] = None, calibration_batches: int = 4) -> nn.Module:
     """Replace every Conv2d/Linear that a forward pass calls by a CIM layer (in place; returns model).
 
     policy_or_bits: a Policy (one entry per converted layer, call order) or (w_bit, a_bit[, adc_bits]).
@@ -145,7 +145,8 @@ def quantize_model(model: nn.Module, policy_or_bits: BitsSpec, hw: HardwareConfi
     instance_map: {layer name: overrides of from_float's keywords (w_bit, a_bit, adc_bits, hw,
         input_signed)}. exclude: names kept in floating point.
     input_size: H (square) or (C, H, W) of one example image, used to trace call order.
-    calibration_data: optional batches (tensors or (input, target) pairs) to initialise steps.
+    calibration_data: optional batches (tensors or (input, target) pairs) to initialise steps;
+        at most `calibration_batches` of them are used.
     """
     if not isinstance(hw, HardwareConfig):
         raise ConversionError(f"hw must be a HardwareConfig, got {type(hw).__name__}")
@@ -174,16 +175,17 @@ def quantize_model(model: nn.Module, policy_or_bits: BitsSpec, hw: HardwareConfi
         overrides = dict(instance_map.get(call.name, {}))
         factory = overrides.pop("cls", module_map[type(call.module)])
         options.update(overrides)
-        _set_submodule(model, call.name, factory.from_float(call.module, **options))
+        set_submodule(model, call.name, factory.from_float(call.module, **options))
     setattr(model, LAYER_ORDER_ATTR, names)
     log.info("converted %d layers to CIM layers (%d with unsigned inputs)", len(names),
              sum(unsigned[n] for n in names))
     if calibration_data is not None:
-        calibrate(model, calibration_data)
+        calibrate(model, calibration_data, max_batches=calibration_batches)
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the module at dotted path `name`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -126,3 +126,18 @@ def build_loaders(dataset: str, root: Optional[str | Path] = None, input_size: O
              f" / {len(hold_idx)} holdout" if hold_idx is not None else "", len(classes), input_size, style)
     return DataBundle(train_loader, val_loader, hold_loader, len(classes), list(classes), input_size, dataset,
                       Path(root) if root is not None else None)
+
+
+def first_images(loader, count: int) -> torch.Tensor:
+    """The first `count` images a loader yields (e.g. real validation images for an export check)."""
+    if count < 1:
+        raise DatasetError(f"count={count} is not allowed: expected an integer >= 1")
+    chunks, seen = [], 0
+    for images, _ in loader:
+        chunks.append(images)
+        seen += images.shape[0]
+        if seen >= count:
+            break
+    if not chunks:
+        raise DatasetError("the loader yielded no images")
+    return torch.cat(chunks)[:count]

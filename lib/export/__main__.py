@@ -40,18 +40,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def validation_images(dataset: str, data_root: Optional[str], input_size: int, count: int) -> torch.Tensor:
     """The first `count` images of the dataset's val split, preprocessed as for evaluation."""
-    from lib.data import build_loaders
+    from lib.data import build_loaders, first_images
 
     data = build_loaders(dataset, data_root, input_size, batch_size=min(count, 256), workers=0)
-    chunks, seen = [], 0
-    for images, _ in data.val:
-        chunks.append(images)
-        seen += images.shape[0]
-        if seen >= count:
-            break
-    if not chunks:
-        raise ValueError(f"dataset {dataset!r} has no validation images")
-    return torch.cat(chunks)[:count]
+    return first_images(data.val, count)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad values before the model is rebuilt and the data loaded."""
+    if args.images < 1:
+        raise ValueError(f"--images={args.images} is not allowed: expected an integer >= 1")
+    if not 13 <= args.opset <= 20:
+        raise ValueError(f"--opset={args.opset} is not allowed: expected 13..20 (TorchScript exporter with int32 bias)")
+    if not 0 < args.min_agreement <= 1:
+        raise ValueError(f"--min-agreement={args.min_agreement} is not allowed: expected a fraction in (0, 1]")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -64,6 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from models import ModelError
 
     try:
+        check_args(args)
         model, state = model_from_checkpoint(args.checkpoint)
         saved = state["args"]
         dataset = args.dataset or saved.get("dataset")

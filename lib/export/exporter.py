@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lib.cim import CIMLayerMixin, current_policy, quantizable_layers
+from lib.cim.convert import set_submodule
 from lib.export import graph as graph_tools
 from lib.export.layers import ExportCIMLayer, ExportFormError, check_calibrated
 from lib.fileio import atomic_write
@@ -87,15 +88,9 @@ def build_export_form(model: nn.Module) -> tuple[nn.Module, list]:
     infos = []
     for name, layer in layers:
         form = ExportCIMLayer(name, layer)
-        _set_submodule(model, name, form)
+        set_submodule(model, name, form)
         infos.append(form.info().to_dict())
     return model.eval(), infos
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def model_metadata(model: nn.Module, input_size: Optional[int] = None) -> dict:
@@ -110,7 +105,8 @@ def model_metadata(model: nn.Module, input_size: Optional[int] = None) -> dict:
         try:
             from lib.simulator import CostModel
 
-            cost = CostModel.from_model(model, layers[0][1].hw, input_size).policy_cost(policy)
+            max_bit = max([8] + policy.w_bits + policy.a_bits)
+            cost = CostModel.from_model(model, layers[0][1].hw, input_size, max_bit=max_bit).policy_cost(policy)
             meta.update(latency_us=cost.total_latency, baseline_latency_us=cost.baseline_latency,
                         latency_ratio=cost.ratio, baseline_bits=list(cost.baseline_bits), arrays=cost.arrays,
                         adc_conversions=cost.adc_conversions)

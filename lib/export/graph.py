@@ -12,7 +12,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -100,10 +100,6 @@ class QDQNode:
 _DTYPE_RANGE = {onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
                 onnx.TensorProto.INT32: (-(2 ** 31), 2 ** 31 - 1), onnx.TensorProto.INT16: (-32768, 32767),
                 onnx.TensorProto.UINT16: (0, 65535)}
-
-
-def _constant_value(graph_values: dict, name: str) -> Optional[np.ndarray]:
-    return graph_values.get(name)
 
 
 def qdq_nodes(model: onnx.ModelProto) -> list[QDQNode]:

@@ -80,8 +80,11 @@ def read_layer_dims(path: str | Path) -> list[LayerDims]:
     path = Path(path)
     if not path.is_file():
         raise LayerDimsError(f"layer dims file {str(path)!r} does not exist")
-    with open(path) as handle:
-        data = yaml.safe_load(handle)
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        raise LayerDimsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict) or "layer_dimensions" not in data:
         raise LayerDimsError(f"{path}: expected a top-level key `layer_dimensions:` with a list of layers")
     unknown = sorted(set(data) - {"layer_dimensions"})

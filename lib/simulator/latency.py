@@ -104,6 +104,8 @@ def run(args) -> dict:
     dims, source = _load_dims(args)
     model = CostModel(hw, dims, args.max_bit, baseline_bits=tuple(args.baseline_bits), row_tiling=args.row_tiling)
     bw, ba = model.baseline_bits
+    # The policy is read and priced before anything is written: a bad policy leaves no files.
+    cost = model.policy_cost(Policy.load(args.policy)) if args.policy is not None else None
     print(f"layer dims: {source} ({len(model)} rows, call order)")
     print(f"hardware: {args.hardware}: {describe_hardware(hw)}")
     print(format_layer_report(model, bw, ba))
@@ -120,9 +122,7 @@ def run(args) -> dict:
         table4 = model.adc_table(args.max_adc_bit)
         atomic_write(args.adc_table, lambda handle: np.save(handle, table4), binary=True)
         print(f"ADC-bits table {list(table4.shape)} written to {args.adc_table}")
-    if args.policy is not None:
-        policy = Policy.load(args.policy)
-        cost = model.policy_cost(policy)
+    if cost is not None:
         print(f"\npolicy {args.policy}:")
         print(format_policy_report(cost))
         report["policy"] = {"path": str(args.policy), **cost.to_dict()}

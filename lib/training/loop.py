@@ -39,12 +39,13 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         output = model(images)
         loss = criterion(output, target)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at batch {step}; lower the learning rate")
+        loss_value = loss.item()  # one device sync serves the finiteness check and the meter
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{desc}: loss became {loss_value} at batch {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        meter.update(loss.item(), output.detach(), target)
+        meter.update(loss_value, output.detach(), target)
         if progress:
             stats = meter.summary()
             bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.1f}")
