@@ -136,16 +136,24 @@ class Policy:
     def _from_json(cls, path: Path) -> "Policy":
         try:
             data = json.loads(path.read_text())
+        except ValueError as err:
+            raise PolicyError(f"policy file {str(path)!r} is not JSON: {err}") from None
+        return cls.from_json_dict(data, source=f"policy file {str(path)!r}")
+
+    @classmethod
+    def from_json_dict(cls, data, source: str = "policy") -> "Policy":
+        """The inverse of to_json_dict: {'layers': [{'name'?, 'w_bit', 'a_bit', 'adc_bits'?}, ...], ...meta}."""
+        try:
             layers = data["layers"]
             names = [layer["name"] for layer in layers] if all("name" in l for l in layers) else None
             w = [layer["w_bit"] for layer in layers]
             a = [layer["a_bit"] for layer in layers]
             has_adc = [("adc_bits" in layer) for layer in layers]
-        except (ValueError, KeyError, TypeError) as err:
-            raise PolicyError(f"policy file {str(path)!r} is not a policy JSON (need 'layers' with "
-                              f"'w_bit'/'a_bit' entries): {err}") from None
+        except (KeyError, TypeError) as err:
+            raise PolicyError(f"{source} is not a policy JSON (need 'layers' with 'w_bit'/'a_bit' entries): "
+                              f"{err}") from None
         if any(has_adc) and not all(has_adc):
-            raise PolicyError(f"policy file {str(path)!r}: adc_bits given for some layers only")
+            raise PolicyError(f"{source}: adc_bits given for some layers only")
         adc = [layer["adc_bits"] for layer in layers] if layers and all(has_adc) else None
         meta = {k: v for k, v in data.items() if k != "layers"}
         return cls(w, a, adc, names, meta)

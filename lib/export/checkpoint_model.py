@@ -25,10 +25,7 @@ def policy_from_args(args: Mapping[str, Any]) -> Optional[Policy]:
     """The policy recorded in checkpoint args (finetune: `policy` as policy JSON; pretrain: uniform bits)."""
     data = args.get("policy")
     if isinstance(data, Mapping) and "layers" in data:
-        layers = data["layers"]
-        names = [layer["name"] for layer in layers] if all("name" in layer for layer in layers) else None
-        adc = [layer["adc_bits"] for layer in layers] if layers and all("adc_bits" in layer for layer in layers) else None
-        return Policy([layer["w_bit"] for layer in layers], [layer["a_bit"] for layer in layers], adc, names)
+        return Policy.from_json_dict(data, source="checkpoint policy")
     return None
 
 
