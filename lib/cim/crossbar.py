@@ -94,24 +94,3 @@ def offset_reference(bits: int, cell_bits: int) -> tuple[int, float]:
     slice_index = (bits - 1) // cell_bits
     cell_value = 2.0 ** ((bits - 1) % cell_bits)
     return slice_index, cell_value
-
-
-class _SlicesSTE(torch.autograd.Function):
-    """Integer slices forward; backward passes share_s = 2^(-s·c)/S of slice s's gradient to q, so
-    that Σ_s 2^(s·c)·slice_s has gradient exactly 1 w.r.t. q (ADC off ⇒ the crossbar's gradients
-    equal an ordinary layer's). One function so the full-size weight is touched only a few times."""
-
-    @staticmethod
-    def forward(ctx, q, bits: int, cell_bits: int, mapping: str):
-        slices = stored_slices(q, bits, cell_bits, mapping)
-        ctx.share = (slice_significance(bits, cell_bits, q.device, q.dtype).reciprocal() / slices.shape[0])
-        return slices
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.tensordot(ctx.share, grad, dims=1), None, None, None
-
-
-def slices_with_ste(q: torch.Tensor, bits: int, cell_bits: int, mapping: str) -> torch.Tensor:
-    """Cell slices (S, *q.shape) of the integer-valued weights q, with a straight-through gradient."""
-    return _SlicesSTE.apply(q, bits, cell_bits, mapping)

@@ -19,11 +19,11 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from lib.cim.adc import PartialSumADC
-from lib.cim.crossbar import (TileLayout, num_slices, offset_reference, slice_significance,
-                              slices_with_ste)
+from lib.cim.crossbar import TileLayout, num_slices, offset_reference, slice_significance
 from lib.cim.hardware import HardwareConfig
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant
 from lib.cim.steps import positive
+from lib.cim.tile_products import ConvTiles, MatmulTiles, tile_products
 
 log = logging.getLogger(__name__)
 
@@ -215,12 +215,13 @@ class CIMLayerMixin:
         scale = x.scale if isinstance(x, QuantTensor) else self.input_step()
         return self.quantized_bias(self.bias_step(scale, self._step_grid(quant_weight.scale)))
 
-    def _weight_slices(self, quant_weight: QuantTensor):
-        """Cell slices of the integer weights (value / scale, with Brevitas' STE gradients) and the
-        weight step per (group, tile, out)."""
+    def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
+        """Every row-tile × slice × column partial sum of the integer weights (value / scale, with
+        Brevitas' STE gradients), and the weight step per (group, tile, out)."""
         scale = quant_weight.scale
-        slices = slices_with_ste(quant_weight.value / scale, self.w_bit, self.hw.cell_bits, self.hw.mapping)
-        return slices, self._step_grid(scale)
+        psums = tile_products(x_tiled, quant_weight.value / scale, tiles, self.w_bit, self.hw.cell_bits,
+                              self.hw.mapping)
+        return psums, self._step_grid(scale)
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
         """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
@@ -273,58 +274,43 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         layer._copy_float_parameters(conv)
         return layer
 
-    def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
-        """Conv weight of the grouped conv that yields every weight column's partial sum:
-        (groups·tiles·slices·out, channels_per_tile, k_h, k_w), ordered (group, tile, slice, out)."""
-        lay = self.layout
-        n_slices = slices.shape[0]
-        kh, kw = self.kernel_size
-        w = slices.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.in_channels_per_group, kh, kw)
-        if lay.pad:
-            w = F.pad(w, (0, 0, 0, 0, 0, lay.pad))
-        w = w.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh, kw)
-        return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
+    def tiles(self) -> ConvTiles:
+        """The grouped-conv view of this layer's arrays (padding already applied for non-zero
+        padding modes, see `pad_input`)."""
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)
+        return ConvTiles(self.layout, tuple(self.kernel_size), tuple(self.stride), tuple(padding), tuple(self.dilation))
 
-    def tile_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero-pad each group's input channels to whole tiles (ragged last tile)."""
-        lay = self.layout
-        if not lay.pad:
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode == "zeros":
             return x
-        n, _, h, w = x.shape
-        x = x.reshape(n, lay.groups, lay.in_channels_per_group, h, w)
-        return F.pad(x, (0, 0, 0, 0, 0, lay.pad)).reshape(n, lay.groups * lay.padded_channels, h, w)
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+
+    def reference_sums(self, x_tiled: torch.Tensor, tiles: ConvTiles) -> Optional[torch.Tensor]:
+        """The offset mapping's reference column per array (N, H_out, W_out, groups·tiles): the
+        same cell value on every row, so a small grouped conv of the tiled input; else None."""
+        if not self.uses_reference_column:
+            return None
+        _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+        ones = x_tiled.new_full((tiles.arrays, self.layout.channels_per_tile) + tuple(self.kernel_size), cell_value)
+        return F.conv2d(x_tiled, ones, None, tiles.stride, tiles.padding, tiles.dilation, tiles.arrays).permute(0, 2, 3, 1)
 
     def partial_sums(self, x: torch.Tensor, slices: torch.Tensor):
-        """Every row-tile × weight column partial sum, channels last (N, H_out, W_out,
-        groups·tiles·slices·out), and for offset mapping the reference columns' (N, H_out, W_out,
-        groups·tiles) — else None.
-
-        One grouped conv (groups·tiles groups) in channels_last memory format, which oneDNN runs
-        about twice as fast as the contiguous layout for these odd group shapes; the reference
-        column (the same cell value on every row) is a second, small grouped conv.
-        """
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        x = self.tile_input(x).contiguous(memory_format=torch.channels_last)
-        arrays = self.layout.groups * self.layout.tiles
-        psums = F.conv2d(x, self.crossbar_weight(slices), None, self.stride, padding, self.dilation, arrays)
-        ref = None
-        if self.uses_reference_column:
-            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
-            ones = x.new_full((arrays, self.layout.channels_per_tile) + tuple(self.kernel_size), cell_value)
-            ref = F.conv2d(x, ones, None, self.stride, padding, self.dilation, arrays).permute(0, 2, 3, 1)
-        return psums.permute(0, 2, 3, 1), ref
+        """Every row-tile × weight column partial sum for given cell slices, channels last
+        (N, H_out, W_out, groups·tiles·slices·out), and the offset reference column's
+        (N, H_out, W_out, groups·tiles) or None. For inspection; the forward uses `tile_products`."""
+        tiles = self.tiles()
+        x_tiled = tiles.tile_input(self.pad_input(x))
+        return tiles.products(x_tiled, tiles.weight(slices)), self.reference_sums(x_tiled, tiles)
 
     def dequantized_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
 
     def crossbar_forward(self, x, quant_weight, bias):
-        x = _unwrap(x)
         lay = self.layout
-        slices, step_grid = self._weight_slices(quant_weight)
-        psums, ref = self.partial_sums(x, slices)
+        tiles = self.tiles()
+        x_tiled = tiles.tile_input(self.pad_input(_unwrap(x)))
+        psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
+        ref = self.reference_sums(x_tiled, tiles)
         n, h, w, _ = psums.shape
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
@@ -356,29 +342,24 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         layer._copy_float_parameters(linear)
         return layer
 
-    def crossbar_weight(self, slices: torch.Tensor) -> torch.Tensor:
-        """Batched-matmul weight (tiles, rows_per_tile, slices·out): a strided view of the slices
-        when no padding is needed (BLAS reads it in place), columns ordered (slice, out)."""
-        lay = self.layout
-        w = slices.reshape(-1, self.in_features)
-        if lay.pad:
-            w = F.pad(w, (0, lay.pad))
-        return w.view(w.shape[0], lay.tiles, lay.channels_per_tile).permute(1, 2, 0)
+    def tiles(self) -> MatmulTiles:
+        return MatmulTiles(self.layout)
+
+    def reference_sums(self, xt: torch.Tensor) -> Optional[torch.Tensor]:
+        """The offset mapping's reference column per tile (tiles, tokens): the cell value times the
+        tile's input sum; else None."""
+        if not self.uses_reference_column:
+            return None
+        _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+        return cell_value * xt.sum(dim=2)
 
     def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor):
-        """Every row-tile × weight column partial sum (tiles, tokens, slices·out), and for offset
-        mapping the reference column's (tiles, tokens) — the cell value times the tile's input
-        sum — else None."""
-        lay = self.layout
-        if lay.pad:
-            x2d = F.pad(x2d, (0, lay.pad))
-        xt = x2d.reshape(x2d.shape[0], lay.tiles, lay.channels_per_tile).transpose(0, 1)
-        psums = torch.bmm(xt, self.crossbar_weight(slices))
-        ref = None
-        if self.uses_reference_column:
-            _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
-            ref = cell_value * xt.sum(dim=2)
-        return psums, ref
+        """Every row-tile × weight column partial sum for given cell slices (tiles, tokens,
+        slices·out), and the offset reference column's (tiles, tokens) or None. For inspection;
+        the forward uses `tile_products`."""
+        tiles = self.tiles()
+        xt = tiles.tile_input(x2d)
+        return tiles.products(xt, tiles.weight(slices)), self.reference_sums(xt)
 
     def dequantized_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -386,8 +367,10 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
     def crossbar_forward(self, x, quant_weight, bias):
         x = _unwrap(x)
         lead = x.shape[:-1]
-        slices, step_grid = self._weight_slices(quant_weight)
-        psums, ref = self.partial_sums(x.reshape(-1, self.in_features), slices)  # (tiles, tokens, cols)
+        tiles = self.tiles()
+        xt = tiles.tile_input(x.reshape(-1, self.in_features))
+        psums, step_grid = self._tile_products(xt, quant_weight, tiles)  # (tiles, tokens, cols)
+        ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
         y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid, ref).squeeze(1)

@@ -1,0 +1,168 @@
+"""Partial sums of every row-tile × cell slice × weight column, from a layer's integer weights.
+
+One grouped conv (conv layers) or one batched matmul (linear layers) yields all partial sums.
+The backward pass is written out rather than left to autograd, for one reason: every slice of a
+weight receives the same input, so the gradient of the integer weight q — the straight-through
+sum Σ_s share_s · ∂L/∂slice_s with share_s = 2^(-s·c)/S — equals ONE weight-gradient product
+with the slice-weighted output gradient Σ_s share_s · ∂L/∂p_s. That is 1/S of the work autograd
+would do (one weight-gradient conv per slice) with exactly the same result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lib.cim.adc_kernels import KERNELS
+from lib.cim.crossbar import TileLayout, slice_significance, stored_slices
+
+
+_SHARES: dict = {}
+
+
+def slice_shares(bits: int, cell_bits: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """share_s = 2^(-s·c) / S: the part of slice s's gradient that reaches q, so that
+    Σ_s 2^(s·c) · slice_s has gradient exactly 1 with respect to q. Made once per setting."""
+    key = (bits, cell_bits, dtype, device)
+    if key not in _SHARES:
+        significance = slice_significance(bits, cell_bits, device, dtype)
+        _SHARES[key] = significance.reciprocal() / significance.numel()
+    return _SHARES[key]
+
+
+def share_over_slices(grad_p: torch.Tensor, shares: torch.Tensor, columns: int) -> torch.Tensor:
+    """Σ_s share_s · grad_p[..., s, :] for gradients laid out (..., slices·columns) → (rows, columns)."""
+    return KERNELS.slice_share(grad_p.reshape(-1, shares.numel(), columns), shares)
+
+
+@dataclass(frozen=True)
+class ConvTiles:
+    """The crossbar view of a conv: groups·tiles arrays, each a grouped-conv group of
+    `channels_per_tile` input channels and slices·out_channels_per_group weight columns."""
+
+    layout: TileLayout
+    kernel_size: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    @property
+    def arrays(self) -> int:
+        return self.layout.groups * self.layout.tiles
+
+    def weight(self, slices: torch.Tensor) -> torch.Tensor:
+        """Grouped-conv weight (groups·tiles·slices·out, channels_per_tile, k_h, k_w), ordered
+        (group, tile, slice, out); the ragged last tile is padded with zero channels."""
+        lay = self.layout
+        n_slices = slices.shape[0]
+        kh, kw = self.kernel_size
+        w = slices.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.in_channels_per_group, kh, kw)
+        if lay.pad:
+            w = F.pad(w, (0, 0, 0, 0, 0, lay.pad))
+        w = w.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh, kw)
+        return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
+
+    def tile_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Each group's input channels zero-padded to whole tiles, in channels_last memory format
+        (oneDNN runs these odd group shapes about twice as fast in it)."""
+        lay = self.layout
+        if not lay.pad:
+            return x.contiguous(memory_format=torch.channels_last)
+        n, _, h, w = x.shape
+        tiled = x.new_zeros((n, h, w, lay.groups, lay.padded_channels))
+        tiled[..., :lay.in_channels_per_group] = x.reshape(n, lay.groups, lay.in_channels_per_group, h, w).permute(0, 3, 4, 1, 2)
+        return tiled.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+    def products(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(N, H_out, W_out, groups·tiles·slices·out) partial sums of the tiled input x."""
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.arrays).permute(0, 2, 3, 1)
+
+    def _backward(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list) -> tuple:
+        n, h, wd = grad_out.shape[:3]
+        grad_nchw = grad_out.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
+        return torch.ops.aten.convolution_backward(
+            grad_nchw, x, w, None, list(self.stride), list(self.padding), list(self.dilation),
+            False, [0, 0], self.arrays, mask)
+
+    def input_grad(self, grad_p: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._backward(grad_p, x, w, [True, False, False])[0]
+
+    def weight_grad(self, grad_shared: torch.Tensor, x: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
+        """Gradient of the integer weights (groups·out, in/groups, k_h, k_w) from the slice-weighted
+        output gradient (N, H_out, W_out, groups·tiles·out)."""
+        lay = self.layout
+        kh, kw = self.kernel_size
+        shape_only = x.new_empty((self.arrays * lay.out_channels_per_group, lay.channels_per_tile, kh, kw))
+        dw = self._backward(grad_shared, x, shape_only, [False, True, False])[1]
+        dw = dw.reshape(lay.groups, lay.tiles, lay.out_channels_per_group, lay.channels_per_tile, kh, kw)
+        dw = dw.permute(0, 2, 1, 3, 4, 5).reshape(lay.groups, lay.out_channels_per_group, lay.padded_channels, kh, kw)
+        return dw[:, :, :lay.in_channels_per_group].reshape(grad_shape)
+
+
+@dataclass(frozen=True)
+class MatmulTiles:
+    """The crossbar view of a linear layer: `tiles` arrays of `channels_per_tile` input features."""
+
+    layout: TileLayout
+
+    def weight(self, slices: torch.Tensor) -> torch.Tensor:
+        """Batched-matmul weight (tiles, rows_per_tile, slices·out): a strided view of the slices
+        when no padding is needed (BLAS reads it in place), columns ordered (slice, out)."""
+        lay = self.layout
+        w = slices.reshape(-1, lay.in_channels_per_group)
+        if lay.pad:
+            w = F.pad(w, (0, lay.pad))
+        return w.view(w.shape[0], lay.tiles, lay.channels_per_tile).permute(1, 2, 0)
+
+    def tile_input(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(tokens, features) → (tiles, tokens, rows_per_tile), the ragged tile zero-padded."""
+        lay = self.layout
+        if lay.pad:
+            x2d = F.pad(x2d, (0, lay.pad))
+        return x2d.reshape(x2d.shape[0], lay.tiles, lay.channels_per_tile).transpose(0, 1)
+
+    def products(self, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(tiles, tokens, slices·out) partial sums."""
+        return torch.bmm(xt, w)
+
+    def input_grad(self, grad_p: torch.Tensor, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(grad_p, w.transpose(1, 2))
+
+    def weight_grad(self, grad_shared: torch.Tensor, xt: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
+        lay = self.layout
+        dw = torch.bmm(xt.transpose(1, 2), grad_shared.reshape(lay.tiles, xt.shape[1], -1))
+        return dw.reshape(lay.padded_channels, -1)[:lay.in_channels_per_group].t().reshape(grad_shape)
+
+
+class _TileProducts(torch.autograd.Function):
+    """Partial sums from the integer weights q; gradients to the tiled input and to q (see the
+    module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, q, tiles, bits: int, cell_bits: int, mapping: str):
+        w = tiles.weight(stored_slices(q, bits, cell_bits, mapping))
+        ctx.save_for_backward(x, w)
+        ctx.tiles, ctx.q_shape = tiles, q.shape
+        ctx.shares = slice_shares(bits, cell_bits, q.dtype, q.device)
+        return tiles.products(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        x, w = ctx.saved_tensors
+        tiles = ctx.tiles
+        grad_p = grad_p.contiguous()
+        grad_x = grad_q = None
+        if ctx.needs_input_grad[0]:
+            grad_x = tiles.input_grad(grad_p, x, w)
+        if ctx.needs_input_grad[1]:
+            columns = tiles.layout.out_channels_per_group
+            shared = share_over_slices(grad_p, ctx.shares, columns).reshape(grad_p.shape[:-1] + (-1,))
+            grad_q = tiles.weight_grad(shared, x, ctx.q_shape)
+        return grad_x, grad_q, None, None, None, None
+
+
+def tile_products(x: torch.Tensor, q: torch.Tensor, tiles, bits: int, cell_bits: int, mapping: str) -> torch.Tensor:
+    """All row-tile × slice × column partial sums of the tiled input x (`tiles.tile_input`) with the
+    integer-valued weights q; differentiable in x and q (straight-through to q)."""
+    return _TileProducts.apply(x, q, tiles, bits, cell_bits, mapping)
