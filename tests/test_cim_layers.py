@@ -305,3 +305,23 @@ def test_steps_stay_positive_and_bias_sits_on_its_int32_grid():
     assert torch.allclose(codes, codes.round(), atol=1e-3)
     bias_grad = torch.autograd.grad(layer(x).sum(), layer.bias)[0]
     assert torch.allclose(bias_grad, torch.full_like(bias_grad, 2 * 6 * 6.0))  # straight through
+
+
+def test_channels_last_input_gives_the_same_results_and_keeps_its_layout():
+    """NHWC inputs (a channels_last model) go through the quantizer and crossbar without layout
+    copies and give the NCHW results; the conv output is NHWC either way (its compute layout)."""
+    layer = _adc_layer(adc_bits=4)
+    x = torch.rand(2, 12, 8, 8)
+    calibrate(layer, [x])
+    x_nchw = x.clone().requires_grad_(True)
+    x_nhwc = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert layer.input_quant(x_nhwc).value.is_contiguous(memory_format=torch.channels_last)
+    out_nchw, out_nhwc = layer(x_nchw), layer(x_nhwc)
+    assert out_nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert out_nchw.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out_nchw, out_nhwc, atol=1e-6 * out_nchw.abs().max().item())
+    params = [layer.weight, layer.weight_step_module.step, layer.input_step_module.step, layer.psum_adc.step]
+    grads_nchw = _grads(out_nchw, [x_nchw] + params)
+    grads_nhwc = _grads(out_nhwc, [x_nhwc] + params)
+    for a, b in zip(grads_nchw, grads_nhwc):
+        assert torch.allclose(a, b, atol=1e-5 * a.abs().max().item(), rtol=1e-4)

@@ -111,6 +111,19 @@ def _slice_share_functional(grad, shares):
     return (grad * shares.view(1, -1, 1)).sum(dim=1)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out NHWC, else the default contiguous format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def dense(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """x in the memory format of `like` (default: its own): a channels-last model stays channels
+    last, with no layout-changing copy on the way into or out of a kernel."""
+    return x.contiguous(memory_format=memory_format_of(x if like is None else like))
+
+
 class _Kernels:
     """Chooses fused or eager kernels once per process and device type."""
 
@@ -144,8 +157,8 @@ class _Kernels:
 
     def _run(self, name: str, functional, eager, tensor, *args, compiled_extra=()):
         if self._use_compiled(tensor):
-            try:  # detached and contiguous: no view base, layout or autograd state to guard on
-                plain = [a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+            try:  # detached and dense: no autograd state or overlapping layout to guard on
+                plain = [dense(a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
                 return self._get(name, functional)(*plain, *compiled_extra)
             except Exception as err:  # noqa: BLE001 - any compiler failure: same maths, eagerly
                 if self._mode() == "1":

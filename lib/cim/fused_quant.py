@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.adc_kernels import KERNELS, dense
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -20,7 +20,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale, lo, hi = ctx.saved_tensors
-        grad_x, grad_scale = KERNELS.quant_backward(grad.contiguous(), x, scale, lo, hi)
+        grad_x, grad_scale = KERNELS.quant_backward(dense(grad, like=x), x, scale, lo, hi)
         return grad_x, grad_scale.reshape(scale.shape), None, None
 
 

@@ -308,7 +308,8 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     def crossbar_forward(self, x, quant_weight, bias):
         lay = self.layout
         tiles = self.tiles()
-        x_tiled = tiles.tile_input(self.pad_input(_unwrap(x)))
+        x = _unwrap(x)
+        x_tiled = tiles.tile_input(self.pad_input(x))
         psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
         ref = self.reference_sums(x_tiled, tiles)
         n, h, w, _ = psums.shape
@@ -318,6 +319,8 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         y = y.reshape(n, h, w, self.out_channels)
         if bias is not None:
             y = y + bias
+        # channels_last (NHWC memory), as computed: the BatchNorm/ReLU/residual ops that follow keep
+        # that format, so the network runs NHWC from the first CIM conv on without layout copies
         return y.permute(0, 3, 1, 2)
 
 
