@@ -325,3 +325,32 @@ def test_channels_last_input_gives_the_same_results_and_keeps_its_layout():
     grads_nhwc = _grads(out_nhwc, [x_nhwc] + params)
     for a, b in zip(grads_nchw, grads_nhwc):
         assert torch.allclose(a, b, atol=1e-5 * a.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+@pytest.mark.parametrize("granularity", ["layer", "array", "column"])
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_fused_crossbar_adc_equals_the_composed_path(mapping, granularity, compile_mode, monkeypatch):
+    """The one-node crossbar+ADC (scratch-buffer backward) gives the outputs and gradients of
+    tile_products followed by the ADC, with groups, stride and a ragged last tile, over two steps
+    (the second reuses the scratch buffers)."""
+    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    hw = _hw(mapping=mapping, psum_granularity=granularity, adc_bits=3)
+    torch.manual_seed(1)
+    layer = CIMConv2d(10, 6, 3, stride=2, padding=1, groups=2, hw=hw, w_bit=5, a_bit=4)
+    assert layer.layout.pad > 0
+    calibrate(layer, [torch.randn(4, 10, 8, 8)])
+    assert layer.psum_adc.fusable
+    params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
+              layer.psum_adc.step]
+    for seed in range(2):
+        x = torch.randn(4, 10, 8, 8, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        results = []
+        for fused in (True, False):
+            layer.fused_adc = fused
+            out = layer(x)
+            results.append((out.detach(), _grads(out, [x] + params, seed=seed)))
+        (out_f, grads_f), (out_c, grads_c) = results
+        assert torch.allclose(out_f, out_c, atol=1e-6 * out_c.abs().max().item())
+        for got, want in zip(grads_f, grads_c):
+            assert torch.allclose(got, want, atol=1e-5 * want.abs().max().clamp_min(1e-6).item(), rtol=1e-4)

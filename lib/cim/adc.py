@@ -47,9 +47,16 @@ class _ConvertAccumulate(torch.autograd.Function):
         p, step, gamma = ctx.saved_tensors
         lo, hi, grad_factor = ctx.bounds
         grad_p, sum_levels, sum_v = KERNELS.backward(grad_y.contiguous(), p, step, gamma, lo, hi)
-        grad_step = (gamma * (sum_levels - sum_v) * grad_factor).sum_to_size(step.shape)
-        grad_gamma = (step * sum_levels).sum_to_size(gamma.shape)
+        grad_step, grad_gamma = step_and_gamma_grads(step, gamma, sum_levels, sum_v, grad_factor)
         return grad_p if ctx.needs_input_grad[0] else None, grad_step, grad_gamma, None, None, None
+
+
+def step_and_gamma_grads(step, gamma, sum_levels, sum_v, grad_factor: float):
+    """LSQ gradients of the ADC step (scaled by grad_factor) and of gamma (weight step · 2^(s·c)),
+    from the fused backward's two column sums Σ_m grad·level and Σ_m grad·v·on_grid."""
+    grad_step = (gamma * (sum_levels - sum_v) * grad_factor).sum_to_size(step.shape)
+    grad_gamma = (step * sum_levels).sum_to_size(gamma.shape)
+    return grad_step, grad_gamma
 
 
 def _quantize(p, step, lo: int, hi: int, grad_factor: float):
@@ -194,6 +201,24 @@ class PartialSumADC(nn.Module):
             return grid, None
         return grid[..., :-1], grid[..., -1]
 
+    @property
+    def fusable(self) -> bool:
+        """Whether conversion can start without looking at the partial sums: ADC on, step set, and
+        no clipping statistics to gather or apply (then `fused_forward` may compute them itself)."""
+        return self.enabled and self._initialized and self.n_sigma is None
+
+    def grad_factor(self, rows: int) -> float:
+        """LSQ's step-gradient scale 1/sqrt(values per step · Q_p) for `rows` sets of partial sums."""
+        _, hi = self.grid_range()
+        elements = rows * self.arrays * self.columns
+        return 1.0 / math.sqrt(max(1, elements // self.step.numel()) * max(hi, 1))
+
+    @staticmethod
+    def _gamma(step_grid: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Digital scale of every (group, tile·slice, out) partial sum: weight step · 2^(s·c)."""
+        groups, tiles, out = step_grid.shape
+        return (step_grid.unsqueeze(2) * shifts.view(1, 1, -1, 1)).reshape(groups, tiles * shifts.numel(), out)
+
     def forward(self, p: torch.Tensor, shifts: torch.Tensor, step_grid: torch.Tensor,
                 ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
         """Convert partial sums and shift-and-add them: p (M, groups, tiles, slices·out) → (M, groups, out).
@@ -202,10 +227,8 @@ class PartialSumADC(nn.Module):
         tiles): the offset reference column's partial sums, of significance ref_shift, subtracted
         per output channel.
         """
-        groups, tiles, out = step_grid.shape
-        slices = shifts.numel()
-        gamma = (step_grid.unsqueeze(2) * shifts.view(1, 1, -1, 1)).reshape(groups, tiles * slices, out)
-        main = p.reshape(p.shape[0], groups, tiles * slices, out)
+        gamma = self._gamma(step_grid, shifts)
+        main = p.reshape((p.shape[0],) + gamma.shape)
         if not self.enabled:
             y = (main * gamma).sum(dim=2)
             if ref is not None:
@@ -222,11 +245,26 @@ class PartialSumADC(nn.Module):
                 ref = torch.maximum(torch.minimum(ref, hi_ref), lo_ref)
         if not self._initialized:
             self._initialize(p, ref)
+
+        def convert(step, gamma_, lo, hi, factor):
+            return _ConvertAccumulate.apply(main, step, gamma_, lo, hi, factor)
+        return self._accumulate(convert, p.shape[0], shifts, step_grid, ref, ref_shift)
+
+    def fused_forward(self, convert, rows: int, shifts: torch.Tensor, step_grid: torch.Tensor,
+                      ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
+        """`forward` for a caller whose convert(step, gamma, lo, hi, grad_factor) → (rows, groups, out)
+        computes the partial sums itself (lib.cim.crossbar_adc); only when `fusable`."""
+        if not self.fusable:
+            raise RuntimeError("PartialSumADC.fused_forward needs an initialised ADC without clipping")
+        return self._accumulate(convert, rows, shifts, step_grid, ref, ref_shift)
+
+    def _accumulate(self, convert, rows: int, shifts, step_grid, ref, ref_shift) -> torch.Tensor:
+        """Convert the weight columns (via `convert`) and the offset reference column, shift-and-add."""
+        gamma = self._gamma(step_grid, shifts)
         lo, hi = self.grid_range()
-        elements = p.numel() + (0 if ref is None else ref.numel())
-        factor = 1.0 / math.sqrt(max(1, elements // self.step.numel()) * max(hi, 1))
+        factor = self.grad_factor(rows)
         step_main, step_ref = self._split(self.full_step(), ref is not None)
-        y = _ConvertAccumulate.apply(main, step_main.reshape(gamma.shape), gamma, lo, hi, factor)
+        y = convert(step_main.reshape(gamma.shape), gamma, lo, hi, factor)
         if ref is not None:
             converted = _quantize(ref, step_ref, lo, hi, factor)
             y = y - torch.einsum("mgt,gto->mgo", converted * ref_shift, step_grid)

@@ -60,6 +60,14 @@ def _backward_functional(grad_y, p, step, gamma, lo, hi, chunks: int):
     return grad_p, sum_levels, sum_v
 
 
+def _backward_into_functional(out, grad_y, p, step, gamma, lo, hi, chunks: int):
+    """The fused backward writing the gradient of p into `out` (a reused buffer: on CPU a fresh
+    tens-of-MB tensor costs about as much in page faults as the kernel itself)."""
+    grad_p, sum_levels, sum_v = _backward_functional(grad_y, p, step, gamma, lo, hi, chunks)
+    out.copy_(grad_p)
+    return sum_levels, sum_v
+
+
 ROWS_PER_CHUNK = (32, 64, 16, 128, 8)
 
 
@@ -111,6 +119,16 @@ def _slice_share_functional(grad, shares):
     return (grad * shares.view(1, -1, 1)).sum(dim=1)
 
 
+def _slice_share_into_functional(out, grad, shares):
+    """Unrolled over the (few) slices: a pointwise kernel, which Inductor writes straight into
+    `out` (a reduction it would compute into a fresh buffer and copy)."""
+    acc = grad[:, 0] * shares[0]
+    for s in range(1, grad.shape[1]):
+        acc = acc + grad[:, s] * shares[s]
+    out.copy_(acc)
+    return out
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-d tensor laid out NHWC, else the default contiguous format."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -159,6 +177,8 @@ class _Kernels:
         if self._use_compiled(tensor):
             try:  # detached and dense: no autograd state or overlapping layout to guard on
                 plain = [dense(a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
+                if eager is None:  # an out= variant: the first argument is written, keep it as given
+                    plain[0] = args[0]
                 return self._get(name, functional)(*plain, *compiled_extra)
             except Exception as err:  # noqa: BLE001 - any compiler failure: same maths, eagerly
                 if self._mode() == "1":
@@ -166,7 +186,7 @@ class _Kernels:
                 self._failed = True
                 log.warning("fused ADC kernels unavailable (%s: %s); using eager kernels",
                             type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
-        return eager(*args)
+        return None if eager is None else eager(*args)
 
     def forward(self, p, step, coef, lo: int, hi: int):
         bounds = _bounds(p, lo, hi)
@@ -179,14 +199,25 @@ class _Kernels:
     def quant_backward(self, grad, x, scale, lo, hi):
         return self._run("quant_backward", _quant_backward_functional, quant_backward_eager, x, grad, x, scale, lo, hi)
 
-    def slice_share(self, grad, shares):
-        """Σ_s shares[s] · grad[:, s, :] (shares: a (slices,) tensor)."""
+    def slice_share(self, grad, shares, out=None):
+        """Σ_s shares[s] · grad[:, s, :] (shares: a (slices,) tensor), into `out` when given and fused."""
+        if out is not None and self._run("slice_share_into", _slice_share_into_functional, None, grad,
+                                         out, grad, shares) is not None:
+            return out
         return self._run("slice_share", _slice_share_functional, slice_share_eager, grad, grad, shares)
 
-    def backward(self, grad_y, p, step, gamma, lo: int, hi: int):
+    def backward(self, grad_y, p, step, gamma, lo: int, hi: int, out=None):
+        """(grad wrt p, Σ_m grad·level, Σ_m grad·v·on_grid); the gradient is written into `out`
+        (same shape as p) when given and the fused kernel runs, else into a fresh tensor."""
         bounds = _bounds(p, lo, hi)
+        chunks = (_reduction_chunks(p.shape[0]),)
+        if out is not None and self._use_compiled(p):
+            sums = self._run("backward_into", _backward_into_functional, None, p, out, grad_y, p, step, gamma,
+                             *bounds, compiled_extra=chunks)
+            if sums is not None:
+                return (out,) + tuple(sums)
         return self._run("backward", _backward_functional, backward_eager, p, grad_y, p, step, gamma, *bounds,
-                         compiled_extra=(_reduction_chunks(p.shape[0]),))
+                         compiled_extra=chunks)
 
 
 _BOUNDS: dict = {}

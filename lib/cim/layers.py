@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from lib.cim.adc import PartialSumADC
+from lib.cim.crossbar_adc import crossbar_adc_forward
 from lib.cim.crossbar import TileLayout, num_slices, offset_reference, slice_significance
 from lib.cim.hardware import HardwareConfig
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant
@@ -66,6 +67,7 @@ class CIMLayerMixin:
         self.psum_adc = PartialSumADC(hw.psum_granularity, layout.groups, layout.tiles,
                                       self._columns_per_array(self.w_bit), adc_bits, adc_signed, hw.n_sigma)
         self.force_crossbar = False  # take the crossbar path even with the ADC off (tests, studies)
+        self.fused_adc = True  # conv: crossbar MVM + ADC as one autograd node when the ADC allows
         self.register_buffer("first_channel_of_tile",
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
 
@@ -165,17 +167,18 @@ class CIMLayerMixin:
         scale = scale.expand(lay.groups * lay.out_channels_per_group, lay.tiles)
         return scale.reshape(lay.groups, lay.out_channels_per_group, lay.tiles).permute(0, 2, 1)
 
+    def _shifts(self, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """2^(s·c) per weight slice, and the offset reference column's significance."""
+        bits, cell = self.w_bit, self.hw.cell_bits
+        ref_slice, _ = offset_reference(bits, cell)
+        return slice_significance(bits, cell, like.device, like.dtype), 2.0 ** (ref_slice * cell)
+
     def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor,
                  ref: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ADC + digital shift-and-add of partial sums (M, groups, tiles, slices·out) and the offset
         reference column's (M, groups, tiles) → (M, groups, out)."""
-        bits, cell = self.w_bit, self.hw.cell_bits
-        shifts = slice_significance(bits, cell, psums.device, psums.dtype)
-        ref_shift = None
-        if ref is not None:
-            ref_slice, _ = offset_reference(bits, cell)
-            ref_shift = 2.0 ** (ref_slice * cell)
-        return self.psum_adc(psums, shifts, step_grid, ref, ref_shift)
+        shifts, ref_shift = self._shifts(psums)
+        return self.psum_adc(psums, shifts, step_grid, ref, ref_shift if ref is not None else None)
 
     # ------------------------------------------------------------ public views of the learned state
     def weight_step_grid(self) -> torch.Tensor:
@@ -215,13 +218,16 @@ class CIMLayerMixin:
         scale = x.scale if isinstance(x, QuantTensor) else self.input_step()
         return self.quantized_bias(self.bias_step(scale, self._step_grid(quant_weight.scale)))
 
-    def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
-        """Every row-tile × slice × column partial sum of the integer weights (value / scale, with
-        Brevitas' STE gradients), and the weight step per (group, tile, out)."""
+    def _integer_weights(self, quant_weight: QuantTensor):
+        """The integer weights (value / scale, with Brevitas' STE gradients) and the weight step
+        per (group, tile, out)."""
         scale = quant_weight.scale
-        psums = tile_products(x_tiled, quant_weight.value / scale, tiles, self.w_bit, self.hw.cell_bits,
-                              self.hw.mapping)
-        return psums, self._step_grid(scale)
+        return quant_weight.value / scale, self._step_grid(scale)
+
+    def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
+        """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
+        q, step_grid = self._integer_weights(quant_weight)
+        return tile_products(x_tiled, q, tiles, self.w_bit, self.hw.cell_bits, self.hw.mapping), step_grid
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
         """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
@@ -308,14 +314,18 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     def crossbar_forward(self, x, quant_weight, bias):
         lay = self.layout
         tiles = self.tiles()
-        x = _unwrap(x)
-        x_tiled = tiles.tile_input(self.pad_input(x))
-        psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
+        x_tiled = tiles.tile_input(self.pad_input(_unwrap(x)))
+        n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)
-        n, h, w, _ = psums.shape
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref)
+        if self.psum_adc.fusable and self.fused_adc:
+            q, step_grid = self._integer_weights(quant_weight)
+            shifts, ref_shift = self._shifts(q)
+            y = crossbar_adc_forward(self, x_tiled, q, tiles, step_grid, shifts, ref, ref_shift)
+        else:
+            psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
+            y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref)
         y = y.reshape(n, h, w, self.out_channels)
         if bias is not None:
             y = y + bias

@@ -31,9 +31,23 @@ def slice_shares(bits: int, cell_bits: int, dtype=torch.float32, device=None) ->
     return _SHARES[key]
 
 
-def share_over_slices(grad_p: torch.Tensor, shares: torch.Tensor, columns: int) -> torch.Tensor:
-    """Σ_s share_s · grad_p[..., s, :] for gradients laid out (..., slices·columns) → (rows, columns)."""
-    return KERNELS.slice_share(grad_p.reshape(-1, shares.numel(), columns), shares)
+def share_over_slices(grad_p: torch.Tensor, shares: torch.Tensor, columns: int, out=None) -> torch.Tensor:
+    """Σ_s share_s · grad_p[..., s, :] for gradients laid out (..., slices·columns) → (rows, columns),
+    written into `out` (rows, columns) when given (see KERNELS.slice_share)."""
+    return KERNELS.slice_share(grad_p.reshape(-1, shares.numel(), columns), shares, out=out)
+
+
+def products_backward(tiles, x: torch.Tensor, w: torch.Tensor, grad_p: torch.Tensor, shares: torch.Tensor,
+                      q_shape: torch.Size, need_x: bool, need_q: bool, share_out=None):
+    """Gradients of the tiled input and of the integer weights from the partial sums' gradient
+    (laid out as `tiles.products` returns them): see the module docstring."""
+    grad_x = tiles.input_grad(grad_p, x, w) if need_x else None
+    grad_q = None
+    if need_q:
+        columns = tiles.layout.out_channels_per_group
+        shared = share_over_slices(grad_p, shares, columns, out=share_out).reshape(grad_p.shape[:-1] + (-1,))
+        grad_q = tiles.weight_grad(shared, x, q_shape)
+    return grad_x, grad_q
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,13 @@ class ConvTiles:
         tiled = x.new_zeros((n, h, w, lay.groups, lay.padded_channels))
         tiled[..., :lay.in_channels_per_group] = x.reshape(n, lay.groups, lay.in_channels_per_group, h, w).permute(0, 3, 4, 1, 2)
         return tiled.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+    def output_size(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """(N, H_out, W_out) of the conv over the tiled input x."""
+        n, _, h, w = x.shape
+        h_out, w_out = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride
+                        in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)]
+        return n, h_out, w_out
 
     def products(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(N, H_out, W_out, groups·tiles·slices·out) partial sums of the tiled input x."""
@@ -150,15 +171,8 @@ class _TileProducts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_p):
         x, w = ctx.saved_tensors
-        tiles = ctx.tiles
-        grad_p = grad_p.contiguous()
-        grad_x = grad_q = None
-        if ctx.needs_input_grad[0]:
-            grad_x = tiles.input_grad(grad_p, x, w)
-        if ctx.needs_input_grad[1]:
-            columns = tiles.layout.out_channels_per_group
-            shared = share_over_slices(grad_p, ctx.shares, columns).reshape(grad_p.shape[:-1] + (-1,))
-            grad_q = tiles.weight_grad(shared, x, ctx.q_shape)
+        grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_p.contiguous(), ctx.shares, ctx.q_shape,
+                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_x, grad_q, None, None, None, None
 
 

@@ -1,0 +1,46 @@
+"""Reused per-thread CPU memory for the full-size temporaries of a CIM layer's backward pass.
+
+On CPU a fresh tensor of tens of MB is mapped anew and every page faults on first touch; for the
+partial-sum gradient that costs about as much as computing it. A temporary that lives only
+within one backward call can instead reuse one buffer per thread and slot. CUDA's caching
+allocator already reuses memory, so on CUDA no scratch is handed out.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional
+
+import torch
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+
+    def tensor(self, slot: str, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """A contiguous tensor of `shape` backed by this thread's buffer for `slot` (grown when too
+        small), or None off CPU. Its contents are undefined and valid until the next request for
+        the same slot: callers use it within one backward call and never return it."""
+        if like.device.type != "cpu":
+            return None
+        numel = math.prod(shape)
+        key = (slot, like.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self.buffers.pop(key, None)  # free the old one before making the larger one
+            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
+        strides = torch.empty(0).new_empty(shape, device="meta").stride()
+        # a fresh tensor on the buffer's storage (set_, not a view): kernels see no view base
+        return torch.empty(0, dtype=like.dtype).set_(buffer.untyped_storage(), 0, tuple(shape), strides)
+
+    def release(self) -> None:
+        self.buffers.clear()
+
+
+SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are otherwise kept for the next training step)."""
+    SCRATCH.release()
