@@ -248,7 +248,7 @@ class PartialSumADC(nn.Module):
 
         def convert(step, gamma_, lo, hi, factor):
             return _ConvertAccumulate.apply(main, step, gamma_, lo, hi, factor)
-        return self._accumulate(convert, p.shape[0], shifts, step_grid, ref, ref_shift)
+        return self._accumulate(convert, p.shape[0], gamma, step_grid, ref, ref_shift)
 
     def fused_forward(self, convert, rows: int, shifts: torch.Tensor, step_grid: torch.Tensor,
                       ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
@@ -256,11 +256,10 @@ class PartialSumADC(nn.Module):
         computes the partial sums itself (lib.cim.crossbar_adc); only when `fusable`."""
         if not self.fusable:
             raise RuntimeError("PartialSumADC.fused_forward needs an initialised ADC without clipping")
-        return self._accumulate(convert, rows, shifts, step_grid, ref, ref_shift)
+        return self._accumulate(convert, rows, self._gamma(step_grid, shifts), step_grid, ref, ref_shift)
 
-    def _accumulate(self, convert, rows: int, shifts, step_grid, ref, ref_shift) -> torch.Tensor:
+    def _accumulate(self, convert, rows: int, gamma, step_grid, ref, ref_shift) -> torch.Tensor:
         """Convert the weight columns (via `convert`) and the offset reference column, shift-and-add."""
-        gamma = self._gamma(step_grid, shifts)
         lo, hi = self.grid_range()
         factor = self.grad_factor(rows)
         step_main, step_ref = self._split(self.full_step(), ref is not None)

@@ -116,16 +116,16 @@ def slice_share_eager(grad, shares):
 
 
 def _slice_share_functional(grad, shares):
-    return (grad * shares.view(1, -1, 1)).sum(dim=1)
-
-
-def _slice_share_into_functional(out, grad, shares):
-    """Unrolled over the (few) slices: a pointwise kernel, which Inductor writes straight into
-    `out` (a reduction it would compute into a fresh buffer and copy)."""
+    """Unrolled over the (few) slices: a pointwise kernel, which Inductor can write straight into
+    an `out` buffer (a reduction it would compute into a fresh buffer and copy)."""
     acc = grad[:, 0] * shares[0]
     for s in range(1, grad.shape[1]):
         acc = acc + grad[:, s] * shares[s]
-    out.copy_(acc)
+    return acc
+
+
+def _slice_share_into_functional(out, grad, shares):
+    out.copy_(_slice_share_functional(grad, shares))
     return out
 
 
@@ -211,7 +211,7 @@ class _Kernels:
         (same shape as p) when given and the fused kernel runs, else into a fresh tensor."""
         bounds = _bounds(p, lo, hi)
         chunks = (_reduction_chunks(p.shape[0]),)
-        if out is not None and self._use_compiled(p):
+        if out is not None:  # None back: the fused kernel does not run here
             sums = self._run("backward_into", _backward_into_functional, None, p, out, grad_y, p, step, gamma,
                              *bounds, compiled_extra=chunks)
             if sums is not None:

@@ -30,9 +30,8 @@ class _Scratch(threading.local):
         if buffer is None or buffer.numel() < numel:
             self.buffers.pop(key, None)  # free the old one before making the larger one
             buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
-        strides = torch.empty(0).new_empty(shape, device="meta").stride()
-        # a fresh tensor on the buffer's storage (set_, not a view): kernels see no view base
-        return torch.empty(0, dtype=like.dtype).set_(buffer.untyped_storage(), 0, tuple(shape), strides)
+        # a fresh contiguous tensor on the buffer's storage (set_, not a view): kernels see no view base
+        return torch.empty(0, dtype=like.dtype).set_(buffer.untyped_storage(), 0, tuple(shape))
 
     def release(self) -> None:
         self.buffers.clear()
