@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Callable
 
+from lib.errors import UserError
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -18,7 +20,7 @@ def setup(log_level: str = "info", threads: int = 0) -> None:
         torch.set_num_threads(threads)
 
 
-def run(job: Callable[[], object], user_errors: tuple = (ValueError,)) -> int:
+def run(job: Callable[[], object], user_errors: tuple = (UserError,)) -> int:
     """Run `job`; a user error (bad value, missing file, mismatched policy...) prints `error: ...`
     and returns 2, anything else propagates."""
     try:

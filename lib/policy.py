@@ -13,11 +13,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lib.fileio import atomic_write
+from lib.errors import UserError
 
 MAX_BITS = 32
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError, ValueError):
     """A policy that is malformed or does not fit the model it is applied to."""
 
 

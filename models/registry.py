@@ -18,6 +18,7 @@ from torch import nn
 
 from models.cifar_resnet import CifarResNet
 from models.tiny import TinyCNN
+from lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model name, weights file or checkpoint that cannot be used; the message says which."""
 
 

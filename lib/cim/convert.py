@@ -19,6 +19,7 @@ from lib.cim.hardware import HardwareConfig
 from lib.cim.layers import CIMConv2d, CIMLayerMixin, CIMLinear
 from lib.layer_trace import example_input_for, trace_layer_calls
 from lib.policy import Policy, PolicyError
+from lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _PASS_METHODS = {"view", "reshape", "flatten", "mean", "permute", "contiguous", 
 _ALL_INPUTS_FUNCTIONS = {torch.cat, operator.add, operator.iadd, torch.add, operator.mul, torch.mul}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A model, map or bit specification that quantize_model cannot apply."""
 
 

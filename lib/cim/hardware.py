@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
+from lib.errors import UserError
 
 MAPPINGS = ("offset", "differential-column", "differential-row")
 MAPPING_ALIASES = {"of": "offset", "dc": "differential-column", "dr": "differential-row"}
@@ -20,7 +21,7 @@ PSUM_GRANULARITIES = ("off", "layer", "array", "column")
 ADC_LATENCY_MODELS = ("fixed", "sar")
 
 
-class HardwareConfigError(ValueError):
+class HardwareConfigError(UserError, ValueError):
     """A hardware description with a missing, unknown or out-of-range field."""
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
+from lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ VERIFY_LIMIT = 20_000
 MAX_BAD_FILES = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset directory or file that cannot be used as given; the message names the path."""
 
 

@@ -27,6 +27,7 @@ from lib.cim.convert import set_submodule
 from lib.export import graph as graph_tools
 from lib.export.layers import ExportCIMLayer, ExportFormError, check_calibrated
 from lib.fileio import atomic_write
+from lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ MIN_AGREEMENT = 0.99
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that failed or whose onnxruntime check did not reproduce the PyTorch model."""
 
 

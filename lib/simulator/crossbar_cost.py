@@ -21,11 +21,12 @@ from typing import Optional
 
 from lib.cim.hardware import HardwareConfig
 from lib.simulator.layer_dims import LayerDims
+from lib.errors import UserError
 
 ROW_TILINGS = ("dense", "channel")
 
 
-class CostError(ValueError):
+class CostError(UserError, ValueError):
     """Bit widths or options the cost model cannot evaluate."""
 
 

@@ -28,11 +28,12 @@ from lib.simulator.crossbar_cost import ROW_TILINGS, CostError
 from lib.simulator.dims_yaml import read_layer_dims, write_layer_dims
 from lib.simulator.layer_dims import LayerDimsError, trace_layer_dims
 from lib.simulator.report import describe_hardware, format_layer_report, format_policy_report
+from lib.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user error the CLI reports as one line and exit status 2."""
 
 

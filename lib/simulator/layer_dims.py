@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from lib.layer_trace import example_input_for, trace_layer_calls
+from lib.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 LAYER_TYPES = ("Conv2D", "Dense", "MatMul")
 
 
-class LayerDimsError(ValueError):
+class LayerDimsError(UserError, ValueError):
     """Layer dimensions that are missing, malformed or impossible."""
 
 

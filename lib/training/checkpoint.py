@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from lib.fileio import atomic_torch_save, atomic_write
+from lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ BEST_NAME = "model_best.pth.tar"
 REQUIRED_KEYS = ("epoch", "state_dict", "args")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, truncated, foreign or does not fit; the message names it."""
 
 
