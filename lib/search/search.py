@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -283,7 +283,7 @@ class Search:
         atomic_write(self.out / "episodes.jsonl", lambda handle: handle.write(lines))
 
     # ------------------------------------------------------------ whole search
-    def run(self, progress: bool) -> SearchResult:
+    def run(self, progress: bool, on_episode: Optional[Callable[[dict], None]] = None) -> SearchResult:
         cfg = self.config
         started = time.time()
         self.evaluator = self.build_evaluator()
@@ -302,8 +302,11 @@ class Search:
                 record = self.run_episode()
                 self.records.append(record)
                 self.episode += 1
+                persisting = time.perf_counter()
                 self.write_log()
                 self.save_state()
+                # the writes belong to this episode's "rest"; the log on disk gets it with the next write
+                record["seconds"]["rest"] = round(record["seconds"]["rest"] + time.perf_counter() - persisting, 4)
                 tracker.log({"search/reward": record["reward"], "search/accuracy": record["accuracy"],
                              "search/latency_ratio": record["latency_ratio"],
                              "search/best_reward": max(r["reward"] for r in self.records)}, self.episode)
@@ -311,11 +314,14 @@ class Search:
                 bar.set_postfix(best_reward=f"{best['reward']:.2f}", acc=f"{best['accuracy']:.1f}",
                                 speedup=f"{1 / best['latency_ratio']:.2f}x")
                 bar.update(1)
+                if on_episode is not None:
+                    on_episode(record)
                 if kill_after and self.episode == kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
             bar.close()
             tracker.close()
+        self.write_log()
         top_k = self.rerank()
         return self.finish(top_k, time.time() - started)
 
@@ -375,8 +381,12 @@ class Search:
         return SearchResult(best, self.baseline, self.target, len(self.records), self.out, top_k)
 
 
-def run_search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
-    """Run (or resume) a search; every user error is raised before any training starts."""
+def run_search(config: SearchConfig, *, progress: bool = True,
+               on_episode: Optional[Callable[[dict], None]] = None) -> SearchResult:
+    """Run (or resume) a search; every user error is raised before any training starts.
+
+    on_episode: called with each finished episode's record (after its state is written).
+    """
     setup = prepare(config)
     saved = prepare_output_dir(config)
-    return Search(config, setup, saved).run(progress and config.progress)
+    return Search(config, setup, saved).run(progress and config.progress, on_episode)
