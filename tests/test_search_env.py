@@ -166,3 +166,27 @@ def test_search_runs_on_registry_models(arch, tmp_path, monkeypatch, eager_singl
     policy = Policy.load(out / "best_policy.json")
     assert len(policy) == len(prepare(tiny_config(ckpt, tmp_path / "x")).names)
     assert 0 < result.best["latency_ratio"] < 1
+
+
+def test_evaluator_restores_int8_exactly_and_the_cache_is_exact(int8_ckpt, tmp_path, eager_single_thread):
+    config = tiny_config(int8_ckpt, tmp_path)
+    search = Search(config, prepare(config), None)
+    search.evaluator = search.build_evaluator()
+    model = search.evaluator.model
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    policy = Policy([3, 5, 2, 6], [4, 3, 6, 2], None, search.setup.names)
+    first = search.evaluator.evaluate(policy, 2)
+    finetuned = {k: v.clone() for k, v in model.state_dict().items()}
+    assert [layer.w_bit for _, layer in quantizable_layers(model)] == [3, 5, 2, 6]
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in start.items() if k in model.state_dict())
+    search.evaluator.restore()
+    after = model.state_dict()
+    assert set(after) == set(start) and all(torch.equal(after[k], v) for k, v in start.items())
+    assert [layer.w_bit for _, layer in quantizable_layers(model)] == [8] * 4
+    # a policy's accuracy does not depend on what ran before it, so the cache by policy is exact
+    search.evaluator.evaluate(Policy.uniform(search.setup.names, 2, 2), 2)
+    assert search.evaluator.evaluate(policy, 2).accuracy == first.accuracy
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in finetuned.items())
+    accuracy, t_finetune, t_eval, cached = search.evaluate(policy, 2)
+    assert (accuracy, cached) == (first.accuracy, False)
+    assert search.evaluate(policy, 2) == (first.accuracy, 0.0, 0.0, True)
