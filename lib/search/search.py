@@ -35,6 +35,7 @@ from lib.search.evaluator import PolicyEvaluator
 from lib.search.reward import episode_reward, is_feasible
 from lib.search.space import ADC, INPUT, WEIGHT, BitSpace
 from lib.search.state import StateEncoder
+from lib.simulator import CostModel
 from lib.training import CheckpointError, Tracker, load_checkpoint
 from lib.training.checkpoint import plain
 
@@ -67,7 +68,7 @@ class Setup:
     hw: HardwareConfig
     hw_source: str
     start_state: dict
-    cost_model: object
+    cost_model: CostModel
     space: BitSpace
     names: list
 
