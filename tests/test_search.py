@@ -147,3 +147,14 @@ def test_bad_checkpoints_exit_2(bad_files, tmp_path, capsys, which, message):
     assert rl_quantize.main(cli_args(path, tmp_path / "out", 2)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+
+
+def test_an_earlier_search_is_kept_unless_overwrite_and_until_everything_checks_out(int8_ckpt, tmp_path, capsys):
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "episodes.jsonl").write_text('{"episode": 0}\n')
+    assert rl_quantize.main(cli_args(int8_ckpt, out, 2)) == 2
+    assert "already holds a search (episodes.jsonl); use --resume auto" in capsys.readouterr().err
+    assert rl_quantize.main(cli_args(int8_ckpt, out, 2) + ["--overwrite", "--search-holdout", "100000"]) == 2
+    assert "holdout size=100000 leaves no training images" in capsys.readouterr().err
+    assert (out / "episodes.jsonl").read_text() == '{"episode": 0}\n'

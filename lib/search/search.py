@@ -111,7 +111,7 @@ def prepare(config: SearchConfig) -> Setup:
     return Setup(spec, hw, hw_source, start_state, cost_model, space, names)
 
 
-def prepare_output_dir(config: SearchConfig) -> Optional[dict]:
+def saved_search(config: SearchConfig) -> Optional[dict]:
     """The saved search state to resume from, or None; refuses to mix with an earlier search's files."""
     out = Path(config.output_dir)
     state_path = out / STATE_NAME
@@ -125,11 +125,18 @@ def prepare_output_dir(config: SearchConfig) -> Optional[dict]:
     if existing and not config.overwrite:
         raise SearchConfigError(f"--output-dir {out} already holds a search ({', '.join(existing)}); use "
                                 f"--resume auto to continue it or --overwrite to start over")
-    for name in existing:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier search's outputs (--overwrite), once everything else has been checked."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _resumable(config: SearchConfig) -> dict:
@@ -287,7 +294,6 @@ class Search:
     def run(self, progress: bool, on_episode: Optional[Callable[[dict], None]] = None) -> SearchResult:
         cfg = self.config
         started = time.time()
-        self.evaluator = self.build_evaluator()
         if self.baseline is None:
             base = Policy.uniform(self.setup.names, 8, 8)
             self.baseline = self.evaluator.evaluate(base, self.steps).accuracy
@@ -389,5 +395,9 @@ def run_search(config: SearchConfig, *, progress: bool = True,
     on_episode: called with each finished episode's record (after its state is written).
     """
     setup = prepare(config)
-    saved = prepare_output_dir(config)
-    return Search(config, setup, saved).run(progress and config.progress, on_episode)
+    saved = saved_search(config)
+    search = Search(config, setup, saved)
+    search.evaluator = search.build_evaluator()  # data and model: their errors come before any file changes
+    if saved is None:
+        clear_outputs(Path(config.output_dir))
+    return search.run(progress and config.progress, on_episode)
