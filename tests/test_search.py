@@ -158,3 +158,15 @@ def test_an_earlier_search_is_kept_unless_overwrite_and_until_everything_checks_
     assert rl_quantize.main(cli_args(int8_ckpt, out, 2) + ["--overwrite", "--search-holdout", "100000"]) == 2
     assert "holdout size=100000 leaves no training images" in capsys.readouterr().err
     assert (out / "episodes.jsonl").read_text() == '{"episode": 0}\n'
+
+
+def test_adc_search_writes_three_columns(int8_ckpt, tmp_path, eager_single_thread):
+    out = tmp_path / "adc"
+    result = run_search(tiny_config(int8_ckpt, out, search_adc=True, min_adc_bit=4, max_adc_bit=6, episodes=2,
+                                    top_k=1, ddpg=SMALL_AGENT))
+    best = np.load(out / "best_policy.npy")
+    assert best.shape == (4, 3) and best.tolist() == result.best["policy"]
+    assert np.all((best[:, 2] >= 4) & (best[:, 2] <= 6))
+    assert all(len(row) == 3 for r in read_log(out) for row in r["policy"])
+    assert [layer["adc_bits"] for layer in json.loads((out / "best_policy.json").read_text())["layers"]] == \
+        best[:, 2].tolist()
