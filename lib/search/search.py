@@ -36,7 +36,7 @@ from lib.search.reward import episode_reward, is_feasible
 from lib.search.space import ADC, INPUT, WEIGHT, BitSpace
 from lib.search.state import StateEncoder
 from lib.simulator import CostModel
-from lib.training import CheckpointError, Tracker, load_checkpoint
+from lib.training import CheckpointError, Tracker, load_checkpoint, seed_everything
 from lib.training.checkpoint import plain
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,9 @@ class Search:
 
     # ------------------------------------------------------------ model and data
     def build_evaluator(self) -> PolicyEvaluator:
+        """Data, and the start model (INT8 on the search's hardware), built the same way in every process."""
         cfg, setup = self.config, self.setup
+        seed_everything(cfg.seed)  # a conversion to other hardware calibrates on augmented batches
         holdout = HoldoutSpec(size=cfg.search_holdout, train_size=cfg.search_train_size, seed=0)
         try:
             data = build_loaders(setup.spec.dataset, setup.spec.data_root, setup.spec.input_size,
