@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import rl_quantize
-from lib.search import KILL_ENV, DDPGConfig, run_search
+from lib.search import KILL_ENV, DDPGConfig, prepare, run_search
+from lib.search.search import Search
 from lib.training import load_checkpoint
 from search_support import make_int8_checkpoint, tiny_config
 
@@ -108,8 +110,6 @@ def test_cim_aq_spellings_are_accepted(int8_ckpt, tmp_path, eager_single_thread)
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, int8_ckpt) -> dict:
-    import torch
-
     folder = tmp_path_factory.mktemp("bad")
     foreign = folder / "foreign.pth"
     torch.save({"weight": torch.zeros(2)}, foreign)
@@ -170,3 +170,17 @@ def test_adc_search_writes_three_columns(int8_ckpt, tmp_path, eager_single_threa
     assert all(len(row) == 3 for r in read_log(out) for row in r["policy"])
     assert [layer["adc_bits"] for layer in json.loads((out / "best_policy.json").read_text())["layers"]] == \
         best[:, 2].tolist()
+
+
+
+def test_search_on_other_hardware_starts_from_the_same_model_every_run(int8_ckpt, tmp_path, eager_single_thread):
+    config = tiny_config(int8_ckpt, tmp_path, hardware=str(REPO / "run" / "hardware" / "cell2bit.yaml"))
+    starts = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever ran before in the process
+        search = Search(config, prepare(config), None)
+        evaluator = search.build_evaluator()
+        starts.append(evaluator.start_state)
+        assert evaluator.model.get_submodule("fc").hw.cell_bits == 2
+    assert starts[0].keys() == starts[1].keys()
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
