@@ -97,6 +97,7 @@ class SearchConfig:
     overwrite: bool = False
     batch_size: int = 64
     workers: int = 0
+    threads: int = 0           # torch CPU threads for the search (0 = leave as is)
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
@@ -135,6 +136,7 @@ class SearchConfig:
         _int_at_least("top_k_finetune_steps", self.top_k_finetune_steps, 0)
         _int_at_least("batch_size", self.batch_size, 1)
         _int_at_least("workers", self.workers, 0)
+        _int_at_least("threads", self.threads, 0)
         if self.finetune_epochs is not None and not self.finetune_epochs > 0:
             raise SearchConfigError(f"finetune_epochs={self.finetune_epochs!r} is not allowed: expected a number > 0")
         if not self.finetune_lr > 0:

@@ -142,7 +142,7 @@ def clear_outputs(out: Path) -> None:
 def _resumable(config: SearchConfig) -> dict:
     """The settings a resumed search must share with the one it continues (not the run-time knobs)."""
     data = config.to_dict()
-    for key in ("resume", "overwrite", "progress", "workers", "device", "tensorboard", "episodes", "top_k",
+    for key in ("resume", "overwrite", "progress", "workers", "threads", "device", "tensorboard", "episodes", "top_k",
                 "top_k_finetune_steps"):
         data.pop(key)
     return data
@@ -397,6 +397,8 @@ def run_search(config: SearchConfig, *, progress: bool = True,
     on_episode: called with each finished episode's record (after its state is written).
     """
     setup = prepare(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     saved = saved_search(config)
     search = Search(config, setup, saved)
     search.evaluator = search.build_evaluator()  # data and model: their errors come before any file changes
