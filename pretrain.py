@@ -26,7 +26,7 @@ from lib import cli
 from lib.data import build_loaders, default_input_size
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
-from lib.policy import Policy, check_supported
+from lib.policy import check_layer_bits
 from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
 from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
@@ -211,7 +211,7 @@ def check_quant_flags(args: argparse.Namespace, spec: dict) -> None:
         given = [flag for flag, value in (("--hardware", args.hardware), ("--w-bit", args.w_bit),
                                           ("--a-bit", args.a_bit)) if value is not None]
         if given:
-            raise PretrainError(f"{', '.join(given)} only apply to quantized training: add --quant uniform, "
+            raise PretrainError(f"{', '.join(given)}: for quantized training only; add --quant uniform, "
                                 f"or drop {', '.join(given)} for an FP32 run")
 
 
@@ -235,7 +235,11 @@ def run_train(args: argparse.Namespace) -> dict:
     if spec["quant"] == "uniform":  # hardware file and bits are checked before any data or model
         hw = hardware_config(spec)
         spec["hardware_config"] = hw.to_dict()
-        check_supported(Policy.uniform(1, spec["w_bit"], spec["a_bit"]), hw)
+        try:
+            check_layer_bits(spec["w_bit"], spec["a_bit"], None, hw)
+        except ValueError as err:
+            raise PretrainError(f"--w-bit {spec['w_bit']} --a-bit {spec['a_bit']}: {err} "
+                                f"(the CIM layers' range)") from None
     if args.output_dir:
         out_dir = Path(args.output_dir)
     else:  # a resumed run continues in its checkpoint's folder

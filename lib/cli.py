@@ -34,12 +34,16 @@ def check_minimums(args, minimums: Mapping[str, int]) -> None:
 
 def run(job: Callable[[], object], user_errors: tuple = (UserError,)) -> int:
     """Run `job`; a user error (bad value, missing file, mismatched policy...) prints `error: ...`
-    and returns 2, anything else propagates."""
+    and returns 2, Ctrl-C returns 130 without a traceback, anything else propagates."""
     try:
         job()
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: files written so far are kept (a training run continues with --resume auto)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -176,21 +176,26 @@ class Policy:
             raise PolicyError(f"{source}: {err}") from None
 
 
-def check_supported(policy: Policy, hw) -> None:
-    """Refuse bits the CIM layers on `hw` cannot hold, before any model is built.
+def check_layer_bits(w_bit: int, a_bit: int, adc_bits: Optional[int], hw) -> None:
+    """Raise ValueError (naming the value and the allowed range) if the CIM layers on `hw` cannot hold these bits.
 
-    The layers own their bit ranges: each distinct (w_bit, a_bit, adc_bits) is given to a 1×1
-    probe layer (milliseconds), so this check always agrees with them.
+    The layers own their bit ranges, so a 1×1 probe layer is asked (milliseconds): this check
+    always agrees with them.
     """
     from lib.cim import CIMLinear  # lazy: lib.cim imports this module
 
+    CIMLinear(1, 1, hw=hw, w_bit=w_bit, a_bit=a_bit, adc_bits=adc_bits)
+
+
+def check_supported(policy: Policy, hw) -> None:
+    """Refuse a policy with bits the CIM layers on `hw` cannot hold, before any model is built."""
     checked = set()
     for index in range(len(policy)):
         bits = policy.layer(index)
         if bits in checked:
             continue
         try:
-            CIMLinear(1, 1, hw=hw, w_bit=bits[0], a_bit=bits[1], adc_bits=bits[2])
+            check_layer_bits(*bits, hw)
         except ValueError as err:
             name = f" ({policy.layer_names[index]!r})" if policy.layer_names else ""
             raise PolicyError(f"policy layer {index}{name}: {err} (the CIM layers' range)") from None

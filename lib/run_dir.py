@@ -33,8 +33,8 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_creatable(path: Path, flag: str) -> None:
-    """Refuse a path whose closest existing ancestor is not a folder we may write into."""
-    anchor = nearest_existing(path.parent)
+    """Refuse a path to create whose closest existing ancestor is not a folder we may write into."""
+    anchor = nearest_existing(path)
     if not anchor.is_dir():
         raise OutputPathError(f"{flag} {path}: {anchor} is a file, not a folder")
     if not os.access(anchor, os.W_OK | os.X_OK):
@@ -50,7 +50,7 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir") -> Path:
         if not os.access(path, os.W_OK | os.X_OK):
             raise OutputPathError(f"{flag} {path} is not writable")
         return path
-    check_creatable(path / "x", flag)
+    check_creatable(path, flag)
     return path
 
 
@@ -64,6 +64,7 @@ def check_output_file(path: str | Path, flag: str, overwrite: Optional[bool] = N
             raise OutputPathError(f"{flag} {path} exists; pass --overwrite to replace it or choose another path")
         if not os.access(path, os.W_OK):
             raise OutputPathError(f"{flag} {path} is not writable")
+        return path
     check_creatable(path, flag)
     return path
 
