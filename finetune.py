@@ -242,6 +242,9 @@ def check_flags(args: argparse.Namespace) -> None:
     cli.check_minimums(args, FLAG_MINIMUMS)
     if not 0 < args.min_agreement <= 1:
         raise FinetuneError(f"--min-agreement={args.min_agreement} is not allowed: expected a fraction in (0, 1]")
+    if not 0 <= args.holdout < 1:
+        raise FinetuneError(f"--holdout={args.holdout} is not allowed: expected a fraction in [0, 1) "
+                            f"(0 = pick the best epoch on the val split)")
     optim_config_from_args(args)  # validates the optimisation flags
 
 

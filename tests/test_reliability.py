@@ -282,6 +282,7 @@ def test_bad_paths_and_flags_exit_2_naming_the_value_before_any_work(tmp_path, f
          ("cuda:banana",), out),
         (finetune.main, QUICK + ["--input-size", "0", "--policy", "p.npy", "--output-dir", out],
          ("--input-size=0",), out),
+        (finetune.main, QUICK + ["--holdout", "1.5", "--policy", "p.npy", "--output-dir", out], ("--holdout=1.5",), out),
         (finetune.main, QUICK + ["--arch", "resnet20", "--init", fp32_start, "--policy", "p.npy", "--output-dir",
                                  out], ("--arch resnet20", "tiny_cnn"), out),
         (export_main, ["--checkpoint", fp32_start, "--output", tmp_path], (str(tmp_path), "is a folder"), tmp_path),

@@ -125,4 +125,7 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {err}") from None
+        detail = " ".join(str(err).split())  # torch lists every key on its own line: one line for the user
+        detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+        raise CheckpointError(f"{source} does not fit {type(model).__name__} (another --arch or "
+                              f"--num-classes?): {detail}") from None
