@@ -33,6 +33,8 @@ QUICK = ["--threads", "1", "--arch", "tiny_cnn", "--dataset", "digits-small", "-
          "--max-batches", "8", "--seed", "3"]
 TINY_POLICY = [[8, 8], [4, 6], [3, 5], [6, 8]]  # tiny_cnn's four quantizable layers
 
+pytestmark = pytest.mark.usefixtures("eager_single_thread")  # in-process runs: eager ADC kernels, one thread
+
 
 def cli(script: str, *args, kill_at: str | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repository root as a user would."""
@@ -87,19 +89,26 @@ def assert_same_run(straight: Path, resumed: Path) -> None:
         assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
+MAINS = {"pretrain.py": pretrain.main, "finetune.py": finetune.main}
+
+
+def in_process(script: str, *args) -> int:
+    """The CLI's main() in this process (no interpreter start-up): for the runs nobody kills."""
+    return MAINS[script]([str(a) for a in args])
+
+
 def kill_and_resume(tmp_path: Path, script: str, args: list, epochs: int = 3, kill_at: str = "2:checkpoint") -> dict:
-    """An uninterrupted run against one SIGKILLed at `kill_at` and continued with --resume auto.
+    """An uninterrupted run against a process SIGKILLed at `kill_at` and continued with --resume auto.
 
     Returns the checkpoint the killed process left behind.
     """
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert cli(script, *args, "--epochs", epochs, "--output-dir", straight).returncode == 0
+    assert in_process(script, *args, "--epochs", epochs, "--output-dir", straight) == 0
     died = cli(script, *args, "--epochs", epochs, "--output-dir", interrupted, kill_at=kill_at)
     assert killed(died), died.stderr[-2000:]
     left = load_checkpoint(interrupted / "checkpoint.pth.tar")
     assert left["epoch"] == int(kill_at.split(":")[0]) < epochs
-    resumed = cli(script, *args, "--epochs", epochs, "--output-dir", interrupted, "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert in_process(script, *args, "--epochs", epochs, "--output-dir", interrupted, "--resume", "auto") == 0
     assert_same_run(straight, interrupted)
     return left
 
@@ -112,21 +121,29 @@ def learned_steps(state_dict: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fp32_start(tmp_path_factory) -> Path:
+def module_env():
+    """The eager_single_thread settings for module-scoped fixtures that train in this process."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIM_AQ_COMPILE", "0")
+        before = torch.get_num_threads()
+        yield
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fp32_start(tmp_path_factory, module_env) -> Path:
     """An FP32 tiny_cnn checkpoint (one short epoch): the start of QAT."""
     out = tmp_path_factory.mktemp("fp32")
-    run = cli("pretrain.py", *QUICK, "--epochs", "1", "--lr", "0.1", "--output-dir", out)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert in_process("pretrain.py", *QUICK, "--epochs", "1", "--lr", "0.1", "--output-dir", out) == 0
     return out / "model_best.pth.tar"
 
 
 @pytest.fixture(scope="module")
-def int8_start(tmp_path_factory, fp32_start) -> Path:
+def int8_start(tmp_path_factory, fp32_start, module_env) -> Path:
     """A uniform INT8 QAT checkpoint of tiny_cnn (one short epoch): the start of finetuning."""
     out = tmp_path_factory.mktemp("int8")
-    run = cli("pretrain.py", *QUICK, "--epochs", "1", "--lr", "0.02", "--quant", "uniform", "--hardware", HARDWARE,
-              "--init", fp32_start, "--output-dir", out)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert in_process("pretrain.py", *QUICK, "--epochs", "1", "--lr", "0.02", "--quant", "uniform", "--hardware",
+                      HARDWARE, "--init", fp32_start, "--output-dir", out) == 0
     return out / "model_best.pth.tar"
 
 
@@ -162,7 +179,7 @@ def test_mixed_precision_finetuning_killed_and_resumed_is_exact(tmp_path, int8_s
 def test_best_and_last_checkpoints_stay_consistent_when_killed_between_the_writes(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     args = QUICK + ["--lr", "0.1", "--epochs", "3"]
-    assert cli("pretrain.py", *args, "--output-dir", straight).returncode == 0
+    assert in_process("pretrain.py", *args, "--output-dir", straight) == 0
     history = load_checkpoint(straight / "checkpoint.pth.tar")["history"]
     assert history[1]["val"]["top1"] > history[0]["val"]["top1"]  # epoch 2 is a new best: it writes both files
     died = cli("pretrain.py", *args, "--output-dir", interrupted, kill_at="2:best")
@@ -177,8 +194,7 @@ def test_best_and_last_checkpoints_stay_consistent_when_killed_between_the_write
                "os.kill(os.getpid(), signal.SIGKILL)))")
     assert killed(half) and list(interrupted.glob(".metrics.json.*.tmp"))
 
-    resumed = cli("pretrain.py", *args, "--output-dir", interrupted, "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert in_process("pretrain.py", *args, "--output-dir", interrupted, "--resume", "auto") == 0
     assert_same_run(straight, interrupted)
     assert not list(interrupted.glob(".*.tmp"))
     summary = json.loads((interrupted / "metrics.json").read_text())
@@ -234,14 +250,14 @@ def test_finetune_and_export_refuse_to_overwrite_existing_work(tmp_path, int8_st
 
 
 # ------------------------------------------------------------------ user errors: exit 2, one line, before any work
-def test_a_loss_that_becomes_nan_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_loss_that_becomes_nan_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path, expect_refusal):
     out = tmp_path / "run"
     # epoch 1 trains at 0.1; the step schedule then multiplies the learning rate by 1e30
-    result = cli("pretrain.py", *QUICK, "--epochs", "3", "--lr", "0.1", "--scheduler", "step", "--step-size", "1",
-                 "--gamma", "1e30", "--output-dir", out)
-    line = refused(result, "epoch 2/3", "batch", "lower the learning rate", "checkpoint.pth.tar (epoch 1) is kept")
-    assert "loss became" in line
-    assert load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 1
+    line = expect_refusal(pretrain.main, QUICK + ["--epochs", "3", "--lr", "0.1", "--scheduler", "step",
+                                                  "--step-size", "1", "--gamma", "1e30", "--output-dir", out],
+                          "epoch 2/3", "loss became", "lower the learning rate", "checkpoint.pth.tar (epoch 1) is kept",
+                          untouched=tmp_path / "nothing")
+    assert "batch" in line and load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 1
 
 
 @pytest.fixture
@@ -282,7 +298,8 @@ def test_bad_paths_and_flags_exit_2_naming_the_value_before_any_work(tmp_path, f
          ("cuda:banana",), out),
         (finetune.main, QUICK + ["--input-size", "0", "--policy", "p.npy", "--output-dir", out],
          ("--input-size=0",), out),
-        (finetune.main, QUICK + ["--holdout", "1.5", "--policy", "p.npy", "--output-dir", out], ("--holdout=1.5",), out),
+        (finetune.main, QUICK + ["--holdout", "1.5", "--policy", "p.npy", "--output-dir", out],
+         ("--holdout=1.5",), out),
         (finetune.main, QUICK + ["--arch", "resnet20", "--init", fp32_start, "--policy", "p.npy", "--output-dir",
                                  out], ("--arch resnet20", "tiny_cnn"), out),
         (export_main, ["--checkpoint", fp32_start, "--output", tmp_path], (str(tmp_path), "is a folder"), tmp_path),
