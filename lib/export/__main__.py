@@ -6,7 +6,8 @@ Example:
 The model is rebuilt from the checkpoint's recorded args; the validation images come from the
 checkpoint's dataset (override with --dataset/--data-root). Writes the ONNX file and a JSON
 report (default <output stem>.export.json) with the onnxruntime agreement and graph summary.
-Exit status 2 on any error, including a failed onnxruntime check.
+Existing --output/--report files are refused unless --overwrite. Exit status 2 with one line
+`error: ...` on any user error, including a failed onnxruntime check, before any work where it can.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 
 from lib import cli
-from lib.fileio import atomic_write_json
+from lib.fileio import atomic_write_json, remove_stale_temp_files
 from lib.run_dir import add_overwrite_arg, check_output_file
 
 
@@ -70,6 +71,7 @@ def export_checkpoint(args: argparse.Namespace) -> None:
     from lib.export.checkpoint_model import model_from_checkpoint
 
     check_args(args)
+    remove_stale_temp_files(Path(args.output).parent)
     model, state = model_from_checkpoint(args.checkpoint)
     saved = state["args"]
     dataset = args.dataset or saved.get("dataset")
