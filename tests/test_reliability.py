@@ -23,7 +23,10 @@ import finetune
 import pretrain
 from lib.export.__main__ import main as export_main
 from lib.fileio import atomic_write, current_umask
-from lib.training import load_checkpoint
+from lib.cim import HardwareConfig, quantize_model
+from lib.training import OptimConfig, build_optimizer, build_scheduler, load_checkpoint, make_checkpoint, \
+    prepare_training
+from models import create_model
 from lib.training.kill_switch import ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,6 +178,28 @@ def test_mixed_precision_finetuning_killed_and_resumed_is_exact(tmp_path, int8_s
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_prepare_training_optimizes_the_parameters_that_exist_after_loading():
+    """Loading a CIM model's state replaces its learned step Parameters: the optimizer must come after."""
+    hw = HardwareConfig.from_yaml(HARDWARE)
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))]
+
+    def cim_model():
+        torch.manual_seed(0)
+        return quantize_model(create_model("tiny_cnn", 10), (8, 8), hw, input_size=16, calibration_data=batches)
+
+    cfg = OptimConfig(epochs=2, lr=0.01)
+    source = cim_model()
+    optimizer = build_optimizer(source, cfg)
+    state = make_checkpoint(epoch=1, state_dict=source.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=build_scheduler(optimizer, cfg).state_dict(), args={})
+    model = cim_model()
+    before = {id(p) for p in model.parameters()}
+    run = prepare_training(model, cfg, state, "test state")
+    after = {id(p) for p in model.parameters()}
+    assert before != after  # the load replaced some Parameters (the steps)
+    assert after == {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+
+
 # ------------------------------------------------------------------ the best/last pair after a kill between its writes
 def test_best_and_last_checkpoints_stay_consistent_when_killed_between_the_writes(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
@@ -257,7 +282,7 @@ def test_a_loss_that_becomes_nan_names_epoch_and_batch_and_keeps_the_last_good_c
                                                   "--step-size", "1", "--gamma", "1e30", "--output-dir", out],
                           "epoch 2/3", "loss became", "lower the learning rate", "checkpoint.pth.tar (epoch 1) is kept",
                           untouched=tmp_path / "nothing")
-    assert "batch" in line and load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 1
+    assert " batch " in line and load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 1
 
 
 @pytest.fixture

@@ -85,7 +85,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: s
                                           progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         except DivergedError as err:
             kept = f"{ckpt_path} (epoch {epoch}) is kept" if ckpt_path.exists() else "no checkpoint was written"
-            raise DivergedError(f"training diverged: {err} (learning rate {lr:.4g}); {kept}",
+            raise DivergedError(f"training diverged in epoch {epoch + 1}/{cfg.epochs}: the loss became {err.loss} at "
+                                f"batch {err.step} with learning rate {lr:.4g}; lower the learning rate (--lr); {kept}",
                                 err.step, err.loss) from None
         scheduler.step()
         last = evaluate(model, val_loader, criterion, device)
