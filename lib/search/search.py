@@ -28,6 +28,7 @@ from lib.data import DatasetError, HoldoutSpec, build_loaders
 from lib.fileio import atomic_torch_save, atomic_write, atomic_write_json
 from lib.model_spec import ModelSpec, cost_model_for, model_at_policy
 from lib.policy import Policy
+from lib.run_dir import check_output_dir, open_run_dir
 from lib.search.agent import DDPGAgent, RandomAgent
 from lib.search.budget import check_budget_reachable, lower_to_budget
 from lib.search.config import SearchConfig, SearchConfigError
@@ -113,7 +114,7 @@ def prepare(config: SearchConfig) -> Setup:
 
 def saved_search(config: SearchConfig) -> Optional[dict]:
     """The saved search state to resume from, or None; refuses to mix with an earlier search's files."""
-    out = Path(config.output_dir)
+    out = check_output_dir(config.output_dir)
     state_path = out / STATE_NAME
     if config.resume and state_path.exists():
         state = load_search_state(state_path)
@@ -136,7 +137,6 @@ def clear_outputs(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _resumable(config: SearchConfig) -> dict:
@@ -404,4 +404,5 @@ def run_search(config: SearchConfig, *, progress: bool = True,
     search.evaluator = search.build_evaluator()  # data and model: their errors come before any file changes
     if saved is None:
         clear_outputs(Path(config.output_dir))
+    open_run_dir(config.output_dir)  # also removes temp files a killed write left behind
     return search.run(progress and config.progress, on_episode)
