@@ -26,8 +26,10 @@ CIM_AQ_HW = ROOT / "run" / "hardware" / "cim_aq_default.yaml"
 RESNET18_DIMS = ROOT / "run" / "layer_dims" / "resnet18_224.yaml"
 NUM_CLASSES = 1000
 
-# Base hardware for hand computations: 256x256 arrays, 4-bit cells, 1-bit inputs, 56 / 1.4 µs.
-BASE_HW = dict(rows=256, cols=256, cell_bits=4, input_bits=1, write_latency=56.0, execute_latency=1.4)
+# Base hardware for hand computations of CIM-AQ's formula: 256x256 arrays, 4-bit cells, 1-bit
+# inputs, 56 / 1.4 µs, CIM-AQ's counting (dense rows, ceil(b/c) slices, dense columns).
+BASE_HW = dict(rows=256, cols=256, cell_bits=4, input_bits=1, write_latency=56.0, execute_latency=1.4,
+               row_tiling="dense", weight_slicing="full-range", column_placement="dense")
 
 
 def hw_with(**changes) -> HardwareConfig:
