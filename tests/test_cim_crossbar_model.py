@@ -177,3 +177,28 @@ def test_resnet18_layers_simulate_what_the_cost_model_prices(yaml_name):
                          adc_columns=adc.columns, input_cycles=layer.input_planes,
                          adc_conversions=adc.last_conversions)
         assert simulated == {key: getattr(priced, key) for key in simulated}, name
+
+
+def test_differential_weight_grid_is_symmetric_through_bit_changes_and_state_loads():
+    hw = HardwareConfig(rows=36, cols=16, cell_bits=2, mapping="dc", psum_granularity="off")
+    layer = CIMConv2d(4, 6, 3, hw=hw, w_bit=4, a_bit=4)
+    with torch.no_grad():  # two outliers far beyond any step: both grid ends are hit
+        layer.weight[0, 0, 0, 0], layer.weight[1, 0, 0, 0] = 1e6, -1e6
+
+    def grid_ends(module):
+        qw = module.quant_weight()
+        q = torch.round(qw.value / qw.scale)
+        return int(q.min()), int(q.max())
+
+    assert grid_ends(layer) == (-7, 7) and layer.slices == 2
+    layer.set_bits(1, 4)       # one bit keeps {-1, 0}
+    assert grid_ends(layer) == (-1, 0) and layer.slices == 1
+    layer.set_bits(5, 4)
+    assert grid_ends(layer) == (-15, 15)
+    fresh = CIMConv2d(4, 6, 3, hw=hw, w_bit=1, a_bit=4)
+    fresh.load_state_dict(layer.state_dict())  # Brevitas rebuilds its quantizer on load
+    assert grid_ends(fresh) == (-15, 15) and torch.equal(fresh.quant_weight().value, layer.quant_weight().value)
+    offset = CIMConv2d(4, 6, 3, hw=hw.with_overrides(mapping="offset"), w_bit=4, a_bit=4)
+    with torch.no_grad():
+        offset.weight.copy_(layer.weight)
+    assert grid_ends(offset) == (-8, 7)

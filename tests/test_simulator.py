@@ -225,6 +225,29 @@ def test_channel_row_tiling_matches_whole_channel_tiles():
         layer_cost(conv, hw, 8, 8, row_tiling="sparse")
 
 
+def test_faithful_counting_magnitude_slices_whole_channels_and_whole_pairs():
+    conv = _dims(256, 256 * 9, 196, kernel_size=(3, 3), in_channels=256, out_channels=256)
+    faithful = HardwareConfig(**{**BASE_HW, "row_tiling": "channel", "weight_slicing": "magnitude",
+                                 "column_placement": "whole-pairs"})
+    assert faithful == HardwareConfig(rows=256, cols=256, cell_bits=4, input_bits=1)  # our defaults
+    cost = layer_cost(conv, faithful, 5, 4)   # 4-bit magnitudes: one 4-bit cell; 28 channels per tile
+    assert (cost.slices, cost.row_tiles, cost.columns, cost.col_tiles) == (1, 10, 512, 2)
+    assert cost.adc_conversions == 196 * 4 * 10 * 256
+    cim_aq = layer_cost(conv, hw_with(), 5, 4)
+    assert (cim_aq.slices, cim_aq.row_tiles, cim_aq.columns, cim_aq.col_tiles) == (2, 9, 1024, 4)
+    # a differential pair never spans two arrays: 255 columns hold 127 pairs, not 127.5
+    odd = layer_cost(_dims(254, 9), faithful.with_overrides(cols=255), 5, 4)
+    dense = layer_cost(_dims(254, 9), faithful.with_overrides(cols=255, column_placement="dense"), 5, 4)
+    assert (odd.columns, odd.col_tiles, dense.col_tiles) == (508, 2, 2)
+    assert layer_cost(_dims(255, 9), faithful.with_overrides(cols=255), 5, 4).col_tiles == 3   # 255 pairs
+    assert layer_cost(_dims(255, 9), faithful.with_overrides(cols=255, column_placement="dense"),
+                      5, 4).col_tiles == 2                                                        # 510 columns
+    # what the layers cannot simulate is said, never silent
+    assert faithful.pricing_differences() == {}
+    assert set(faithful.with_overrides(cols=255, column_placement="dense").pricing_differences()) == \
+        {"column_placement"}
+
+
 # --------------------------------------------------------------------------- CIM-AQ compatibility
 def _cim_aq_reference_table(dims, hw_yaml: dict, max_bit: int) -> np.ndarray:
     """CIM-AQ's published formula, written out with numpy float ceil as they evaluate it."""

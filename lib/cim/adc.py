@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +18,16 @@ from lib.cim.adc_kernels import KERNELS
 from lib.cim.steps import lsq_init, positive, scale_grad
 
 log = logging.getLogger(__name__)
+
+
+class Converter(Protocol):
+    """How the ADC's caller converts its weight columns: given the per-column ADC step, gamma
+    (weight step · 2^(s·c)) and the grid, return the converted, shifted and summed outputs
+    (rows, groups, out). `_ConvertAccumulate` over given partial sums, or lib.cim.crossbar_adc
+    computing the partial sums itself."""
+
+    def __call__(self, step: torch.Tensor, gamma: torch.Tensor, lo: int, hi: int,
+                 grad_factor: float) -> torch.Tensor: ...
 
 
 def adc_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -269,15 +279,15 @@ class PartialSumADC(nn.Module):
             return _ConvertAccumulate.apply(main, step, gamma_, lo, hi, factor)
         return self._accumulate(convert, p.shape[0], gamma, step_grid, ref, ref_shift)
 
-    def fused_forward(self, convert, rows: int, shifts: torch.Tensor, step_grid: torch.Tensor,
+    def fused_forward(self, convert: Converter, rows: int, shifts: torch.Tensor, step_grid: torch.Tensor,
                       ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
-        """`forward` for a caller whose convert(step, gamma, lo, hi, grad_factor) → (rows, groups, out)
-        computes the partial sums itself (lib.cim.crossbar_adc); only when `fusable`."""
+        """`forward` for a caller whose `Converter` computes the partial sums itself
+        (lib.cim.crossbar_adc); only when `fusable`."""
         if not self.fusable:
             raise RuntimeError("PartialSumADC.fused_forward needs an initialised ADC without clipping")
         return self._accumulate(convert, rows, self._gamma(step_grid, shifts), step_grid, ref, ref_shift)
 
-    def _accumulate(self, convert, rows: int, gamma, step_grid, ref, ref_shift) -> torch.Tensor:
+    def _accumulate(self, convert: Converter, rows: int, gamma, step_grid, ref, ref_shift) -> torch.Tensor:
         """Convert the weight columns (via `convert`) and the offset reference column, shift-and-add."""
         lo, hi = self.grid_range()
         factor = self.grad_factor(rows)

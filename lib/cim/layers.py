@@ -26,7 +26,7 @@ from lib.cim.crossbar_adc import crossbar_adc_forward
 from lib.cim.crossbar import CrossbarPlan, TileLayout
 from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
-from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant
+from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
 from lib.cim.steps import positive
 from lib.cim.tile_products import ConvTiles, MatmulTiles, tile_products
 
@@ -45,8 +45,10 @@ class CIMLayerMixin:
                       input_signed: bool, weight_ndim: int) -> dict:
         _check_bits("w_bit", w_bit)
         _check_bits("a_bit", a_bit)
+        narrow = CrossbarPlan.for_layout(hw.simulated(), layout, w_bit, a_bit, input_signed).narrow_weights
         return dict(
             weight_quant=CIMWeightQuant,
+            weight_grid_switch=GridSwitch(narrow),
             weight_granularity=hw.weight_granularity,
             weight_tile_layout=layout,
             weight_weight_ndim=weight_ndim,
@@ -59,8 +61,9 @@ class CIMLayerMixin:
         )
 
     def _setup_crossbar(self, hw: HardwareConfig, layout: TileLayout, adc_bits: Optional[int],
-                        input_signed: bool) -> None:
+                        input_signed: bool, grid_switch: GridSwitch) -> None:
         self.hw = hw
+        self._grid_switch = grid_switch
         self.layout = layout
         self.input_signed = bool(input_signed)
         self.input_mode = hw.input_mode  # bit-serial | multi-bit; see set_input_mode
@@ -86,7 +89,9 @@ class CIMLayerMixin:
         return self._plan
 
     def _set_weight_grid(self, plan: CrossbarPlan) -> None:
-        """Narrow (symmetric) weight grid for differential magnitudes, full grid otherwise."""
+        """Narrow (symmetric) weight grid for differential magnitudes, full grid otherwise: in the
+        quantizer in use and in the switch Brevitas reads when it rebuilds one."""
+        self._grid_switch.narrow = plan.narrow_weights
         self.weight_quant.tensor_quant.int_quant.narrow_range = plan.narrow_weights
 
     def set_input_mode(self, mode: str) -> None:
@@ -316,11 +321,12 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
                  input_signed: bool = True, name: str = "conv", device=None, dtype=None) -> None:
         kh, kw = _pair(kernel_size)
         layout = TileLayout.for_layer(hw, groups, in_channels // groups, out_channels // groups, kh * kw, name)
+        quant = self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 4)
         QuantConv2d.__init__(
             self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
             dilation=dilation, groups=groups, padding_mode=padding_mode, bias=bias, device=device,
-            dtype=dtype, **self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 4))
-        self._setup_crossbar(hw, layout, adc_bits, input_signed)
+            dtype=dtype, **quant)
+        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"])
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, hw: HardwareConfig, w_bit: int, a_bit: int,
@@ -396,9 +402,9 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
                  w_bit: int = 8, a_bit: int = 8, adc_bits: Optional[int] = None, input_signed: bool = True,
                  name: str = "linear", device=None, dtype=None) -> None:
         layout = TileLayout.for_layer(hw, 1, in_features, out_features, 1, name)
-        QuantLinear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype,
-                             **self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 2))
-        self._setup_crossbar(hw, layout, adc_bits, input_signed)
+        quant = self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 2)
+        QuantLinear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype, **quant)
+        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"])
 
     @classmethod
     def from_float(cls, linear: nn.Linear, hw: HardwareConfig, w_bit: int, a_bit: int,
