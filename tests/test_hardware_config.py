@@ -93,3 +93,17 @@ def test_rows_smaller_than_one_kernel_is_an_error():
         CIMConv2d(4, 4, 3, hw=HardwareConfig(rows=8))
     with pytest.raises(HardwareConfigError, match="holds 4 weight rows"):
         CIMConv2d(4, 4, 3, hw=HardwareConfig(rows=8, mapping="dr"))
+
+
+def test_a_record_written_before_the_modelling_fields_keeps_its_meaning():
+    """Checkpoints store `to_dict()`; one from before input_mode/row_tiling/weight_slicing/
+    column_placement existed meant CIM-AQ's counting and multi-bit inputs, and still does."""
+    record = {k: v for k, v in HardwareConfig().to_dict().items()
+              if k not in ("input_mode", "row_tiling", "weight_slicing", "column_placement")}
+    old = HardwareConfig.from_dict(record)
+    assert (old.input_mode, old.row_tiling, old.weight_slicing, old.column_placement) == \
+        ("multi-bit", "dense", "full-range", "dense")
+    assert HardwareConfig.from_dict(old.to_dict()) == old                     # round trip
+    assert HardwareConfig.from_dict(HardwareConfig().to_dict()) == HardwareConfig()
+    partial = {k: record[k] for k in ("rows", "cols", "cell_bits")}            # a hand-written YAML
+    assert HardwareConfig.from_dict(partial).input_mode == "bit-serial"

@@ -149,6 +149,8 @@ class HardwareConfig:
             raise HardwareConfigError(f"{source}: expected a mapping at top level, got {type(data).__name__}")
         if "crossbar" in data or "mapper" in data:
             data = _from_cim_aq_layout(data, source)
+        elif _is_legacy_record(data):
+            data = {**CIM_AQ_COMPATIBILITY, **data}
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -179,6 +181,17 @@ class HardwareConfig:
                 f"{layer_name}: one kernel needs {kernel_elems} rows but an array holds "
                 f"{self.effective_rows} weight rows (rows={self.rows}, mapping={self.mapping}); "
                 f"allowed: rows >= kernel size — exclude this layer or use larger arrays")
+
+
+_LEGACY_FIELDS = ("rows", "cols", "cell_bits", "input_bits", "adc_bits", "write_latency", "execute_latency",
+                  "mapping", "weight_granularity", "psum_granularity", "n_sigma", "adc_latency_model",
+                  "adc_cycle_latency")
+
+
+def _is_legacy_record(data: Mapping[str, Any]) -> bool:
+    """A complete record written by `to_dict` before the modelling fields existed (a checkpoint's):
+    it meant CIM-AQ's counting and multi-bit inputs, and is read with that meaning."""
+    return set(data) == set(_LEGACY_FIELDS)
 
 
 def _check_int(key: str, value: Any, low: int, high: Optional[int] = None) -> None:
