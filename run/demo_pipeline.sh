@@ -5,14 +5,14 @@
 #   3. a mixed-precision policy: 4-bit weights/inputs, first and last layer at 8 bit
 #   4. mixed-precision finetuning, ONNX QCDQ export checked in onnxruntime, report.json
 # Reruns skip or continue finished stages (--resume auto). Settings come from the environment:
-#   DEMO_DIR (runs/demo)  HARDWARE (run/hardware/cim_aq_default.yaml)  PYTHON (.venv/bin/python)
+#   DEMO_DIR (runs/demo)  HARDWARE (run/hardware/default.yaml)  PYTHON (.venv/bin/python)
 #   FP32_EPOCHS (15)  INT8_EPOCHS (3)  FT_EPOCHS (3)  THREADS (1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-HARDWARE=${HARDWARE:-run/hardware/cim_aq_default.yaml}
+HARDWARE=${HARDWARE:-run/hardware/default.yaml}
 FP32_EPOCHS=${FP32_EPOCHS:-15}
 INT8_EPOCHS=${INT8_EPOCHS:-3}
 FT_EPOCHS=${FT_EPOCHS:-3}
