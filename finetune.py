@@ -31,6 +31,7 @@ from torch import nn
 from lib import cli
 from lib.data import DatasetError, HoldoutSpec, build_loaders, default_input_size, first_images
 from lib.fileio import atomic_write_json
+from lib.layer_trace import layer_order
 from lib.policy import Policy, PolicyError
 from lib.training import (CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state,
                           seed_everything)
@@ -278,16 +279,20 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         policy, policy_file = Policy.load(args.policy), str(args.policy)
         hw, hw_path = hardware_for(args, start_args)
     data = load_data(args, spec)
+    # .npy rows follow the model's construction order (CIM-AQ's files); inside, call order.
+    float_model, order = layer_order(lambda: create_model(spec["arch"], spec["num_classes"]), spec["input_size"])
+    if resume_state is None and Path(args.policy).suffix == ".npy":
+        policy = Policy.load(args.policy, order)
     if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):
         raise SystemExit(f"error: --init has {start_args['num_classes']} classes but {spec['dataset']} has "
                          f"{spec['num_classes']}")
     # The policy must fit the model before anything trains (length, names, bits).
-    cost = validate_policy(policy, create_model(spec["arch"], spec["num_classes"]), hw, spec["input_size"])
+    cost = validate_policy(policy, float_model, hw, spec["input_size"])
     log.info("policy %s: %d layers, latency %.1f µs = %.3f × uniform %d/%d-bit", args.policy or "(resumed)",
              len(policy), cost.total_latency, cost.ratio, *BASELINE_BITS)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy.save(out_dir / "policy")
+    policy.save(out_dir / "policy", order)
 
     device = cli.pick_device(args.device)
     if resume_state is not None:

@@ -101,7 +101,7 @@ class RL(Section):
     finetune_steps: Optional[int] = Field(None, ge=0)
     search_holdout: Union[int, float] = Field(10000, gt=0)
     search_train_size: Optional[Union[int, float]] = Field(20000, gt=0)
-    top_k: int = Field(1, ge=1)
+    top_k: int = Field(1, ge=0)
     top_k_finetune_steps: Optional[int] = Field(None, ge=0)
     hidden1: int = Field(300, ge=1)
     hidden2: int = Field(300, ge=1)

@@ -42,3 +42,27 @@ def resolve_dataset(name: str) -> str:
         return "imagefolder" if key in ("imagenet", "imagenet100") else key
     allowed = sorted(set(DATASETS) | set(CIM_AQ_DATASETS))
     raise ValueError(f"unknown dataset {name!r}; allowed: {allowed}")
+
+
+def main(argv=None) -> int:
+    """`python -m lib.workflow.names --model NAME | --dataset NAME`: print our name (for the stage scripts)."""
+    import argparse
+    import sys
+
+    from models import list_models
+
+    p = argparse.ArgumentParser(description="Map a CIM-AQ model or dataset name onto ours.")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="e.g. qresnet18, custom_vgg16, resnet20")
+    group.add_argument("--dataset", help="e.g. imagenet100, imagenet, test, digits")
+    args = p.parse_args(argv)
+    try:
+        print(resolve_model(args.model, list_models()) if args.model else resolve_dataset(args.dataset))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
