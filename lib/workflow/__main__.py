@@ -20,7 +20,7 @@ import yaml
 
 from lib import cli
 from lib.fileio import atomic_write
-from lib.workflow.config import load_config
+from lib.workflow.config import WorkflowConfigError, load_config
 from lib.workflow.runner import Runner
 from lib.workflow.steps import HARDWARE_FILE, build_plan
 
@@ -32,6 +32,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment YAML (see run/configs/template.yaml)")
     p.add_argument("--check", action="store_true", help="only validate the config and list the steps")
+    p.add_argument("--until", default=None, metavar="STEP",
+                   help="stop after this step (e.g. stage1/search); later steps are left as they are")
     p.add_argument("--log-level", default="INFO", help="logging level of the workflow's own lines")
     return p.parse_args(argv)
 
@@ -47,6 +49,11 @@ def write_hardware(config) -> None:
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     plan = build_plan(config)
+    if args.until is not None:
+        names = [step.name for step in plan]
+        if args.until not in names:
+            raise WorkflowConfigError(f"--until {args.until!r} is not a step of this experiment; steps: {names}")
+        plan = plan[:names.index(args.until) + 1]
     log.info("experiment %s: %d steps%s", config.experiment_dir, len(plan),
              "" if config.stage2_enabled else " (stage 2 disabled)")
     if args.check:
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace) -> None:
         log.warning("amp.enable is accepted for CIM-AQ configs but ignored: every stage runs in float32")
     write_hardware(config)
     Runner(config.experiment_dir).run(plan)
+    if args.until is not None:
+        return
     results = config.experiment_dir / "results.md"
     log.info("results: %s", results)
     sys.stdout.write(results.read_text())

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lib import cli  # noqa: E402
 from lib.fileio import atomic_write, atomic_write_json  # noqa: E402
@@ -87,33 +88,35 @@ def plot_pareto(episodes: list[dict], summary: dict, path: Path) -> None:
     ax.set_ylabel("top-1 accuracy on the search split (%)")
     ax.set_title("Explored policies")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png"), binary=True)
     plt.close(fig)
 
 
 def plot_search(episodes: list[dict], path: Path) -> None:
-    """Reward per episode, and the best feasible accuracy / speed-up found so far."""
+    """Reward per episode, and the accuracy / speed-up of the best (highest-reward feasible) policy so far."""
     fig, (ax_r, ax_b) = plt.subplots(2, 1, figsize=(7, 6), dpi=120, sharex=True)
     xs = [e["episode"] for e in episodes]
     ax_r.plot(xs, [e["reward"] for e in episodes], ".-", c="tab:purple", lw=1, ms=4)
     ax_r.set_ylabel("reward")
     ax_r.set_title("Search progress")
     ax_r.grid(alpha=0.3)
-    best_acc, best_speed, acc, speed = [], [], None, None
+    best_acc, best_speed, best = [], [], None
     for e in episodes:
-        if e.get("feasible", True) and (speed is None or 1 / e["latency_ratio"] > speed):
-            acc, speed = e["accuracy"], 1 / e["latency_ratio"]
-        best_acc.append(acc)
-        best_speed.append(speed)
-    ax_b.step(xs, best_acc, where="post", c="tab:blue", label="accuracy of best policy")
-    ax_b.set_ylabel("top-1 on search split (%)", color="tab:blue")
+        if e.get("feasible", True) and (best is None or e["reward"] > best["reward"]):
+            best = e
+        best_acc.append(best["accuracy"] if best else None)
+        best_speed.append(1 / best["latency_ratio"] if best else None)
+    ax_b.step(xs, best_acc, where="post", c="tab:blue")
+    ax_b.set_ylabel("its top-1 on search split (%)", color="tab:blue")
     ax_b.set_xlabel("episode")
+    ax_b.set_title("best policy so far (highest reward within the constraints)", fontsize=9)
     ax_b.grid(alpha=0.3)
+    ax_b.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_s = ax_b.twinx()
-    ax_s.step(xs, best_speed, where="post", c="tab:orange", label="speed-up of best policy")
-    ax_s.set_ylabel("speed-up vs uniform 8-bit (×)", color="tab:orange")
+    ax_s.step(xs, best_speed, where="post", c="tab:orange", linestyle="--")
+    ax_s.set_ylabel("its speed-up vs uniform 8-bit (×)", color="tab:orange")
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png"), binary=True)
     plt.close(fig)
