@@ -89,3 +89,18 @@ def test_cli_refuses_a_bad_config_with_one_line_and_exit_2_before_any_work(tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "datasets.small.nmae: unknown key; did you mean 'name'?" in errors[0]
     assert time.time() - started < 30 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name, arch", [("resnet18_imagenet.yaml", "resnet18"), ("vgg16_imagenet.yaml", "vgg16")])
+def test_imagenet_configs_are_valid_once_their_roots_exist(tmp_path, make_image_tree, name, arch):
+    data = yaml.safe_load((REPO / "run" / "configs" / name).read_text())
+    data["datasets"]["small"]["root"] = str(make_image_tree(tmp_path / "imagenet100"))
+    data["datasets"]["large"]["root"] = str(make_image_tree(tmp_path / "imagenet"))
+    config = load_config(write_config(tmp_path, data))
+    assert config.arch == arch and config.raw.quantization.consider_cell_resolution
+    assert config.experiment_dir.name == f"both_constraints_{arch}_cim_aq_default"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "test.yaml", "template.yaml"])
+def test_shipped_configs_are_valid(name):
+    assert load_config(REPO / "run" / "configs" / name).stage2_enabled

@@ -117,16 +117,17 @@ class RL(Section):
 
 
 class SmallTraining(Section):
-    fp32_epochs: int = Field(30, ge=0)
+    fp32_epochs: int = Field(30, ge=1)
     int8_epochs: int = Field(30, ge=1)
     search_finetune_epochs: float = Field(3, ge=0)
     final_finetune_epochs: int = Field(30, ge=1)
 
 
 class LargeTraining(Section):
-    fp32_epochs: int = Field(30, ge=0)
+    fp32_epochs: int = Field(30, ge=1)
     int8_epochs: int = Field(30, ge=1)
     final_finetune_epochs: int = Field(30, ge=1)
+    fp32_from_stage1: bool = False
 
 
 class Training(Section):

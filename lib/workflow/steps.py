@@ -54,6 +54,7 @@ class StageData:
     fp32_lr: float
     int8_lr: float
     final_lr: float
+    fp32_start: Optional[Path] = None
 
 
 def stage_dirs(config: ResolvedConfig) -> dict[str, Path]:
@@ -77,7 +78,8 @@ def build_plan(config: ResolvedConfig) -> list[Step]:
         stages.append(StageData("stage2", raw.datasets.large.name, config.large_kind, config.large_root,
                                 tr.large_dataset.fp32_epochs, tr.large_dataset.int8_epochs,
                                 tr.large_dataset.final_finetune_epochs, lr.large_dataset.fp32_pretraining,
-                                lr.large_dataset.int8_pretraining, lr.large_dataset.mixed_precision_finetuning))
+                                lr.large_dataset.int8_pretraining, lr.large_dataset.mixed_precision_finetuning,
+                                _stage1_fp32(config) if tr.large_dataset.fp32_from_stage1 else None))
     dirs = stage_dirs(config)
     hardware = config.experiment_dir / HARDWARE_FILE
     plan: list[Step] = []
@@ -96,6 +98,10 @@ def build_plan(config: ResolvedConfig) -> list[Step]:
 
 
 # ------------------------------------------------------------------------------------------ pieces
+def _stage1_fp32(config: ResolvedConfig) -> Path:
+    return stage_dirs(config)["stage1"] / "fp32" / "model_best.pth.tar"
+
+
 def _data_args(config: ResolvedConfig, stage: StageData) -> list[str]:
     args = ["--dataset", stage.kind, "--input-size", str(config.input_size)]
     if stage.root is not None:
@@ -128,13 +134,16 @@ def _training_steps(config: ResolvedConfig, stage: StageData, base: Path, hardwa
     fp32_argv = ["pretrain.py", *common, "--epochs", str(stage.fp32_epochs), "--lr", str(stage.fp32_lr),
                  "--output-dir", str(fp32_dir)]
     inputs: tuple[Path, ...] = ()
-    if config.raw.models.pretrained:
+    depends: tuple[str, ...] = ()
+    if stage.fp32_start is not None:  # stage 2 continues from stage 1's FP32 model
+        fp32_argv += ["--pretrained", str(stage.fp32_start)]
+        inputs, depends = (stage.fp32_start,), ("stage1/fp32",)
+    elif config.raw.models.pretrained:
         pretrained = REPO_ROOT / config.raw.models.pretrained
         fp32_argv += ["--pretrained", str(pretrained)]
         inputs = (pretrained,)
     fp32 = Step(f"{stage.label}/fp32", tuple(fp32_argv), fp32_dir, ("model_best.pth.tar", "metrics.json"),
-                inputs=inputs, settings={"stage": stage.__dict__ | {"root": str(stage.root)}},
-                runtime_args=runtime, resumable=True)
+                inputs=inputs, depends=depends, runtime_args=runtime, resumable=True)
     fp32_best = fp32_dir / "model_best.pth.tar"
     int8_argv = ["pretrain.py", *common, "--quant", "uniform", "--w-bit", "8", "--a-bit", "8",
                  "--hardware", str(hardware), "--init", str(fp32_best), "--epochs", str(stage.int8_epochs),
