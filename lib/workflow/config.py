@@ -74,17 +74,14 @@ class Hardware(Section):
     psum_granularity: Optional[Literal[PSUM_GRANULARITIES]] = None  # type: ignore[valid-type]
 
 
-class SmallLearningRates(Section):
-    fp32_pretraining: float = Field(0.0005, gt=0)
-    int8_pretraining: float = Field(0.001, gt=0)
-    mixed_precision_finetuning: float = Field(0.0005, gt=0)
-    rl_finetune: float = Field(0.001, gt=0)
-
-
 class LargeLearningRates(Section):
     fp32_pretraining: float = Field(0.0005, gt=0)
     int8_pretraining: float = Field(0.001, gt=0)
     mixed_precision_finetuning: float = Field(0.0005, gt=0)
+
+
+class SmallLearningRates(LargeLearningRates):
+    rl_finetune: float = Field(0.001, gt=0)
 
 
 class LearningRates(Section):
@@ -116,17 +113,17 @@ class RL(Section):
     delta_decay: float = Field(0.997, gt=0, le=1)
 
 
-class SmallTraining(Section):
+class StageTraining(Section):
     fp32_epochs: int = Field(30, ge=1)
     int8_epochs: int = Field(30, ge=1)
+    final_finetune_epochs: int = Field(30, ge=1)
+
+
+class SmallTraining(StageTraining):
     search_finetune_epochs: float = Field(3, ge=0)
-    final_finetune_epochs: int = Field(30, ge=1)
 
 
-class LargeTraining(Section):
-    fp32_epochs: int = Field(30, ge=1)
-    int8_epochs: int = Field(30, ge=1)
-    final_finetune_epochs: int = Field(30, ge=1)
+class LargeTraining(StageTraining):
     fp32_from_stage1: bool = False
 
 
