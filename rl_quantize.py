@@ -138,7 +138,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         strategy=args.strategy, top_k=args.top_k, top_k_finetune_steps=args.top_k_finetune_steps,
         search_holdout=args.search_holdout, search_train_size=args.search_train_size, seed=args.seed,
         resume=args.resume == "auto", overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, progress=not args.no_progress, tensorboard=not args.no_tensorboard, ddpg=ddpg)
+        threads=args.threads, device=args.device, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        ddpg=ddpg)
 
 
 def search(args: argparse.Namespace) -> None:

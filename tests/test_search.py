@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import rl_quantize
-from lib.search import KILL_ENV, DDPGConfig, run_search
+from lib.search import KILL_ENV, DDPGConfig, prepare, run_search
+from lib.search.search import Search
 from lib.training import load_checkpoint
 from search_support import make_int8_checkpoint, tiny_config
 
@@ -108,8 +110,6 @@ def test_cim_aq_spellings_are_accepted(int8_ckpt, tmp_path, eager_single_thread)
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, int8_ckpt) -> dict:
-    import torch
-
     folder = tmp_path_factory.mktemp("bad")
     foreign = folder / "foreign.pth"
     torch.save({"weight": torch.zeros(2)}, foreign)
@@ -147,3 +147,40 @@ def test_bad_checkpoints_exit_2(bad_files, tmp_path, capsys, which, message):
     assert rl_quantize.main(cli_args(path, tmp_path / "out", 2)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+
+
+def test_an_earlier_search_is_kept_unless_overwrite_and_until_everything_checks_out(int8_ckpt, tmp_path, capsys):
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "episodes.jsonl").write_text('{"episode": 0}\n')
+    assert rl_quantize.main(cli_args(int8_ckpt, out, 2)) == 2
+    assert "already holds a search (episodes.jsonl); use --resume auto" in capsys.readouterr().err
+    assert rl_quantize.main(cli_args(int8_ckpt, out, 2) + ["--overwrite", "--search-holdout", "100000"]) == 2
+    assert "holdout size=100000 leaves no training images" in capsys.readouterr().err
+    assert (out / "episodes.jsonl").read_text() == '{"episode": 0}\n'
+
+
+def test_adc_search_writes_three_columns(int8_ckpt, tmp_path, eager_single_thread):
+    out = tmp_path / "adc"
+    result = run_search(tiny_config(int8_ckpt, out, search_adc=True, min_adc_bit=4, max_adc_bit=6, episodes=2,
+                                    top_k=1, ddpg=SMALL_AGENT))
+    best = np.load(out / "best_policy.npy")
+    assert best.shape == (4, 3) and best.tolist() == result.best["policy"]
+    assert np.all((best[:, 2] >= 4) & (best[:, 2] <= 6))
+    assert all(len(row) == 3 for r in read_log(out) for row in r["policy"])
+    assert [layer["adc_bits"] for layer in json.loads((out / "best_policy.json").read_text())["layers"]] == \
+        best[:, 2].tolist()
+
+
+
+def test_search_on_other_hardware_starts_from_the_same_model_every_run(int8_ckpt, tmp_path, eager_single_thread):
+    config = tiny_config(int8_ckpt, tmp_path, hardware=str(REPO / "run" / "hardware" / "cell2bit.yaml"))
+    starts = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever ran before in the process
+        search = Search(config, prepare(config), None)
+        evaluator = search.build_evaluator()
+        starts.append(evaluator.start_state)
+        assert evaluator.model.get_submodule("fc").hw.cell_bits == 2
+    assert starts[0].keys() == starts[1].keys()
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])

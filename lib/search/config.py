@@ -27,7 +27,7 @@ class DDPGConfig:
     lr_actor: float = 1e-4
     lr_critic: float = 1e-3
     rmsize: int = 128          # replay memory size, in episodes (× decisions per episode transitions)
-    window_length: int = 1
+    window_length: int = 1    # states per observation; HAQ's flag, only 1 is supported
     tau: float = 0.01
     discount: float = 1.0
     bsize: int = 64
@@ -36,8 +36,11 @@ class DDPGConfig:
     moving_alpha: float = 0.5  # weight of the newest reward in the moving-average baseline
 
     def check(self) -> None:
-        for key in ("hidden1", "hidden2", "rmsize", "window_length", "bsize"):
+        for key in ("hidden1", "hidden2", "rmsize", "bsize"):
             _int_at_least(key, getattr(self, key), 1)
+        if self.window_length != 1:
+            raise SearchConfigError(f"window_length={self.window_length!r} is not allowed: only 1 (HAQ's default, "
+                                    f"one state per observation) is supported")
         for key in ("lr_actor", "lr_critic", "init_delta"):
             if not getattr(self, key) > 0:
                 raise SearchConfigError(f"{key}={getattr(self, key)!r} is not allowed: expected a number > 0")
@@ -94,6 +97,7 @@ class SearchConfig:
     overwrite: bool = False
     batch_size: int = 64
     workers: int = 0
+    threads: int = 0           # torch CPU threads for the search (0 = leave as is)
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
@@ -132,6 +136,7 @@ class SearchConfig:
         _int_at_least("top_k_finetune_steps", self.top_k_finetune_steps, 0)
         _int_at_least("batch_size", self.batch_size, 1)
         _int_at_least("workers", self.workers, 0)
+        _int_at_least("threads", self.threads, 0)
         if self.finetune_epochs is not None and not self.finetune_epochs > 0:
             raise SearchConfigError(f"finetune_epochs={self.finetune_epochs!r} is not allowed: expected a number > 0")
         if not self.finetune_lr > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +35,14 @@ class Evaluation:
     eval_seconds: float
 
 
+def snapshot(model: nn.Module) -> OrderedDict:
+    """A detached copy of the model's state dict, with the per-module versions load_state_dict reads."""
+    state = model.state_dict()
+    copy = OrderedDict((k, v.detach().clone()) for k, v in state.items())
+    copy._metadata = getattr(state, "_metadata", None)
+    return copy
+
+
 class PolicyEvaluator:
     """Finetunes and scores policies on one in-memory model (see module docstring)."""
 
@@ -46,7 +55,7 @@ class PolicyEvaluator:
         self.lr = lr
         self.calibration_batches = calibration_batches
         self.seed = seed + EVAL_SEED_OFFSET
-        self.start_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.start_state = snapshot(self.model)
         self.criterion = nn.CrossEntropyLoss()
 
     def steps_for(self, finetune_steps: int, finetune_epochs: Optional[float]) -> int:

@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from lib.search.evaluator import PolicyEvaluator
 from lib.search.reward import episode_reward, is_feasible
 from lib.search.space import ADC, INPUT, WEIGHT, BitSpace
 from lib.search.state import StateEncoder
-from lib.training import CheckpointError, Tracker, load_checkpoint
+from lib.simulator import CostModel
+from lib.training import CheckpointError, Tracker, load_checkpoint, seed_everything
 from lib.training.checkpoint import plain
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Setup:
     hw: HardwareConfig
     hw_source: str
     start_state: dict
-    cost_model: object
+    cost_model: CostModel
     space: BitSpace
     names: list
 
@@ -110,7 +111,7 @@ def prepare(config: SearchConfig) -> Setup:
     return Setup(spec, hw, hw_source, start_state, cost_model, space, names)
 
 
-def prepare_output_dir(config: SearchConfig) -> Optional[dict]:
+def saved_search(config: SearchConfig) -> Optional[dict]:
     """The saved search state to resume from, or None; refuses to mix with an earlier search's files."""
     out = Path(config.output_dir)
     state_path = out / STATE_NAME
@@ -124,17 +125,24 @@ def prepare_output_dir(config: SearchConfig) -> Optional[dict]:
     if existing and not config.overwrite:
         raise SearchConfigError(f"--output-dir {out} already holds a search ({', '.join(existing)}); use "
                                 f"--resume auto to continue it or --overwrite to start over")
-    for name in existing:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier search's outputs (--overwrite), once everything else has been checked."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _resumable(config: SearchConfig) -> dict:
     """The settings a resumed search must share with the one it continues (not the run-time knobs)."""
     data = config.to_dict()
-    for key in ("resume", "overwrite", "progress", "workers", "device", "tensorboard", "episodes", "top_k",
+    for key in ("resume", "overwrite", "progress", "workers", "threads", "device", "tensorboard", "episodes", "top_k",
                 "top_k_finetune_steps"):
         data.pop(key)
     return data
@@ -178,7 +186,9 @@ class Search:
 
     # ------------------------------------------------------------ model and data
     def build_evaluator(self) -> PolicyEvaluator:
+        """Data, and the start model (INT8 on the search's hardware), built the same way in every process."""
         cfg, setup = self.config, self.setup
+        seed_everything(cfg.seed)  # a conversion to other hardware calibrates on augmented batches
         holdout = HoldoutSpec(size=cfg.search_holdout, train_size=cfg.search_train_size, seed=0)
         try:
             data = build_loaders(setup.spec.dataset, setup.spec.data_root, setup.spec.input_size,
@@ -283,10 +293,9 @@ class Search:
         atomic_write(self.out / "episodes.jsonl", lambda handle: handle.write(lines))
 
     # ------------------------------------------------------------ whole search
-    def run(self, progress: bool) -> SearchResult:
+    def run(self, progress: bool, on_episode: Optional[Callable[[dict], None]] = None) -> SearchResult:
         cfg = self.config
         started = time.time()
-        self.evaluator = self.build_evaluator()
         if self.baseline is None:
             base = Policy.uniform(self.setup.names, 8, 8)
             self.baseline = self.evaluator.evaluate(base, self.steps).accuracy
@@ -302,8 +311,11 @@ class Search:
                 record = self.run_episode()
                 self.records.append(record)
                 self.episode += 1
+                persisting = time.perf_counter()
                 self.write_log()
                 self.save_state()
+                # the writes belong to this episode's "rest"; the log on disk gets it with the next write
+                record["seconds"]["rest"] = round(record["seconds"]["rest"] + time.perf_counter() - persisting, 4)
                 tracker.log({"search/reward": record["reward"], "search/accuracy": record["accuracy"],
                              "search/latency_ratio": record["latency_ratio"],
                              "search/best_reward": max(r["reward"] for r in self.records)}, self.episode)
@@ -311,11 +323,14 @@ class Search:
                 bar.set_postfix(best_reward=f"{best['reward']:.2f}", acc=f"{best['accuracy']:.1f}",
                                 speedup=f"{1 / best['latency_ratio']:.2f}x")
                 bar.update(1)
+                if on_episode is not None:
+                    on_episode(record)
                 if kill_after and self.episode == kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
             bar.close()
             tracker.close()
+        self.write_log()
         top_k = self.rerank()
         return self.finish(top_k, time.time() - started)
 
@@ -375,8 +390,18 @@ class Search:
         return SearchResult(best, self.baseline, self.target, len(self.records), self.out, top_k)
 
 
-def run_search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
-    """Run (or resume) a search; every user error is raised before any training starts."""
+def run_search(config: SearchConfig, *, progress: bool = True,
+               on_episode: Optional[Callable[[dict], None]] = None) -> SearchResult:
+    """Run (or resume) a search; every user error is raised before any training starts.
+
+    on_episode: called with each finished episode's record (after its state is written).
+    """
     setup = prepare(config)
-    saved = prepare_output_dir(config)
-    return Search(config, setup, saved).run(progress and config.progress)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    saved = saved_search(config)
+    search = Search(config, setup, saved)
+    search.evaluator = search.build_evaluator()  # data and model: their errors come before any file changes
+    if saved is None:
+        clear_outputs(Path(config.output_dir))
+    return search.run(progress and config.progress, on_episode)
