@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> None:
     if config.raw.amp.enable:
         log.warning("amp.enable is accepted for CIM-AQ configs but ignored: every stage runs in float32")
     write_hardware(config)
-    Runner(config.experiment_dir).run(plan)
+    gpu = config.raw.device.gpu_id
+    Runner(config.experiment_dir, env={} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}).run(plan)
     if args.until is not None:
         return
     results = config.experiment_dir / "results.md"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -56,8 +57,10 @@ def file_digest(path: Path) -> str:
 class Runner:
     """Runs steps in order inside one experiment directory."""
 
-    def __init__(self, experiment_dir: Path, python: str = sys.executable) -> None:
+    def __init__(self, experiment_dir: Path, python: str = sys.executable, env: Optional[dict] = None) -> None:
+        """env: extra environment variables of every step (e.g. CUDA_VISIBLE_DEVICES)."""
         self.experiment_dir = Path(experiment_dir)
+        self.env = {**os.environ, **(env or {})}
         self.state_dir = self.experiment_dir / STATE_DIR
         self.python = python
         self.tokens: dict[str, str] = {}
@@ -112,7 +115,7 @@ class Runner:
         log.info("%s %-18s %s ...", counter, step.name, state)
         started = time.time()
         command = [self.python, *step.argv, *step.runtime_args]
-        completed = subprocess.run(command, cwd=REPO_ROOT)
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=self.env)
         seconds = time.time() - started
         if completed.returncode != 0:
             raise StepFailed(f"step {step.name} failed (exit status {completed.returncode}) after {seconds:.1f} s; "
