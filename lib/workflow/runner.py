@@ -6,7 +6,7 @@ step leaves a record `<experiment>/.workflow/<step>.json` with that fingerprint 
 a step is skipped when its record matches and its outputs exist. Every rerun issues a new token,
 so whatever depends on it reruns too. A step that was started under the same fingerprint but
 never finished is resumed (its CLI gets `--resume auto` and finds its checkpoint); any other
-rerun of a resumable step starts from an empty folder.
+rerun starts from an empty step folder.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class Runner:
         resume = (step.resumable and record is not None and record.get("status") == "started"
                   and record.get("fingerprint") == fingerprint and step.workdir.is_dir())
         state = "resumed" if resume else "running"
-        if step.resumable and not resume and step.workdir.is_dir():
+        if step.owns_workdir and not resume and step.workdir.is_dir():
             shutil.rmtree(step.workdir)  # a changed or repeated step starts from an empty folder
         step.workdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.record_path(step), {"status": "started", "fingerprint": fingerprint,

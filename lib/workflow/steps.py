@@ -24,6 +24,8 @@ class Step:
         in the fingerprint, as do `settings` (the config values the step uses) and the argv.
     runtime_args: flags that change speed or display, not results (threads, workers, progress).
     resumable: the CLI continues an interrupted run from its checkpoint (`--resume auto`).
+    owns_workdir: the folder is the step's alone, emptied before each fresh run (stage CLIs refuse to
+        write over an earlier run's files); false for the report, which writes into the experiment dir.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Step:
     settings: dict = field(default_factory=dict)
     runtime_args: tuple[str, ...] = ()
     resumable: bool = False
+    owns_workdir: bool = True
 
     def output_paths(self) -> list[Path]:
         return [self.workdir / name for name in self.outputs]
@@ -225,4 +228,4 @@ def _report_step(config: ResolvedConfig, plan: list[Step]) -> Step:
     argv = ["-m", "lib.workflow.report", "--config", str(config.source)]
     evaluations = tuple(s.workdir / "evaluation.json" for s in plan if s.name.endswith("/evaluate"))
     return Step("report", tuple(argv), exp, ("results.md", "results.json", "pareto.png", "search.png"),
-                inputs=evaluations, depends=tuple(s.name for s in plan))
+                inputs=evaluations, depends=tuple(s.name for s in plan), owns_workdir=False)
