@@ -32,6 +32,7 @@ from lib import cli
 from lib.data import HoldoutSpec, build_loaders, default_input_size, first_images
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
+from lib.layer_trace import layer_order
 from lib.policy import Policy, check_supported
 from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
 from lib.training import CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
@@ -291,18 +292,22 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
     device = cli.pick_device(args.device)
     data = load_data(args, spec)
+    # .npy rows follow the model's construction order (CIM-AQ's files); inside, call order.
+    float_model, order = layer_order(lambda: create_model(spec["arch"], spec["num_classes"]), spec["input_size"])
+    if resume_state is None and Path(args.policy).suffix == ".npy":
+        policy = Policy.load(args.policy, order)
     if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):
         raise FinetuneError(f"--init has {start_args['num_classes']} classes but {spec['dataset']} has "
                             f"{spec['num_classes']}")
     # The policy must fit the model before anything trains (length, names, bits).
-    cost = validate_policy(policy, create_model(spec["arch"], spec["num_classes"]), hw, spec["input_size"])
+    cost = validate_policy(policy, float_model, hw, spec["input_size"])
     log.info("policy %s: %d layers, latency %.1f µs = %.3f × uniform %d/%d-bit", args.policy or "(resumed)",
              len(policy), cost.total_latency, cost.ratio, *BASELINE_BITS)
     for key, sides in hw.pricing_differences().items():
         log.warning("hardware %s: the cost model prices %s, the CIM layers simulate %s", key, sides["priced"],
                     sides["simulated"])
     open_run_dir(out_dir)
-    policy.save(out_dir / "policy")
+    policy.save(out_dir / "policy", order)
     if resume_state is not None:
         model = model_from_args(resume_state["args"])
     else:
