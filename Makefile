@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 
 # Main job: the two-stage workflow on the built-in digits (run/configs/demo.yaml): stage 1 searches a
 # mixed-precision policy on digits-small, stage 2 trains on digits and finetunes to it; ONNX export
-# checked in onnxruntime; results.md/.json and plots in runs/workflow/demo_resnet20_cim_aq_default/.
+# checked in onnxruntime; results.md/.json and plots in runs/workflow/demo_resnet20_default/.
 # A rerun skips finished steps and resumes an interrupted one.
 demo: $(STAMP)
 	PYTHON=$(VENV)/bin/python bash run/run_full_workflow.sh $(DEMO_CONFIG)
