@@ -287,7 +287,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         spec = resolve_spec(args, start_args)
         policy, policy_file = Policy.load(args.policy), str(args.policy)
         hw, hw_path = hardware_for(args, start_args)
-    check_supported(policy, hw)
+    check_supported(policy)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
     check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
     device = cli.pick_device(args.device)

@@ -236,7 +236,7 @@ def run_train(args: argparse.Namespace) -> dict:
         hw = hardware_config(spec)
         spec["hardware_config"] = hw.to_dict()
         try:
-            check_layer_bits(spec["w_bit"], spec["a_bit"], None, hw)
+            check_layer_bits(spec["w_bit"], spec["a_bit"], None)
         except ValueError as err:
             raise PretrainError(f"--w-bit {spec['w_bit']} --a-bit {spec['a_bit']}: {err} "
                                 f"(the CIM layers' range)") from None
