@@ -22,7 +22,7 @@ from lib import cli
 from lib.fileio import atomic_write
 from lib.workflow.config import WorkflowConfigError, load_config
 from lib.workflow.runner import Runner
-from lib.workflow.steps import HARDWARE_FILE, build_plan
+from lib.workflow.steps import HARDWARE_FILE, build_plan, step_environment
 
 log = logging.getLogger("workflow")
 
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> None:
     if config.raw.amp.enable:
         log.warning("amp.enable is accepted for CIM-AQ configs but ignored: every stage runs in float32")
     write_hardware(config)
-    gpu = config.raw.device.gpu_id
-    Runner(config.experiment_dir, env={} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}).run(plan)
+    Runner(config.experiment_dir, env=step_environment(config)).run(plan)
     if args.until is not None:
         return
     results = config.experiment_dir / "results.md"

@@ -145,6 +145,7 @@ class Device(Section):
     gpu_id: Optional[Union[str, int]] = None
     device: str = "auto"
     threads: int = Field(0, ge=0)
+    compile_kernels: Optional[bool] = None  # CIM_AQ_COMPILE of every step; None leaves it to the environment
 
 
 class Dataloader(Section):

@@ -11,6 +11,7 @@ rerun starts from an empty step folder.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -115,10 +116,10 @@ class Runner:
         log.info("%s %-18s %s ...", counter, step.name, state)
         started = time.time()
         command = [self.python, *step.argv, *step.runtime_args]
-        completed = subprocess.run(command, cwd=REPO_ROOT, env=self.env)
+        returncode = self.execute(step, command)
         seconds = time.time() - started
-        if completed.returncode != 0:
-            raise StepFailed(f"step {step.name} failed (exit status {completed.returncode}) after {seconds:.1f} s; "
+        if returncode != 0:
+            raise StepFailed(f"step {step.name} failed (exit status {returncode}) after {seconds:.1f} s; "
                              f"rerun the workflow to resume it. Command: {' '.join(command)}")
         missing = [str(p) for p in step.output_paths() if not p.is_file()]
         if missing:
@@ -131,6 +132,20 @@ class Runner:
                                                    "argv": list(step.argv)})
         log.info("%s %-18s %s, done in %.1f s", counter, step.name, state, seconds)
         return StepOutcome(step.name, state, seconds)
+
+    def execute(self, step: Step, command: list[str]) -> int:
+        """Run the step's command; exit status (an in-process step's uncaught exception counts as 1).
+
+        An in-process step runs on the CPU with the runner's environment (it needs no GPU)."""
+        if not step.in_process:
+            return subprocess.run(command, cwd=REPO_ROOT, env=self.env).returncode
+        if step.argv[0] != "-m":
+            raise ValueError(f"in-process step {step.name} must be `-m module ...`, got {step.argv[:2]}")
+        try:
+            return importlib.import_module(step.argv[1]).main([*step.argv[2:], *step.runtime_args])
+        except Exception:  # noqa: BLE001 - a bug in the step: report it like a crashed subprocess
+            log.exception("step %s raised", step.name)
+            return 1
 
 
 def step_seconds(experiment_dir: Path) -> dict[str, float]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lib.cim.adc_kernels import COMPILE_ENV
 from lib.workflow.config import REPO_ROOT, ResolvedConfig
 
 HARDWARE_FILE = "hardware.yaml"
@@ -26,6 +27,9 @@ class Step:
     resumable: the CLI continues an interrupted run from its checkpoint (`--resume auto`).
     owns_workdir: the folder is the step's alone, emptied before each fresh run (stage CLIs refuse to
         write over an earlier run's files); false for the report, which writes into the experiment dir.
+    in_process: a light `-m module` step (evaluation, report) the runner calls as `module.main(argv)` in its
+        own process: it has torch and the config imported already, a fresh interpreter would spend
+        seconds importing them again.
     """
 
     name: str
@@ -38,6 +42,7 @@ class Step:
     runtime_args: tuple[str, ...] = ()
     resumable: bool = False
     owns_workdir: bool = True
+    in_process: bool = False
 
     def output_paths(self) -> list[Path]:
         return [self.workdir / name for name in self.outputs]
@@ -58,6 +63,17 @@ class StageData:
     int8_lr: float
     final_lr: float
     fp32_start: Optional[Path] = None
+
+
+def step_environment(config: ResolvedConfig) -> dict[str, str]:
+    """Environment variables every step gets from the config: the GPU to use and kernel compilation."""
+    device = config.raw.device
+    env = {}
+    if device.gpu_id is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(device.gpu_id)
+    if device.compile_kernels is not None:
+        env[COMPILE_ENV] = "1" if device.compile_kernels else "0"
+    return env
 
 
 def stage_dirs(config: ResolvedConfig) -> dict[str, Path]:
@@ -219,7 +235,7 @@ def _final_steps(config: ResolvedConfig, stage: StageData, base: Path, hardware:
                       inputs=(hardware, base / "fp32" / "metrics.json", base / "int8" / "metrics.json",
                               ft_dir / "report.json", export_dir / "export.json"),
                       depends=(f"{stage.label}/fp32", f"{stage.label}/int8", finetune.name, export.name),
-                      settings={"max_accuracy_drop": raw.quantization.max_accuracy_drop})
+                      settings={"max_accuracy_drop": raw.quantization.max_accuracy_drop}, in_process=True)
     return [finetune, export, evaluation]
 
 
@@ -228,4 +244,4 @@ def _report_step(config: ResolvedConfig, plan: list[Step]) -> Step:
     argv = ["-m", "lib.workflow.report", "--config", str(config.source)]
     evaluations = tuple(s.workdir / "evaluation.json" for s in plan if s.name.endswith("/evaluate"))
     return Step("report", tuple(argv), exp, ("results.md", "results.json", "pareto.png", "search.png"),
-                inputs=evaluations, depends=tuple(s.name for s in plan), owns_workdir=False)
+                inputs=evaluations, depends=tuple(s.name for s in plan), owns_workdir=False, in_process=True)
