@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lib.workflow.config import WorkflowConfigError, load_config
-from lib.workflow.steps import build_plan
+from lib.workflow.steps import build_plan, step_environment
 from workflow_support import REPO, experiment_data, write_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cim_aq_config_template.yaml"
@@ -104,3 +104,17 @@ def test_imagenet_configs_are_valid_once_their_roots_exist(tmp_path, make_image_
 @pytest.mark.parametrize("name", ["demo.yaml", "test.yaml", "template.yaml"])
 def test_shipped_configs_are_valid(name):
     assert load_config(REPO / "run" / "configs" / name).stage2_enabled
+
+
+@pytest.mark.parametrize("value, expected", [(None, {}), (False, {"CIM_AQ_COMPILE": "0"}),
+                                             (True, {"CIM_AQ_COMPILE": "1"})])
+def test_compile_kernels_sets_every_steps_environment(tmp_path, value, expected):
+    data = experiment_data(tmp_path, device={"compile_kernels": value, "gpu_id": None})
+    assert step_environment(load_config(write_config(tmp_path, data))) == expected
+
+
+def test_gpu_id_reaches_every_step_and_compile_kernels_takes_only_booleans(tmp_path):
+    data = experiment_data(tmp_path, device={"gpu_id": "0,1"})
+    assert step_environment(load_config(write_config(tmp_path, data))) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    data = experiment_data(tmp_path, device={"compile_kernels": "sometimes"})
+    assert "device.compile_kernels" in refused(write_config(tmp_path, data, "bad.yaml"))
