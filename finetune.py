@@ -35,6 +35,7 @@ from lib.fileio import atomic_write_json
 from lib.layer_trace import layer_order
 from lib.policy import Policy, check_supported
 from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
+from lib.simulator.attention import refuse_attention_rows
 from lib.training import CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
@@ -294,6 +295,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     data = load_data(args, spec)
     # .npy rows follow the model's construction order (CIM-AQ's files); inside, call order.
     float_model, order = layer_order(lambda: create_model(spec["arch"], spec["num_classes"]), spec["input_size"])
+    refuse_attention_rows(policy, float_model, spec["input_size"], f"policy {policy_file!r}")
     if resume_state is None and Path(args.policy).suffix == ".npy":
         policy = Policy.load(args.policy, order)
     if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):

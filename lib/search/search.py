@@ -26,7 +26,7 @@ from lib.cli import pick_device
 from lib.cim import HardwareConfig, current_policy
 from lib.data import DatasetError, HoldoutSpec, build_loaders
 from lib.fileio import atomic_torch_save, atomic_write, atomic_write_json
-from lib.model_spec import ModelSpec, cost_model_for, model_at_policy
+from lib.model_spec import ModelSpec, cost_model_for, layer_order_of, model_at_policy
 from lib.policy import Policy
 from lib.run_dir import check_output_dir, open_run_dir
 from lib.search.agent import DDPGAgent, RandomAgent
@@ -380,7 +380,7 @@ class Search:
                               "reward": best["reward"], "episode": best["episode"], "feasible": best["feasible"],
                               "hardware": setup.hw.to_dict(), "hardware_source": setup.hw_source,
                               "arch": setup.spec.arch, "baseline_accuracy": self.baseline})
-        policy.save(self.out / "best_policy")
+        policy.save(self.out / "best_policy", layer_order_of(setup.spec))  # .npy rows: construction order
         summary = {"baseline_accuracy": self.baseline, "target_accuracy": self.target, "best": best,
                    "top_k": top_k, "episodes_run": len(self.records), "seconds": round(seconds, 2),
                    "finetune_steps": self.steps, "config": plain(cfg.to_dict())}
