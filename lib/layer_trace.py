@@ -107,7 +107,8 @@ def called_layer_names(model: nn.Module, example_input: Optional[torch.Tensor] =
 
 @dataclass(frozen=True)
 class LayerOrder:
-    """The same Conv2d/Linear layers listed in call order (ours) and construction order (CIM-AQ's rows)."""
+    """The same policy rows (Conv2d/Linear layers, and attention rows where priced) listed in call order
+    (ours) and construction order (CIM-AQ's .npy rows)."""
 
     call: tuple[str, ...]
     construction: tuple[str, ...]
