@@ -26,7 +26,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def seed_epoch(seed: int, epoch: int, loader=None) -> None:
-    """Reseed global RNGs (augmentation, dropout) and `loader`'s shuffle generator for `epoch`."""
+    """Reseed global RNGs (augmentation, dropout) and `loader`'s shuffle (generator or shard sampler) for `epoch`."""
     s = epoch_seed(seed, epoch)
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -34,3 +34,6 @@ def seed_epoch(seed: int, epoch: int, loader=None) -> None:
     generator = getattr(loader, "generator", None)
     if generator is not None:
         generator.manual_seed(s)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch_seed"):
+        sampler.set_epoch_seed(s)

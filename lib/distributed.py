@@ -1,0 +1,154 @@
+"""Multi-process runs under `torchrun`: one process group per run, set up from the environment.
+
+`torchrun --nproc_per_node=N script.py ...` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR for
+each process; `init_distributed` turns them into a `DistContext` (NCCL on CUDA, Gloo on CPU). A
+plain `python script.py` gets the single-process context, and every helper here is then a no-op,
+so the stage code reads the same either way. Rank 0 alone writes files and logs results.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the run: rank, world size, local rank and the device it uses."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes checkpoints, logs, reports and exports."""
+        return self.rank == 0
+
+
+SINGLE = DistContext()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """The context of this process: a process group when torchrun started several, else SINGLE.
+
+    device: the device the user asked for ('cuda' becomes cuda:LOCAL_RANK under torchrun).
+    """
+    if not launched_by_torchrun():
+        return DistContext(device=device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    log.info("process %d of %d (local rank %d) on %s", rank, world, local_rank, device)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (after a final barrier, so no rank exits while others still talk)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Element-wise sum of `values` over all ranks (float64, exact for sample counts)."""
+    if not ctx.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device(ctx))
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's `obj` on every rank (e.g. the policy the agent chose)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_comm_device(ctx) if ctx.device.type == "cuda" else None)
+    return box[0]
+
+
+def broadcast_module_state(module: nn.Module, ctx: DistContext) -> None:
+    """Make every rank hold rank 0's parameters and buffers (after a per-rank calibration, say)."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def _comm_device(ctx: DistContext) -> torch.device:
+    return ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's share of a dataset, reshuffled per epoch from one seed shared by all ranks.
+
+    shuffle=True (training): one permutation drawn from `seed` + the epoch, padded by wrapping so
+    every rank gets the same number of samples (DDP steps in lockstep). shuffle=False
+    (evaluation): indices rank, rank + N, ... with no padding, so all-reduced metrics count every
+    sample exactly once.
+    """
+
+    def __init__(self, length: int, ctx: DistContext, shuffle: bool, seed: int = 0):
+        self.length, self.ctx, self.shuffle, self.seed, self.epoch = length, ctx, shuffle, seed, 0
+        world = ctx.world_size
+        self.per_rank = -(-length // world) if shuffle else len(range(ctx.rank, length, world))
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Permutation seed of the coming epoch (the training loop's per-epoch seed)."""
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.ctx.rank, self.length, self.ctx.world_size))
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        order = torch.randperm(self.length, generator=generator).tolist()
+        total = self.per_rank * self.ctx.world_size
+        order += order[:total - len(order)]
+        return iter(order[self.ctx.rank:total:self.ctx.world_size])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (checkpoints never carry `module.`)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, sync_bn: bool = False) -> nn.Module:
+    """`model` for training on this rank: DDP when distributed (parameters and buffers start as rank 0's)."""
+    if not ctx.distributed:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids: Optional[list[int]] = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
