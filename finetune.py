@@ -29,20 +29,27 @@ from typing import Optional
 from torch import nn
 
 from lib import cli
-from lib.data import DatasetError, HoldoutSpec, build_loaders, default_input_size, first_images
+from lib.data import HoldoutSpec, build_loaders, default_input_size, first_images
+from lib.errors import UserError
 from lib.fileio import atomic_write_json
-from lib.policy import Policy, PolicyError
-from lib.training import (CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state,
-                          seed_everything)
+from lib.policy import Policy, check_supported
+from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
+from lib.training import CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
-from models import ModelError, create_model, read_state_dict
+from models import create_model, read_state_dict
 
 log = logging.getLogger("finetune")
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "cim_aq_default.yaml"
 BASELINE_BITS = (8, 8)
+FLAG_MINIMUMS = {"input_size": 1, "batch_size": 1, "workers": 0, "max_batches": 1, "threads": 0,
+                 "calibration_batches": 1, "export_images": 1}
+
+
+class FinetuneError(UserError, ValueError):
+    """Flags that are missing, contradict each other, or contradict the starting checkpoint."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -83,6 +90,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--output-dir", default=None, help="default runs/finetune/<dataset>_<arch>_<policy stem>")
     g.add_argument("--resume", default=None,
                    help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint.pth.tar if it exists")
+    add_overwrite_arg(g)
     g.add_argument("--evaluate", action="store_true",
                    help="only evaluate a checkpoint (--resume, default <output-dir>/model_best.pth.tar) on the val set")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation")
@@ -115,13 +123,13 @@ def resolve_spec(args: argparse.Namespace, start_args: Optional[dict]) -> dict:
     """Model/data description from the flags, filled from the starting checkpoint's args."""
     start_args = start_args or {}
     if args.arch and start_args.get("arch") and args.arch != start_args["arch"]:
-        raise SystemExit(f"error: --arch {args.arch} conflicts with the --init checkpoint's arch={start_args['arch']!r}")
+        raise FinetuneError(f"--arch {args.arch} conflicts with the --init checkpoint's arch={start_args['arch']!r}")
     spec = {"arch": args.arch or start_args.get("arch"),
             "dataset": args.dataset or start_args.get("dataset") or "digits",
             "data_root": args.data_root if args.data_root is not None else start_args.get("data_root"),
             "input_size": args.input_size or start_args.get("input_size")}
     if not spec["arch"]:
-        raise SystemExit("error: --arch is required (or an --init checkpoint that records it)")
+        raise FinetuneError("--arch is required (or an --init checkpoint that records it)")
     if spec["input_size"] is None:
         spec["input_size"] = default_input_size(spec["dataset"])
     return spec
@@ -211,8 +219,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     elif args.output_dir:
         ckpt = Path(args.output_dir) / "model_best.pth.tar"
     else:
-        raise SystemExit("error: --evaluate needs --resume CHECKPOINT or --output-dir holding model_best.pth.tar")
+        raise FinetuneError("--evaluate needs --resume CHECKPOINT or --output-dir holding model_best.pth.tar")
     model, state = model_from_checkpoint(ckpt)
+    out = check_output_file(ckpt.parent / "eval_metrics.json", "the metrics file")
     saved = state["args"]
     spec = {"dataset": args.dataset or saved.get("dataset"),
             "data_root": args.data_root if args.data_root is not None else saved.get("data_root"),
@@ -222,7 +231,6 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     metrics = evaluate(model.to(device), data.val, nn.CrossEntropyLoss(), device, progress=not args.no_progress)
     result = {"checkpoint": str(ckpt), "epoch": state["epoch"], "dataset": spec["dataset"], "split": "val",
               "val": metrics, "policy": saved.get("policy")}
-    out = ckpt.parent / "eval_metrics.json"
     atomic_write_json(out, result)
     print(json.dumps({"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
                       "samples": metrics["samples"], "metrics": str(out)}))
@@ -230,13 +238,14 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Refuse values that would only fail after training (the export runs last)."""
-    if args.export_images < 1:
-        raise ValueError(f"--export-images={args.export_images} is not allowed: expected an integer >= 1")
+    """Refuse bad values before any work (the export runs last, so its flags too)."""
+    cli.check_minimums(args, FLAG_MINIMUMS)
     if not 0 < args.min_agreement <= 1:
-        raise ValueError(f"--min-agreement={args.min_agreement} is not allowed: expected a fraction in (0, 1]")
-    if args.calibration_batches < 1:
-        raise ValueError(f"--calibration-batches={args.calibration_batches} is not allowed: expected an integer >= 1")
+        raise FinetuneError(f"--min-agreement={args.min_agreement} is not allowed: expected a fraction in (0, 1]")
+    if not 0 <= args.holdout < 1:
+        raise FinetuneError(f"--holdout={args.holdout} is not allowed: expected a fraction in [0, 1) "
+                            f"(0 = pick the best epoch on the val split)")
+    optim_config_from_args(args)  # validates the optimisation flags
 
 
 def run_train(args: argparse.Namespace) -> dict:
@@ -245,7 +254,7 @@ def run_train(args: argparse.Namespace) -> dict:
     resume_state = None
     if args.resume == "auto":
         if not args.output_dir:
-            raise SystemExit("error: --resume auto needs --output-dir")
+            raise FinetuneError("--resume auto needs --output-dir")
         guess = Path(args.output_dir) / "checkpoint.pth.tar"
         resume_state = load_checkpoint(guess) if guess.exists() else None
     elif args.resume:
@@ -255,7 +264,7 @@ def run_train(args: argparse.Namespace) -> dict:
     if resume_state is not None:
         return _train(args, resume_state["args"], None, None, resume_state, started)
     if not args.policy:
-        raise SystemExit("error: --policy is required (a CIM-AQ .npy or our .json)")
+        raise FinetuneError("--policy is required (a CIM-AQ .npy or our .json)")
     start_state, start_plain = read_start(args.init)
     return _train(args, start_state["args"] if start_state else None, start_state, start_plain, None, started)
 
@@ -277,19 +286,20 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         spec = resolve_spec(args, start_args)
         policy, policy_file = Policy.load(args.policy), str(args.policy)
         hw, hw_path = hardware_for(args, start_args)
+    check_supported(policy, hw)
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
+    check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
+    device = cli.pick_device(args.device)
     data = load_data(args, spec)
     if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):
-        raise SystemExit(f"error: --init has {start_args['num_classes']} classes but {spec['dataset']} has "
-                         f"{spec['num_classes']}")
+        raise FinetuneError(f"--init has {start_args['num_classes']} classes but {spec['dataset']} has "
+                            f"{spec['num_classes']}")
     # The policy must fit the model before anything trains (length, names, bits).
     cost = validate_policy(policy, create_model(spec["arch"], spec["num_classes"]), hw, spec["input_size"])
     log.info("policy %s: %d layers, latency %.1f µs = %.3f × uniform %d/%d-bit", args.policy or "(resumed)",
              len(policy), cost.total_latency, cost.ratio, *BASELINE_BITS)
-    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    open_run_dir(out_dir)
     policy.save(out_dir / "policy")
-
-    device = cli.pick_device(args.device)
     if resume_state is not None:
         model = model_from_args(resume_state["args"])
     else:
@@ -346,10 +356,8 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cli.setup(args.log_level, args.threads)
-    from lib.export import ExportError
-
     job = run_evaluate if args.evaluate else run_train
-    return cli.run(lambda: job(args), (DatasetError, ModelError, CheckpointError, PolicyError, ExportError, ValueError))
+    return cli.run(lambda: job(args))
 
 
 if __name__ == "__main__":

@@ -23,13 +23,15 @@ from typing import Optional
 from torch import nn
 
 from lib import cli
-from lib.data import DatasetError, build_loaders, default_input_size
+from lib.data import build_loaders, default_input_size
+from lib.errors import UserError
 from lib.fileio import atomic_write_json
-from lib.training import (CheckpointError, Tracker, evaluate, fit, load_checkpoint,
-                          load_model_state, seed_everything)
+from lib.policy import check_layer_bits
+from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
+from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
-from models import ModelError, create_model, read_state_dict
+from models import create_model, read_state_dict
 
 log = logging.getLogger("pretrain")
 
@@ -41,6 +43,11 @@ MODEL_KEYS = ("arch", "num_classes", "input_size", "quant", "w_bit", "a_bit", "h
 DATA_KEYS = ("dataset", "data_root")
 DEFAULTS = {"dataset": "digits", "data_root": None, "arch": "resnet20", "quant": "none", "w_bit": 8, "a_bit": 8,
             "hardware": None, "input_size": None, "num_classes": None}
+FLAG_MINIMUMS = {"input_size": 1, "batch_size": 1, "workers": 0, "max_batches": 1, "threads": 0}
+
+
+class PretrainError(UserError, ValueError):
+    """Flags that contradict each other or the checkpoint they continue."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -80,6 +87,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "runs/pretrain/<dataset>_<arch>[_w<W>a<A>])")
     g.add_argument("--resume", default=None,
                    help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint.pth.tar if it exists")
+    add_overwrite_arg(g)
     g.add_argument("--evaluate", action="store_true",
                    help="only evaluate a checkpoint (--resume, default <output-dir>/model_best.pth.tar) on the val "
                         "set and write the metrics JSON")
@@ -106,7 +114,7 @@ def resolve_spec(args: argparse.Namespace, saved: Optional[dict] = None) -> dict
         given = getattr(args, key, None)
         if saved is not None and key in saved and saved[key] is not None:
             if given is not None and key in MODEL_KEYS and given != saved[key]:
-                raise SystemExit(f"error: --{key.replace('_', '-')} {given} conflicts with the checkpoint's "
+                raise PretrainError(f"--{key.replace('_', '-')} {given} conflicts with the checkpoint's "
                                  f"{key}={saved[key]!r}")
             spec[key] = saved[key] if given is None else given
         else:
@@ -166,7 +174,7 @@ def load_data(args: argparse.Namespace, spec: dict):
     if spec["num_classes"] is None:
         spec["num_classes"] = data.num_classes
     elif spec["num_classes"] != data.num_classes:
-        raise SystemExit(f"error: the model has {spec['num_classes']} classes but dataset {spec['dataset']} "
+        raise PretrainError(f"the model has {spec['num_classes']} classes but dataset {spec['dataset']} "
                          f"has {data.num_classes}")
     return data
 
@@ -178,9 +186,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     elif out_dir is not None:
         ckpt_path = out_dir / "model_best.pth.tar"
     else:
-        raise SystemExit("error: --evaluate needs --resume CHECKPOINT or --output-dir holding model_best.pth.tar")
+        raise PretrainError("--evaluate needs --resume CHECKPOINT or --output-dir holding model_best.pth.tar")
     state = load_checkpoint(ckpt_path)
     spec = resolve_spec(args, state["args"])
+    out = check_output_file(args.metrics_out or ckpt_path.parent / "eval_metrics.json", "--metrics-out")
     device = cli.pick_device(args.device)
     data = load_data(args, spec)
     model = build_model(spec)
@@ -190,14 +199,25 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     metrics = evaluate(model, data.val, nn.CrossEntropyLoss(), device, progress=not args.no_progress)
     result = {"checkpoint": str(ckpt_path), "epoch": state["epoch"], "dataset": spec["dataset"], "split": "val",
               "val": metrics, "seconds": round(time.time() - started, 3), "spec": plain(spec)}
-    out = Path(args.metrics_out) if args.metrics_out else ckpt_path.parent / "eval_metrics.json"
     atomic_write_json(out, result)
     print(json.dumps({"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
                       "samples": metrics["samples"], "metrics": str(out)}))
     return result
 
 
+def check_quant_flags(args: argparse.Namespace, spec: dict) -> None:
+    """Quantization flags only mean something for --quant uniform: refuse them on an FP32 run."""
+    if spec["quant"] != "uniform":
+        given = [flag for flag, value in (("--hardware", args.hardware), ("--w-bit", args.w_bit),
+                                          ("--a-bit", args.a_bit)) if value is not None]
+        if given:
+            raise PretrainError(f"{', '.join(given)}: for quantized training only; add --quant uniform, "
+                                f"or drop {', '.join(given)} for an FP32 run")
+
+
 def run_train(args: argparse.Namespace) -> dict:
+    cli.check_minimums(args, FLAG_MINIMUMS)
+    cfg = optim_config_from_args(args)
     resume_state = None
     resume_path = None
     if args.resume == "auto":
@@ -211,11 +231,21 @@ def run_train(args: argparse.Namespace) -> dict:
         resume_state = load_checkpoint(resume_path)
         log.info("resuming from %s (epoch %d)", resume_path, resume_state["epoch"])
     spec = resolve_spec(args, resume_state["args"] if resume_state else None)
+    check_quant_flags(args, spec)
+    if spec["quant"] == "uniform":  # hardware file and bits are checked before any data or model
+        hw = hardware_config(spec)
+        spec["hardware_config"] = hw.to_dict()
+        try:
+            check_layer_bits(spec["w_bit"], spec["a_bit"], None, hw)
+        except ValueError as err:
+            raise PretrainError(f"--w-bit {spec['w_bit']} --a-bit {spec['a_bit']}: {err} "
+                                f"(the CIM layers' range)") from None
     if args.output_dir:
         out_dir = Path(args.output_dir)
     else:  # a resumed run continues in its checkpoint's folder
         out_dir = resume_path.parent if resume_path is not None else default_output_dir(spec)
-    cfg = optim_config_from_args(args)
+    check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
+    metrics_out = check_output_file(args.metrics_out or out_dir / "metrics.json", "--metrics-out")
     if spec["quant"] == "uniform" and not (args.init or args.pretrained or resume_state):
         log.warning("--quant uniform without --init: QAT starts from random weights")
     seed_everything(args.seed)
@@ -225,6 +255,7 @@ def run_train(args: argparse.Namespace) -> dict:
     model = build_model(spec, pretrained=args.pretrained if fresh else None, init=args.init if fresh else None,
                         calibration_data=data.train if fresh else None)
     saved_args = {**spec, **{k: v for k, v in vars(args).items() if k not in spec}}
+    open_run_dir(out_dir)
     atomic_write_json(out_dir / "args.json", plain(saved_args))
     tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
                       run_name=args.run_name or out_dir.name, config=plain(saved_args))
@@ -237,7 +268,7 @@ def run_train(args: argparse.Namespace) -> dict:
     summary = {"best_acc1": result.best_acc1, "best_epoch": result.best_epoch, "last": result.last,
                "epochs": cfg.epochs, "epochs_run": result.epochs_run, "seconds": round(result.seconds, 3),
                "output_dir": str(out_dir), "spec": plain(spec), "history": result.history}
-    atomic_write_json(Path(args.metrics_out) if args.metrics_out else out_dir / "metrics.json", summary)
+    atomic_write_json(metrics_out, summary)
     print(json.dumps({"best_acc1": result.best_acc1, "best_epoch": result.best_epoch,
                       "last_top1": result.last.get("top1"), "seconds": round(result.seconds, 1),
                       "output_dir": str(out_dir)}))
@@ -248,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cli.setup(args.log_level, args.threads)
     job = run_evaluate if args.evaluate else run_train
-    return cli.run(lambda: job(args), (DatasetError, ModelError, CheckpointError, ValueError))
+    return cli.run(lambda: job(args))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from typing import Callable, Mapping
 
 from lib.errors import UserError
 
@@ -20,14 +20,30 @@ def setup(log_level: str = "info", threads: int = 0) -> None:
         torch.set_num_threads(threads)
 
 
+class FlagError(UserError, ValueError):
+    """A command-line value outside what the flag allows."""
+
+
+def check_minimums(args, minimums: Mapping[str, int]) -> None:
+    """Refuse integer flags below their minimum ({dest: minimum}); a flag left at None is not checked."""
+    for dest, minimum in minimums.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < minimum:
+            raise FlagError(f"--{dest.replace('_', '-')}={value} is not allowed: expected an integer >= {minimum}")
+
+
 def run(job: Callable[[], object], user_errors: tuple = (UserError,)) -> int:
     """Run `job`; a user error (bad value, missing file, mismatched policy...) prints `error: ...`
-    and returns 2, anything else propagates."""
+    and returns 2, Ctrl-C returns 130 without a traceback, anything else propagates."""
     try:
         job()
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: files written so far are kept (a training run continues with --resume auto)",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -37,4 +53,10 @@ def pick_device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise FlagError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:N): {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlagError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu or auto")
+    return device

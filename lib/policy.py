@@ -15,11 +15,22 @@ import numpy as np
 from lib.fileio import atomic_write
 from lib.errors import UserError
 
-MAX_BITS = 32
+MAX_BITS = 32  # widest a policy file may state; what the CIM layers support is check_supported's business
 
 
 class PolicyError(UserError, ValueError):
     """A policy that is malformed or does not fit the model it is applied to."""
+
+
+def whole_bits(value, column: str, index: int) -> int:
+    """`value` as an int bit width: integers, and floats with no fraction (CIM-AQ's float arrays); never
+    booleans, fractions or strings."""
+    integral = isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating))
+                                                        and float(value).is_integer())
+    if isinstance(value, (bool, np.bool_)) or not integral:
+        raise PolicyError(f"layer {index}: {column}={value!r} is not allowed: bit widths are whole numbers "
+                          f"(not booleans, fractions or text)")
+    return int(value)
 
 
 @dataclass
@@ -33,10 +44,10 @@ class Policy:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.w_bits = [int(b) for b in self.w_bits]
-        self.a_bits = [int(b) for b in self.a_bits]
+        self.w_bits = [whole_bits(b, "w_bit", i) for i, b in enumerate(self.w_bits)]
+        self.a_bits = [whole_bits(b, "a_bit", i) for i, b in enumerate(self.a_bits)]
         if self.adc_bits is not None:
-            self.adc_bits = [int(b) for b in self.adc_bits]
+            self.adc_bits = [whole_bits(b, "adc_bits", i) for i, b in enumerate(self.adc_bits)]
         n = len(self.w_bits)
         if len(self.a_bits) != n or (self.adc_bits is not None and len(self.adc_bits) != n):
             raise PolicyError(
@@ -124,6 +135,8 @@ class Policy:
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
             raise PolicyError(f"policy file {str(path)!r} is not a readable .npy array: {err}") from None
         array = np.asarray(array)
+        if array.dtype.kind not in "iuf":
+            raise PolicyError(f"policy file {str(path)!r} holds {array.dtype} values; expected integer bit widths")
         if array.ndim != 2 or array.shape[1] not in (2, 3) or array.shape[0] == 0:
             raise PolicyError(
                 f"policy file {str(path)!r} has shape {array.shape}; expected (layers, 2) or (layers, 3)")
@@ -157,7 +170,36 @@ class Policy:
             raise PolicyError(f"{source}: adc_bits given for some layers only")
         adc = [layer["adc_bits"] for layer in layers] if layers and all(has_adc) else None
         meta = {k: v for k, v in data.items() if k != "layers"}
-        return cls(w, a, adc, names, meta)
+        try:
+            return cls(w, a, adc, names, meta)
+        except PolicyError as err:
+            raise PolicyError(f"{source}: {err}") from None
+
+
+def check_layer_bits(w_bit: int, a_bit: int, adc_bits: Optional[int], hw) -> None:
+    """Raise ValueError (naming the value and the allowed range) if the CIM layers on `hw` cannot hold these bits.
+
+    The layers own their bit ranges, so a 1×1 probe layer is asked (milliseconds): this check
+    always agrees with them.
+    """
+    from lib.cim import CIMLinear  # lazy: lib.cim imports this module
+
+    CIMLinear(1, 1, hw=hw, w_bit=w_bit, a_bit=a_bit, adc_bits=adc_bits)
+
+
+def check_supported(policy: Policy, hw) -> None:
+    """Refuse a policy with bits the CIM layers on `hw` cannot hold, before any model is built."""
+    checked = set()
+    for index in range(len(policy)):
+        bits = policy.layer(index)
+        if bits in checked:
+            continue
+        try:
+            check_layer_bits(*bits, hw)
+        except ValueError as err:
+            name = f" ({policy.layer_names[index]!r})" if policy.layer_names else ""
+            raise PolicyError(f"policy layer {index}{name}: {err} (the CIM layers' range)") from None
+        checked.add(bits)
 
 
 def _json_default(value):

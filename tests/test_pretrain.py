@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import pretrain
-from lib.training import (CheckpointError, OptimConfig, Tracker, build_optimizer, fit, load_checkpoint,
-                          save_checkpoint, make_checkpoint)
+from lib.training import (CheckpointError, OptimConfig, Tracker, fit, load_checkpoint, make_checkpoint,
+                          prepare_training, save_checkpoint)
 from lib.training.tracking import network_reachable
 from models import create_model
 
@@ -90,11 +90,12 @@ def test_fit_resume_restores_epoch_optimizer_and_scheduler(tmp_path):
     saved = load_checkpoint(first.checkpoint)
 
     fresh = create_model("tiny_cnn", 10)
-    optimizer = build_optimizer(fresh, cfg)
-    again = fit(fresh, data.train, data.val, cfg, tmp_path / "again", resume=first.checkpoint, optimizer=optimizer,
-                progress=False)
+    again = fit(fresh, data.train, data.val, cfg, tmp_path / "again", resume=first.checkpoint, progress=False)
     assert again.epochs_run == 0 and again.best_acc1 == saved["best_acc1"]
     assert _states_equal(fresh.state_dict(), saved["state_dict"])
+    restored = prepare_training(create_model("tiny_cnn", 10), cfg, saved, first.checkpoint)
+    optimizer = restored.optimizer
+    assert restored.start_epoch == 2 and restored.history == saved["history"]
     for index, buffers in saved["optimizer"]["state"].items():
         assert torch.equal(optimizer.state_dict()["state"][index]["momentum_buffer"], buffers["momentum_buffer"])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(saved["optimizer"]["param_groups"][0]["lr"])
@@ -120,8 +121,9 @@ def test_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
 
 def test_resume_with_a_conflicting_model_flag_is_refused(tmp_path):
     assert _run(QUICK + ["--epochs", "1", "--max-batches", "1", "--output-dir", tmp_path]) == 0
-    with pytest.raises(SystemExit, match="--arch resnet20 conflicts"):
-        _run(QUICK[:2] + ["--arch", "resnet20", "--resume", tmp_path / "checkpoint.pth.tar", "--output-dir", tmp_path])
+    with pytest.raises(pretrain.PretrainError, match="--arch resnet20 conflicts"):
+        pretrain.run_train(pretrain.parse_args([str(a) for a in QUICK[:2] + [
+            "--arch", "resnet20", "--resume", tmp_path / "checkpoint.pth.tar", "--output-dir", tmp_path]]))
 
 
 def test_uniform_qat_seam_records_and_rebuilds_the_quantized_model(tmp_path):

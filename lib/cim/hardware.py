@@ -123,7 +123,13 @@ class HardwareConfig:
         if not path.is_file():
             raise HardwareConfigError(f"hardware config {str(path)!r} does not exist")
         with open(path) as handle:
-            data = yaml.safe_load(handle)
+            try:
+                data = yaml.safe_load(handle)
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise HardwareConfigError(f"hardware config {str(path)!r}{where} is not valid YAML: {problem}") from None
         return cls.from_dict(data or {}, source=str(path))
 
     def to_yaml(self, path: str | Path) -> None:

@@ -6,7 +6,8 @@ Example:
 The model is rebuilt from the checkpoint's recorded args; the validation images come from the
 checkpoint's dataset (override with --dataset/--data-root). Writes the ONNX file and a JSON
 report (default <output stem>.export.json) with the onnxruntime agreement and graph summary.
-Exit status 2 on any error, including a failed onnxruntime check.
+Existing --output/--report files are refused unless --overwrite. Exit status 2 with one line
+`error: ...` on any user error, including a failed onnxruntime check, before any work where it can.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Optional
 import torch
 
 from lib import cli
-from lib.fileio import atomic_write_json
+from lib.fileio import atomic_write_json, remove_stale_temp_files
+from lib.run_dir import add_overwrite_arg, check_output_file
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -33,6 +35,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=256, help="validation images for the onnxruntime check")
     p.add_argument("--min-agreement", type=float, default=0.99, help="required onnxruntime/PyTorch top-1 agreement")
     p.add_argument("--opset", type=int, default=13, help="ONNX opset (13 or newer, at most 20)")
+    add_overwrite_arg(p, "existing --output/--report files")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     return p.parse_args(argv)
@@ -46,46 +49,50 @@ def validation_images(dataset: str, data_root: Optional[str], input_size: int, c
     return first_images(data.val, count)
 
 
+def report_path(args: argparse.Namespace) -> Path:
+    return Path(args.report) if args.report else Path(args.output).with_suffix(".export.json")
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad values before the model is rebuilt and the data loaded."""
-    if args.images < 1:
-        raise ValueError(f"--images={args.images} is not allowed: expected an integer >= 1")
+    """Refuse bad values and unusable output paths before the model is rebuilt and the data loaded."""
+    cli.check_minimums(args, {"images": 1, "threads": 0})
     if not 13 <= args.opset <= 20:
-        raise ValueError(f"--opset={args.opset} is not allowed: expected 13..20 (TorchScript exporter with int32 bias)")
+        raise cli.FlagError(f"--opset={args.opset} is not allowed: expected 13..20 (TorchScript exporter with int32 "
+                            f"bias)")
     if not 0 < args.min_agreement <= 1:
-        raise ValueError(f"--min-agreement={args.min_agreement} is not allowed: expected a fraction in (0, 1]")
+        raise cli.FlagError(f"--min-agreement={args.min_agreement} is not allowed: expected a fraction in (0, 1]")
+    check_output_file(args.output, "--output", overwrite=args.overwrite)
+    check_output_file(report_path(args), "--report", overwrite=args.overwrite)
+
+
+def export_checkpoint(args: argparse.Namespace) -> None:
+    """Rebuild the checkpoint's model, export it, check it with onnxruntime, write the report."""
+    from lib.export import export_model  # lazy: onnx/onnxruntime only after the arguments are checked
+    from lib.export.checkpoint_model import model_from_checkpoint
+
+    check_args(args)
+    remove_stale_temp_files(Path(args.output).parent)
+    model, state = model_from_checkpoint(args.checkpoint)
+    saved = state["args"]
+    dataset = args.dataset or saved.get("dataset")
+    if not dataset:
+        raise cli.FlagError("the checkpoint names no dataset; pass --dataset (and --data-root)")
+    data_root = args.data_root if args.data_root is not None else saved.get("data_root")
+    images = validation_images(dataset, data_root, int(saved.get("input_size") or 32), args.images)
+    meta = {"checkpoint": str(args.checkpoint), "arch": saved.get("arch"), "dataset": dataset}
+    result = export_model(model, args.output, images, metadata=meta, opset=args.opset,
+                          min_agreement=args.min_agreement)
+    report = report_path(args)
+    atomic_write_json(report, {**result.to_dict(), "metadata": result.metadata})
+    print(json.dumps({"onnx": str(result.path), "ort_top1_agreement": result.check.top1_agreement,
+                      "ort_max_abs_diff": result.check.max_abs_diff, "export_seconds": round(result.export_seconds, 2),
+                      "report": str(report)}))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cli.setup(args.log_level, args.threads)
-    from lib.data import DatasetError
-    from lib.export import ExportError, export_model
-    from lib.export.checkpoint_model import model_from_checkpoint
-    from lib.training import CheckpointError
-    from models import ModelError
-
-    try:
-        check_args(args)
-        model, state = model_from_checkpoint(args.checkpoint)
-        saved = state["args"]
-        dataset = args.dataset or saved.get("dataset")
-        if not dataset:
-            raise ValueError("the checkpoint names no dataset; pass --dataset (and --data-root)")
-        data_root = args.data_root if args.data_root is not None else saved.get("data_root")
-        images = validation_images(dataset, data_root, int(saved.get("input_size") or 32), args.images)
-        meta = {"checkpoint": str(args.checkpoint), "arch": saved.get("arch"), "dataset": dataset}
-        result = export_model(model, args.output, images, metadata=meta, opset=args.opset,
-                              min_agreement=args.min_agreement)
-    except (ExportError, CheckpointError, DatasetError, ModelError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    report = Path(args.report) if args.report else Path(args.output).with_suffix(".export.json")
-    atomic_write_json(report, {**result.to_dict(), "metadata": result.metadata})
-    print(json.dumps({"onnx": str(result.path), "ort_top1_agreement": result.check.top1_agreement,
-                      "ort_max_abs_diff": result.check.max_abs_diff, "export_seconds": round(result.export_seconds, 2),
-                      "report": str(report)}))
-    return 0
+    return cli.run(lambda: export_checkpoint(args))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from lib.fileio import atomic_torch_save, atomic_write
+from lib.fileio import atomic_torch_save
 from lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,15 +62,40 @@ def make_checkpoint(**fields: Any) -> dict:
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **fields}
 
 
-def save_checkpoint(state: dict, out_dir: str | Path, is_best: bool = False,
-                    name: str = CHECKPOINT_NAME, best_name: str = BEST_NAME) -> Path:
-    """Write `out_dir/name` atomically; when `is_best`, copy it (atomically) to `out_dir/best_name`."""
+def save_checkpoint(state: dict, out_dir: str | Path, is_best: bool = False, name: str = CHECKPOINT_NAME,
+                    best_name: str = BEST_NAME, between: Optional[Callable[[], None]] = None) -> Path:
+    """Write `out_dir/name` atomically, and first, when `is_best`, `out_dir/best_name`.
+
+    Best first: a crash between the two writes leaves the checkpoint one epoch behind, so a resume
+    redoes that epoch and rewrites both; the best file is never older than the checkpoint says.
+    `between` runs after the best write, before the checkpoint write (a testing hook).
+    """
     out_dir = Path(out_dir)
-    path = atomic_torch_save(state, out_dir / name)
     if is_best:
-        with open(path, "rb") as src:
-            atomic_write(out_dir / best_name, lambda dst: shutil.copyfileobj(src, dst), binary=True)
-    return path
+        atomic_torch_save(state, out_dir / best_name)
+    if between is not None:
+        between()
+    return atomic_torch_save(state, out_dir / name)
+
+
+def repair_best(state: dict, out_dir: str | Path, best_name: str = BEST_NAME) -> bool:
+    """Rewrite `out_dir/best_name` from `state` when state is its own best epoch and the file is older or absent.
+
+    Heals runs whose best copy was interrupted (or written after the checkpoint, as older versions
+    did); returns whether it wrote.
+    """
+    if state.get("best_epoch") != state.get("epoch"):
+        return False
+    path = Path(out_dir) / best_name
+    if path.is_file():
+        try:
+            if int(load_checkpoint(path).get("epoch", -1)) >= int(state["epoch"]):
+                return False
+        except CheckpointError:
+            pass  # unreadable: replace it
+    atomic_torch_save(state, path)
+    log.warning("%s was older than the checkpoint's best epoch %d: rewrote it", path, state["epoch"])
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -101,4 +125,7 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {err}") from None
+        detail = " ".join(str(err).split())  # torch lists every key on its own line: one line for the user
+        detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+        raise CheckpointError(f"{source} does not fit {type(model).__name__} (another --arch or "
+                              f"--num-classes?): {detail}") from None

@@ -9,7 +9,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lib.errors import UserError
 from lib.training.metrics import RunningMeter
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss became NaN or infinite; training stops before the weights are wrecked."""
+
+    def __init__(self, message: str, step: int, loss: float) -> None:
+        super().__init__(message)
+        self.step, self.loss = step, loss
 
 
 def _batches(loader, max_batches: Optional[int]):
@@ -41,7 +50,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         loss = criterion(output, target)
         loss_value = loss.item()  # one device sync serves the finiteness check and the meter
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{desc}: loss became {loss_value} at batch {step}; lower the learning rate")
+            raise DivergedError(f"{desc}: loss became {loss_value} at batch {step + 1}; lower the learning rate",
+                                step + 1, loss_value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -8,8 +8,14 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from lib.errors import UserError
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
+
+
+class OptimConfigError(UserError, ValueError):
+    """An optimisation setting outside its allowed range; the message names it."""
 
 
 @dataclass
@@ -35,8 +41,8 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        def bad(key: str, allowed: str) -> ValueError:
-            return ValueError(f"{key}={getattr(self, key)!r} is not allowed: expected {allowed}")
+        def bad(key: str, allowed: str) -> OptimConfigError:
+            return OptimConfigError(f"{key}={getattr(self, key)!r} is not allowed: expected {allowed}")
 
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"one of {list(OPTIMIZERS)}")
@@ -61,7 +67,7 @@ class OptimConfig:
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ValueError(f"unknown optimisation key(s) {unknown}; allowed: {sorted(allowed)}")
+            raise OptimConfigError(f"unknown optimisation key(s) {unknown}; allowed: {sorted(allowed)}")
         return cls(**dict(data))
 
 

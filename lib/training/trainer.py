@@ -2,8 +2,9 @@
 
 Each epoch: reseed (so a resumed run matches an uninterrupted one), train, step the LR
 schedule, validate, write `checkpoint.pth.tar` (and `model_best.pth.tar` on a new best top-1)
-atomically, log metrics. Resuming restores model, optimizer, scheduler, epoch and best accuracy;
-the base LR stays the checkpoint's, and a longer `cfg.epochs` stretches the schedule from there.
+atomically (best first: see save_checkpoint), log metrics. Resuming restores model, then the
+optimizer over the loaded model's parameters, scheduler, epoch and best accuracy; the base LR
+stays the checkpoint's, and a longer `cfg.epochs` stretches the schedule from there.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from lib.training.checkpoint import (BEST_NAME, CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_model_state,
-                                     make_checkpoint, plain, save_checkpoint)
-from lib.training.loop import evaluate, train_one_epoch
-from lib.training.optim import OptimConfig, build_criterion, build_optimizer, build_scheduler, sync_lr
+from lib.training.checkpoint import (BEST_NAME, CHECKPOINT_NAME, load_checkpoint, make_checkpoint, plain, repair_best,
+                                     save_checkpoint)
+from lib.training.kill_switch import kill_point
+from lib.training.loop import DivergedError, evaluate, train_one_epoch
+from lib.training.optim import OptimConfig, build_criterion
+from lib.training.resume import ParamsFactory, prepare_training
 from lib.training.seeding import seed_epoch
 from lib.training.tracking import Tracker
 
@@ -44,34 +47,29 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: s
         args: Optional[Mapping[str, Any]] = None, device: torch.device | str = "cpu", seed: int = 0,
         resume: Optional[str | Path | dict] = None, tracker: Optional[Tracker] = None,
         extra: Optional[Mapping[str, Any]] = None, max_batches: Optional[int] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None, progress: bool = True) -> FitResult:
+        params: Optional[ParamsFactory] = None, progress: bool = True) -> FitResult:
     """Train `model` for cfg.epochs epochs (continuing from `resume`), checkpointing into `out_dir`.
 
     args: plain description saved in every checkpoint so the model can be rebuilt (arch,
     num_classes, quant, bits, hardware...). extra: further caller data saved as checkpoint['extra'].
-    optimizer: override build_optimizer(model, cfg) (e.g. custom parameter groups).
+    params: parameter groups of the (loaded) model for the optimizer (default: optim.param_groups).
     max_batches: cap on training batches per epoch (quick runs, tests).
+    A NaN/infinite loss raises DivergedError naming the epoch and batch; the last checkpoint stays.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     criterion = build_criterion(cfg)
-    optimizer = optimizer or build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    start_epoch, best_acc1, best_epoch, history = 0, -1.0, -1, []
+    state = None
+    source = "the given checkpoint state"
     if resume is not None:
         state = resume if isinstance(resume, dict) else load_checkpoint(resume)
-        source = resume if not isinstance(resume, dict) else "the given checkpoint state"
-        load_model_state(model, state["state_dict"], source)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sync_lr(optimizer, scheduler, cfg)  # the schedule may have grown (more --epochs)
-        except (KeyError, ValueError) as err:
-            raise CheckpointError(f"{source}: optimizer/scheduler state does not fit this run: {err}") from None
-        start_epoch = int(state["epoch"])
-        best_acc1, best_epoch = float(state.get("best_acc1", -1.0)), int(state.get("best_epoch", -1))
-        history = list(state.get("history", []))
+        source = source if isinstance(resume, dict) else str(resume)
+    run = prepare_training(model, cfg, state, source, params)
+    optimizer, scheduler, best_acc1, best_epoch = run.optimizer, run.scheduler, run.best_acc1, run.best_epoch
+    start_epoch, history = run.start_epoch, run.history
+    if state is not None:
+        repair_best(state, out_dir)
         log.info("resumed at epoch %d (best top-1 %.2f%%) from %s", start_epoch, best_acc1, source)
     if start_epoch >= cfg.epochs:
         log.info("already trained %d of %d epochs; nothing to do", start_epoch, cfg.epochs)
@@ -82,8 +80,14 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: s
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(seed, epoch, train_loader)
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(model, train_loader, criterion, optimizer, device, max_batches=max_batches,
-                                      progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        try:
+            train_stats = train_one_epoch(model, train_loader, criterion, optimizer, device, max_batches=max_batches,
+                                          progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        except DivergedError as err:
+            kept = f"{ckpt_path} (epoch {epoch}) is kept" if ckpt_path.exists() else "no checkpoint was written"
+            raise DivergedError(f"training diverged in epoch {epoch + 1}/{cfg.epochs}: the loss became {err.loss} at "
+                                f"batch {err.step} with learning rate {lr:.4g}; lower the learning rate (--lr); {kept}",
+                                err.step, err.loss) from None
         scheduler.step()
         last = evaluate(model, val_loader, criterion, device)
         is_best = last["top1"] > best_acc1
@@ -97,7 +101,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: s
             epoch=epoch + 1, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), best_acc1=best_acc1, best_epoch=best_epoch, metrics=last,
             history=history, args=dict(args or {}), optim=plain(cfg), extra=plain(dict(extra or {})))
-        save_checkpoint(state, out_dir, is_best=is_best)
+        save_checkpoint(state, out_dir, is_best=is_best, between=lambda: kill_point(epoch + 1, "best"))
+        kill_point(epoch + 1, "checkpoint")
         if tracker is not None:
             tracker.log({"train/loss": train_stats["loss"], "train/top1": train_stats["top1"], "lr": lr,
                          "val/loss": last["loss"], "val/top1": last["top1"], "val/top5": last["top5"]}, epoch + 1)
