@@ -30,6 +30,7 @@ from torch import nn
 
 from lib import cli
 from lib.data import HoldoutSpec, build_loaders, default_input_size, first_images
+from lib.distributed import SINGLE, DistContext, barrier, broadcast_module_state
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
 from lib.policy import Policy, check_supported
@@ -94,8 +95,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--evaluate", action="store_true",
                    help="only evaluate a checkpoint (--resume, default <output-dir>/model_best.pth.tar) on the val set")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: each process's "
+                   "local GPU, or the CPU)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
+    cli.add_distributed_args(g)
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this W&B project (offline without "
                    "network)")
@@ -197,11 +200,11 @@ def build_model(spec: dict, policy: Policy, hw, start_state: Optional[dict], sta
                           calibration_batches=calibration_batches)
 
 
-def load_data(args: argparse.Namespace, spec: dict, holdout: bool = True):
+def load_data(args: argparse.Namespace, spec: dict, holdout: bool = True, ctx: DistContext = SINGLE):
     spec_holdout = HoldoutSpec(size=args.holdout, seed=0) if holdout and args.holdout > 0 else None
     data = build_loaders(spec["dataset"], spec["data_root"], spec["input_size"], batch_size=args.batch_size,
                          workers=args.workers, holdout=spec_holdout, transform_style=args.transform_style,
-                         seed=args.seed)
+                         seed=args.seed, dist=ctx)
     spec["num_classes"] = data.num_classes
     return data
 
@@ -226,11 +229,14 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     spec = {"dataset": args.dataset or saved.get("dataset"),
             "data_root": args.data_root if args.data_root is not None else saved.get("data_root"),
             "input_size": saved.get("input_size")}
-    data = load_data(args, spec, holdout=False)
-    device = cli.pick_device(args.device)
-    metrics = evaluate(model.to(device), data.val, nn.CrossEntropyLoss(), device, progress=not args.no_progress)
+    ctx = cli.init_context(args.device)
+    data = load_data(args, spec, holdout=False, ctx=ctx)
+    metrics = evaluate(model.to(ctx.device), data.val, nn.CrossEntropyLoss(), ctx.device,
+                       progress=not args.no_progress, dist=ctx)
     result = {"checkpoint": str(ckpt), "epoch": state["epoch"], "dataset": spec["dataset"], "split": "val",
               "val": metrics, "policy": saved.get("policy")}
+    if not ctx.is_main:
+        return result
     atomic_write_json(out, result)
     print(json.dumps({"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
                       "samples": metrics["samples"], "metrics": str(out)}))
@@ -289,8 +295,9 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     check_supported(policy, hw)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
     check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
-    device = cli.pick_device(args.device)
-    data = load_data(args, spec)
+    ctx = cli.init_context(args.device, args.sync_bn)  # after every rank's checks: joining waits for all ranks
+    device = ctx.device
+    data = load_data(args, spec, ctx=ctx)
     if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):
         raise FinetuneError(f"--init has {start_args['num_classes']} classes but {spec['dataset']} has "
                             f"{spec['num_classes']}")
@@ -298,8 +305,9 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     cost = validate_policy(policy, create_model(spec["arch"], spec["num_classes"]), hw, spec["input_size"])
     log.info("policy %s: %d layers, latency %.1f µs = %.3f × uniform %d/%d-bit", args.policy or "(resumed)",
              len(policy), cost.total_latency, cost.ratio, *BASELINE_BITS)
-    open_run_dir(out_dir)
-    policy.save(out_dir / "policy")
+    if ctx.is_main:
+        open_run_dir(out_dir)
+        policy.save(out_dir / "policy")
     if resume_state is not None:
         model = model_from_args(resume_state["args"])
     else:
@@ -307,21 +315,26 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     flags = {k: v for k, v in vars(args).items() if k not in spec and k not in ("policy", "hardware", "resume")}
     saved_args = {**flags, **spec, "quant": "mixed", "policy": policy.to_json_dict(), "policy_file": policy_file,
                   "hardware": hw_path, "hardware_config": hw.to_dict()}
-    atomic_write_json(out_dir / "args.json", plain(saved_args))
     cfg = optim_config_from_args(args)
-    tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
-                      run_name=args.run_name or out_dir.name, config=plain(saved_args))
+    tracker = None
+    if ctx.is_main:
+        atomic_write_json(out_dir / "args.json", plain(saved_args))
+        tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
+                          run_name=args.run_name or out_dir.name, config=plain(saved_args))
     try:
         selection = data.holdout if data.holdout is not None else data.val
         result = fit(model, data.train, selection, cfg, out_dir, args=saved_args, device=device,
                      seed=args.seed, resume=resume_state, tracker=tracker, max_batches=args.max_batches,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, dist=ctx, sync_bn=args.sync_bn)
     finally:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
 
-    best = load_checkpoint(result.best_checkpoint or result.checkpoint)
-    load_model_state(model, best["state_dict"], result.best_checkpoint)
-    test = evaluate(model, data.val, nn.CrossEntropyLoss(), device)
+    if ctx.is_main:  # rank 0 reads the best checkpoint; every rank then holds its weights
+        best = load_checkpoint(result.best_checkpoint or result.checkpoint)
+        load_model_state(model, best["state_dict"], result.best_checkpoint)
+    broadcast_module_state(model, ctx)
+    test = evaluate(model, data.val, nn.CrossEntropyLoss(), device, dist=ctx)
     log.info("best epoch %d (holdout top-1 %.2f%%): test top-1 %.2f%% top-5 %.2f%%", result.best_epoch,
              result.best_acc1, test["top1"], test["top5"])
     report = {
@@ -336,6 +349,9 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         "hardware": hw.to_dict(), "arch": spec["arch"], "dataset": spec["dataset"],
         "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,
     }
+    if not ctx.is_main:
+        barrier(ctx)  # while rank 0 writes the report and exports
+        return report
     # Written before the export too, so a failed export leaves the training results on disk.
     atomic_write_json(out_dir / "report.json", plain(report))
     if not args.no_export:
@@ -350,6 +366,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     print(json.dumps({"test_top1": test["top1"], "latency_ratio": cost.ratio,
                       "ort_top1_agreement": report.get("ort_top1_agreement"),
                       "ort_max_abs_diff": report.get("ort_max_abs_diff"), "output_dir": str(out_dir)}))
+    barrier(ctx)
     return report
 
 

@@ -142,9 +142,15 @@ def _eval_loader(dataset: Dataset, batch_size: int, dist: DistContext, common: d
 
 
 def first_images(loader, count: int) -> torch.Tensor:
-    """The first `count` images a loader yields (e.g. real validation images for an export check)."""
+    """The first `count` images a loader yields (e.g. real validation images for an export check).
+
+    An evaluation loader of one rank's shard yields the first images of the whole set instead, so
+    a check reads the same images however many processes the run has.
+    """
     if count < 1:
         raise DatasetError(f"count={count} is not allowed: expected an integer >= 1")
+    if isinstance(getattr(loader, "sampler", None), ShardSampler) and not loader.sampler.shuffle:
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
     chunks, seen = [], 0
     for images, _ in loader:
         chunks.append(images)

@@ -1,0 +1,174 @@
+"""Runs under torchrun (CPU, Gloo, 2 processes): disjoint data shards, rank-0-only files, all-reduced
+metrics equal to one process evaluating the checkpoint, resume, finetune with export, and CIM layers
+whose learned steps, ADC statistics and bits stay identical across ranks."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain
+from lib.training import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+DATA = ["--dataset", "digits-small", "--input-size", "16", "--batch-size", "16", "--workers", "0", "--threads", "1",
+        "--max-batches", "2", "--seed", "3", "--no-progress", "--device", "cpu"]
+TINY = ["--arch", "tiny_cnn"]
+
+# A training process of our own under torchrun: records its data shards and its CIM model's state
+# after per-rank calibration and after fit, for each ADC granularity given on the command line.
+PROBE = '''
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lib import cli
+from lib.cim import HardwareConfig, current_policy, quantize_model, quantizable_layers
+from lib.data import build_loaders
+from lib.policy import Policy
+from lib.training import OptimConfig, fit, seed_epoch, seed_everything
+from models import create_model
+
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+ctx = cli.init_context("cpu")
+data = build_loaders("digits-small", None, 16, batch_size=16, workers=0, seed=3, dist=ctx)
+record = {"shards": {}}
+for epoch in (0, 1):
+    seed_epoch(3, epoch, data.train, ctx.rank)
+    record["shards"][f"train{epoch}"] = list(data.train.sampler)
+record["shards"]["val"] = list(data.val.sampler)
+for granularity in sys.argv[2:]:
+    seed_everything(0)
+    hw = replace(HardwareConfig.from_yaml("run/hardware/cim_aq_default.yaml"), psum_granularity=granularity)
+    model = quantize_model(create_model("tiny_cnn", 10), Policy([8, 4, 3, 6], [8, 6, 5, 8], [8, 6, 6, 8]), hw,
+                           input_size=16, calibration_data=data.train, calibration_batches=1)
+    calibrated = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, data.train, data.val, OptimConfig(epochs=1, lr=0.05), out / granularity, device=ctx.device, seed=3,
+        max_batches=2, progress=False, dist=ctx)
+    mirrors = [(layer.w_bit, layer.a_bit, layer.adc_bits, layer.psum_adc.initialized)
+               for _, layer in quantizable_layers(model)]
+    record[granularity] = {"calibrated": calibrated, "trained": model.state_dict(), "mirrors": mirrors,
+                           "policy": current_policy(model).to_json_dict()}
+torch.save(record, out / f"rank{ctx.rank}.pt")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script: str | Path, args: list, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=nproc script args` from the repository root; fails the test on a non-zero exit."""
+    env = {**os.environ, "CIM_AQ_COMPILE": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--master-port", str(free_port()), str(script)]
+    done = subprocess.run(cmd + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> list[dict]:
+    """Both ranks' records of the probe run (ADC on per column, and ADC off)."""
+    out = tmp_path_factory.mktemp("probe")
+    script = out / "probe.py"
+    script.write_text(PROBE)
+    torchrun(script, [out, "column", "off"])
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """An FP32 tiny_cnn trained one epoch by two processes."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    torchrun(REPO / "pretrain.py", DATA + TINY + ["--epochs", "1", "--lr", "0.05", "--output-dir", out])
+    return out
+
+
+def test_ranks_read_disjoint_shards_of_one_permutation_per_epoch(probe):
+    for split, size in (("train0", 500), ("train1", 500), ("val", 200)):
+        first, second = probe[0]["shards"][split], probe[1]["shards"][split]
+        assert len(first) == len(second) == size // 2
+        assert not set(first) & set(second) and sorted(first + second) == list(range(size))
+    assert probe[0]["shards"]["train0"] != probe[0]["shards"]["train1"]  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("granularity", ["column", "off"])
+def test_cim_layers_hold_identical_state_on_every_rank(probe, granularity):
+    ranks = [record[granularity] for record in probe]
+    calibrated_apart = [k for k, v in ranks[0]["calibrated"].items() if not torch.equal(v, ranks[1]["calibrated"][k])]
+    assert any(k.endswith("step") for k in calibrated_apart)  # each rank calibrated on its own shard
+    trained = ranks[0]["trained"]
+    assert set(trained) == set(ranks[1]["trained"])
+    kinds = ("weight", "psum_adc.step", "weight_quant.tensor_quant.scaling_impl.step", "running_abs_mean", "bits",
+             "running_mean", "running_var")
+    for kind in kinds:
+        assert any(k.endswith(kind) for k in trained), kind
+    differing = [k for k, v in trained.items() if not torch.equal(v, ranks[1]["trained"][k])]
+    assert differing == []
+    assert not any(k.startswith("module.") for k in trained)
+    assert ranks[0]["mirrors"] == ranks[1]["mirrors"] and ranks[0]["policy"] == ranks[1]["policy"]
+    assert [bits[:3] for bits in ranks[0]["mirrors"]] == [(8, 8, 8), (4, 6, 6), (3, 5, 6), (6, 8, 8)]
+
+
+def test_rank_zero_writes_one_run_whose_checkpoint_scores_the_reported_accuracy(pretrained):
+    assert sorted(p.name for p in pretrained.iterdir()) == ["args.json", "checkpoint.pth.tar", "metrics.json",
+                                                            "model_best.pth.tar", "tb"]
+    assert len(list((pretrained / "tb").iterdir())) == 1  # one TensorBoard writer
+    reported = json.loads((pretrained / "metrics.json").read_text())
+    assert reported["processes"] == 2 and reported["last"]["samples"] == 200  # every val image once
+    state = load_checkpoint(pretrained / "checkpoint.pth.tar")
+    assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["state_dict"])
+    # one process evaluating the checkpoint gets what the two processes reported
+    assert pretrain.main(["--evaluate", "--resume", str(pretrained / "checkpoint.pth.tar"), "--workers", "0",
+                          "--no-progress", "--device", "cpu"]) == 0
+    single = json.loads((pretrained / "eval_metrics.json").read_text())["val"]
+    assert single["samples"] == 200
+    assert single["top1"] == reported["last"]["top1"] and single["top5"] == reported["last"]["top5"]
+    assert single["loss"] == pytest.approx(reported["last"]["loss"], rel=1e-6)
+
+
+def test_resume_under_torchrun_continues_the_epoch_count(pretrained, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("args.json", "checkpoint.pth.tar", "model_best.pth.tar", "metrics.json"):
+        (run / name).write_bytes((pretrained / name).read_bytes())
+    first = load_checkpoint(run / "checkpoint.pth.tar")
+    torchrun(REPO / "pretrain.py", DATA + ["--epochs", "2", "--lr", "0.05", "--resume", "auto", "--output-dir", run,
+                                           "--no-tensorboard"])
+    resumed = load_checkpoint(run / "checkpoint.pth.tar")
+    assert resumed["epoch"] == 2 and [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][0] == first["history"][0]
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 1
+
+
+def test_finetune_under_torchrun_reports_exports_once_and_checkpoint_loads_in_one_process(pretrained, tmp_path):
+    policy = tmp_path / "policy.npy"
+    np.save(policy, np.array([[8, 8], [4, 6], [3, 5], [6, 8]]))
+    out = tmp_path / "mixed"
+    torchrun(REPO / "finetune.py", DATA + ["--policy", policy, "--init", pretrained / "model_best.pth.tar",
+                                           "--epochs", "1", "--lr", "0.01", "--export-images", "32",
+                                           "--min-agreement", "0.9", "--output-dir", out])
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["test_samples"] == 200 and (out / "model.onnx").is_file()
+    assert report["ort_top1_agreement"] >= 0.9
+    from lib.export.checkpoint_model import model_from_checkpoint
+
+    model, state = model_from_checkpoint(out / "model_best.pth.tar")
+    assert not any(k.startswith("module.") for k in state["state_dict"])
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".tmp") == [
+        "args.json", "checkpoint.pth.tar", "model.onnx", "model_best.pth.tar", "policy.json", "policy.npy",
+        "report.json", "tb"]
