@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -51,6 +53,20 @@ SINGLE = DistContext()
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def free_port() -> int:
+    """A TCP port no process on this machine listens on now (for a single-node torchrun's --master-port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(script: str | os.PathLike, args: list, nproc_per_node: int) -> list[str]:
+    """The command that runs `script args` in `nproc_per_node` processes on this node, with this Python's torchrun."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [torchrun, f"--nproc_per_node={nproc_per_node}", "--master-port", str(free_port()), str(script),
+            *map(str, args)]
 
 
 def init_distributed(device: torch.device) -> DistContext:

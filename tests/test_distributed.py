@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +13,10 @@ import pytest
 import torch
 
 import pretrain
+from lib.distributed import torchrun_command
 from lib.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 DATA = ["--dataset", "digits-small", "--input-size", "16", "--batch-size", "16", "--workers", "0", "--threads", "1",
         "--max-batches", "2", "--seed", "3", "--no-progress", "--device", "cpu"]
 TINY = ["--arch", "tiny_cnn"]
@@ -64,17 +62,10 @@ torch.save(record, out / f"rank{ctx.rank}.pt")
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(script: str | Path, args: list, nproc: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=nproc script args` from the repository root; fails the test on a non-zero exit."""
     env = {**os.environ, "CIM_AQ_COMPILE": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--master-port", str(free_port()), str(script)]
-    done = subprocess.run(cmd + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True,
+    done = subprocess.run(torchrun_command(script, args, nproc), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
