@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pretrain
-from lib.distributed import torchrun_command
+from lib.distributed import DistContext, DistributedSetupError, check_sync_bn, torchrun_command
 from lib.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,3 +163,10 @@ def test_finetune_under_torchrun_reports_exports_once_and_checkpoint_loads_in_on
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".tmp") == [
         "args.json", "checkpoint.pth.tar", "model.onnx", "model_best.pth.tar", "policy.json", "policy.npy",
         "report.json", "tb"]
+
+
+def test_sync_bn_is_refused_for_processes_on_cpus_before_any_work():
+    check_sync_bn(True, DistContext(world_size=1))  # one process: nothing to synchronise, allowed
+    check_sync_bn(True, DistContext(rank=1, world_size=2, device=torch.device("cuda", 1)))
+    with pytest.raises(DistributedSetupError, match="--sync-bn needs CUDA devices"):
+        check_sync_bn(True, DistContext(rank=1, world_size=2))
