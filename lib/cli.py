@@ -74,7 +74,8 @@ def init_context(device_name: str, sync_bn: bool = False):
     from lib.distributed import check_sync_bn, close, init_distributed  # torch: imported with the first device
 
     ctx = init_distributed(pick_device(device_name))
-    atexit.register(close)
+    if ctx.distributed:
+        atexit.register(close)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     check_sync_bn(sync_bn, ctx)
