@@ -50,6 +50,9 @@ def _policy_bits(spec: BitsSpec, count: int, names: list[str]) -> list[tuple[int
         if len(spec) != count:
             raise PolicyError(f"policy has {len(spec)} layers but the model has {count} quantizable layers")
         return [spec.layer(i) for i in range(count)]
+    if isinstance(spec, (str, bytes)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in spec):
+        raise ConversionError(f"bits={spec!r} is not allowed: expected (w_bit, a_bit) or (w_bit, a_bit, adc_bits) "
+                              f"as integers, or a Policy for per-layer bits (Policy(w_bits, a_bits, adc_bits))")
     bits = tuple(int(b) for b in spec)
     if len(bits) not in (2, 3):
         raise ConversionError(f"bits={spec!r} is not allowed: expected (w_bit, a_bit) or (w_bit, a_bit, adc_bits) or a Policy")
@@ -161,8 +164,13 @@ def quantize_model(model: nn.Module, policy_or_bits: BitsSpec, hw: HardwareConfi
                               f"{sorted(n for n in all_names if n)[:5]}")
     example = example_input_for(model, input_size)
     float_types = tuple(module_map)
-    calls = [c for c in trace_layer_calls(model, example, layer_types=float_types, exclude=excluded)
-             if not isinstance(c.module, CIMLayerMixin) and type(c.module) in module_map]
+    try:
+        traced = trace_layer_calls(model, example, layer_types=float_types, exclude=excluded)
+    except (RuntimeError, ValueError) as err:  # shape errors of a too small / malformed example input
+        raise ConversionError(f"input_size={input_size!r} cannot be traced through {type(model).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}; give the (C, H, W) or H the model was "
+                              f"built for") from None
+    calls = [c for c in traced if not isinstance(c.module, CIMLayerMixin) and type(c.module) in module_map]
     names = [c.name for c in calls]
     if not names:
         raise ConversionError(f"{type(model).__name__} calls no layer of the types {[t.__name__ for t in float_types]}")

@@ -1,0 +1,172 @@
+"""Every knob of a mixed-precision search, typed and checked once (before any data or model is touched)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from lib.errors import UserError
+
+STRATEGIES = ("ddpg", "random")
+# Bit widths the CIM layers accept (lib.cim.layers checks 1..16 for weights and inputs, 1..24 for the ADC).
+LAYER_BIT_RANGE = (1, 16)
+ADC_BIT_RANGE = (1, 24)
+Size = Union[int, float]
+
+
+class SearchConfigError(UserError, ValueError):
+    """A search setting outside what is allowed; the message names the value and the allowed range."""
+
+
+@dataclass(frozen=True)
+class DDPGConfig:
+    """The agent's hyperparameters (HAQ's defaults)."""
+
+    hidden1: int = 300
+    hidden2: int = 300
+    lr_actor: float = 1e-4
+    lr_critic: float = 1e-3
+    rmsize: int = 128          # replay memory size, in episodes (× decisions per episode transitions)
+    window_length: int = 1    # states per observation; HAQ's flag, only 1 is supported
+    tau: float = 0.01
+    discount: float = 1.0
+    bsize: int = 64
+    init_delta: float = 0.5
+    delta_decay: float = 0.99
+    moving_alpha: float = 0.5  # weight of the newest reward in the moving-average baseline
+
+    def check(self) -> None:
+        for key in ("hidden1", "hidden2", "rmsize", "bsize"):
+            _int_at_least(key, getattr(self, key), 1)
+        if self.window_length != 1:
+            raise SearchConfigError(f"window_length={self.window_length!r} is not allowed: only 1 (HAQ's default, "
+                                    f"one state per observation) is supported")
+        for key in ("lr_actor", "lr_critic", "init_delta"):
+            if not getattr(self, key) > 0:
+                raise SearchConfigError(f"{key}={getattr(self, key)!r} is not allowed: expected a number > 0")
+        for key in ("tau", "discount", "delta_decay", "moving_alpha"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise SearchConfigError(f"{key}={getattr(self, key)!r} is not allowed: expected a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One search: model and data, the space of bits, the episode budget, reward, agent, outputs.
+
+    init: the INT8 (uniform-quantized) checkpoint every episode starts from.
+    hardware: crossbar YAML (None = the init checkpoint's hardware).
+    layer_dims: optional CIM-AQ layer-dims YAML priced instead of the traced model (same length).
+    max_accuracy_drop: percentage points below the baseline that still count as feasible.
+    finetune_steps / finetune_epochs: per-episode finetune budget (batches, or epochs when set).
+    force_first_last: bits (weights and inputs) fixed for the first and last layer; None = searched.
+    latency_budget: HAQ's hard-budget mode: every evaluated policy is lowered to ≤ this latency ratio.
+    search_holdout: training images held out as the search's accuracy split (count or fraction).
+    search_train_size: cap on the training images used for finetuning (None = all the rest).
+    """
+
+    init: str
+    output_dir: str
+    arch: Optional[str] = None
+    dataset: Optional[str] = None
+    data_root: Optional[str] = None
+    input_size: Optional[int] = None
+    hardware: Optional[str] = None
+    layer_dims: Optional[str] = None
+    min_bit: int = 2
+    max_bit: int = 8
+    max_accuracy_drop: float = 1.0
+    episodes: int = 600
+    warmup: int = 20
+    finetune_steps: int = 100
+    finetune_epochs: Optional[float] = None
+    finetune_lr: float = 0.001
+    calibration_batches: int = 2
+    search_adc: bool = False
+    min_adc_bit: int = 4
+    max_adc_bit: int = 8
+    force_first_last: Optional[int] = None
+    cell_resolution_constraint: bool = False
+    latency_budget: Optional[float] = None
+    strategy: str = "ddpg"
+    top_k: int = 3
+    top_k_finetune_steps: int = 300
+    search_holdout: Size = 0.1
+    search_train_size: Optional[Size] = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    batch_size: int = 64
+    workers: int = 0
+    threads: int = 0           # torch CPU threads for the search (0 = leave as is)
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+    ddpg: DDPGConfig = field(default_factory=DDPGConfig)
+
+    def check(self) -> None:
+        """Refuse values that cannot work, naming the value and what is allowed."""
+        low, high = LAYER_BIT_RANGE
+        for key in ("min_bit", "max_bit"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise SearchConfigError(f"{key}={value!r} is not allowed: the CIM layers support bits in "
+                                        f"[{low}, {high}]")
+        if self.min_bit > self.max_bit:
+            raise SearchConfigError(f"min_bit={self.min_bit} > max_bit={self.max_bit}: expected min_bit <= max_bit")
+        if self.force_first_last is not None and not low <= self.force_first_last <= high:
+            raise SearchConfigError(f"force_first_last={self.force_first_last} is not allowed: the CIM layers "
+                                    f"support bits in [{low}, {high}]")
+        if self.search_adc:
+            adc_low, adc_high = ADC_BIT_RANGE
+            for key in ("min_adc_bit", "max_adc_bit"):
+                value = getattr(self, key)
+                if not isinstance(value, int) or not adc_low <= value <= adc_high:
+                    raise SearchConfigError(f"{key}={value!r} is not allowed: the ADC supports bits in "
+                                            f"[{adc_low}, {adc_high}]")
+            if self.min_adc_bit > self.max_adc_bit:
+                raise SearchConfigError(f"min_adc_bit={self.min_adc_bit} > max_adc_bit={self.max_adc_bit}: "
+                                        f"expected min_adc_bit <= max_adc_bit")
+        if self.strategy not in STRATEGIES:
+            raise SearchConfigError(f"strategy={self.strategy!r} is not allowed: expected one of {list(STRATEGIES)}")
+        _int_at_least("episodes", self.episodes, 1)
+        _int_at_least("warmup", self.warmup, 0)
+        _int_at_least("finetune_steps", self.finetune_steps, 0)
+        _int_at_least("calibration_batches", self.calibration_batches, 1)
+        _int_at_least("top_k", self.top_k, 0)
+        _int_at_least("top_k_finetune_steps", self.top_k_finetune_steps, 0)
+        _int_at_least("batch_size", self.batch_size, 1)
+        _int_at_least("workers", self.workers, 0)
+        _int_at_least("threads", self.threads, 0)
+        if self.finetune_epochs is not None and not self.finetune_epochs > 0:
+            raise SearchConfigError(f"finetune_epochs={self.finetune_epochs!r} is not allowed: expected a number > 0")
+        if not self.finetune_lr > 0:
+            raise SearchConfigError(f"finetune_lr={self.finetune_lr!r} is not allowed: expected a number > 0")
+        if not self.max_accuracy_drop >= 0:
+            raise SearchConfigError(f"max_accuracy_drop={self.max_accuracy_drop!r} is not allowed: expected "
+                                    f"percentage points >= 0")
+        if self.latency_budget is not None and not 0 < self.latency_budget <= 1:
+            raise SearchConfigError(f"latency_budget={self.latency_budget!r} is not allowed: expected a latency "
+                                    f"ratio vs uniform 8-bit in (0, 1]")
+        for key in ("search_holdout", "search_train_size"):
+            value = getattr(self, key)
+            if value is None and key == "search_train_size":
+                continue
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1
+                                               or isinstance(value, float) and 0 < value < 1):
+                raise SearchConfigError(f"{key}={value!r} is not allowed: expected an image count >= 1 or a "
+                                        f"fraction in (0, 1)")
+        self.ddpg.check()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        data = dict(data)
+        ddpg = DDPGConfig(**data.pop("ddpg", {}))
+        return cls(**data, ddpg=ddpg)
+
+
+def _int_at_least(key: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise SearchConfigError(f"{key}={value!r} is not allowed: expected an integer >= {low}")

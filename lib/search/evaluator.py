@@ -1,0 +1,88 @@
+"""Accuracy of a policy after a short finetune, on ONE model kept in memory for the whole search.
+
+Per evaluation: restore the INT8 weights, steps and BatchNorm statistics from an in-memory copy
+(the bits come back with them), apply the policy in place, calibrate the steps whose bits
+changed, build a fresh optimizer (apply_policy may replace step parameters), finetune a fixed
+number of batches on the search-train split, measure top-1 on the held-out search split. Every
+evaluation starts from the same RNG state, so a policy's accuracy does not depend on when it was
+evaluated (which makes the cache by policy exact and a resumed search identical).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lib.cim import apply_policy, calibrate
+from lib.policy import Policy
+from lib.training import OptimConfig, build_optimizer, evaluate, seed_epoch, train_one_epoch
+
+# Seeds evaluations apart from the agent's own generators and the data split.
+EVAL_SEED_OFFSET = 7919
+
+
+@dataclass
+class Evaluation:
+    """A policy's accuracy (top-1 %, search split) and where the time went (seconds)."""
+
+    accuracy: float
+    finetune_seconds: float
+    eval_seconds: float
+
+
+def snapshot(model: nn.Module) -> OrderedDict:
+    """A detached copy of the model's state dict, with the per-module versions load_state_dict reads."""
+    state = model.state_dict()
+    copy = OrderedDict((k, v.detach().clone()) for k, v in state.items())
+    copy._metadata = getattr(state, "_metadata", None)
+    return copy
+
+
+class PolicyEvaluator:
+    """Finetunes and scores policies on one in-memory model (see module docstring)."""
+
+    def __init__(self, model: nn.Module, train_loader, search_loader, device: torch.device, lr: float,
+                 calibration_batches: int, seed: int) -> None:
+        self.model = model.to(device)
+        self.device = device
+        self.train_loader = train_loader
+        self.search_loader = search_loader
+        self.lr = lr
+        self.calibration_batches = calibration_batches
+        self.seed = seed + EVAL_SEED_OFFSET
+        self.start_state = snapshot(self.model)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def steps_for(self, finetune_steps: int, finetune_epochs: Optional[float]) -> int:
+        """Finetune batches per evaluation: the steps, or epochs × batches per epoch."""
+        if finetune_epochs is None:
+            return finetune_steps
+        return max(1, math.ceil(finetune_epochs * len(self.train_loader)))
+
+    def restore(self) -> None:
+        """Back to the INT8 start: weights, steps, BN statistics and bits."""
+        self.model.load_state_dict(self.start_state, strict=True)
+
+    def evaluate(self, policy: Policy, steps: int) -> Evaluation:
+        started = time.perf_counter()
+        self.restore()
+        apply_policy(self.model, policy)
+        seed_epoch(self.seed, 0, self.train_loader)
+        calibrate(self.model, self.train_loader, max_batches=self.calibration_batches)
+        if steps > 0:
+            optimizer = build_optimizer(self.model, OptimConfig(epochs=1, lr=self.lr, scheduler="constant"))
+            done, epoch = 0, 0
+            while done < steps:
+                seed_epoch(self.seed, epoch, self.train_loader)
+                batches = min(steps - done, len(self.train_loader))
+                train_one_epoch(self.model, self.train_loader, self.criterion, optimizer, self.device,
+                                max_batches=batches, progress=False)
+                done, epoch = done + batches, epoch + 1
+        finetuned = time.perf_counter()
+        accuracy = evaluate(self.model, self.search_loader, None, self.device)["top1"]
+        return Evaluation(float(accuracy), finetuned - started, time.perf_counter() - finetuned)
