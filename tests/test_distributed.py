@@ -1,6 +1,7 @@
 """Runs under torchrun (CPU, Gloo, 2 processes): disjoint data shards, rank-0-only files, all-reduced
-metrics equal to one process evaluating the checkpoint, resume, finetune with export, and CIM layers
-whose learned steps, ADC statistics and bits stay identical across ranks."""
+metrics equal to one process evaluating the checkpoint, resume, finetune with export, a search whose
+policies repeat with the same seed, and CIM layers whose learned steps, ADC statistics and bits stay
+identical across ranks."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import pretrain
+from search_support import make_int8_checkpoint
 from lib.distributed import DistContext, DistributedSetupError, check_sync_bn, torchrun_command
 from lib.training import load_checkpoint
 
@@ -174,3 +176,68 @@ def test_sync_bn_is_refused_for_processes_on_cpus_before_any_work():
     check_sync_bn(True, DistContext(rank=1, world_size=2, device=torch.device("cuda", 1)))
     with pytest.raises(DistributedSetupError, match="--sync-bn needs CUDA devices"):
         check_sync_bn(True, DistContext(rank=1, world_size=2))
+
+
+# A search process of our own under torchrun: the search of rl_quantize.py's flags, run as
+# run_search runs it, then each rank records the CIM model it holds after the last episode.
+SEARCH_PROBE = '''
+import sys
+from pathlib import Path
+
+import torch
+
+import rl_quantize
+from lib import cli
+from lib.cim import quantizable_layers
+from lib.run_dir import open_run_dir
+from lib.search import prepare
+from lib.search.search import Search
+
+args = rl_quantize.parse_args(sys.argv[1:])
+torch.set_num_threads(1)
+config = rl_quantize.config_from_args(args)
+ctx = cli.init_context(args.device)
+search = Search(config, prepare(config), None, ctx)
+search.evaluator = search.build_evaluator()
+if ctx.is_main:
+    open_run_dir(config.output_dir)
+search.run(progress=False)
+model = search.evaluator.model
+mirrors = [(layer.w_bit, layer.a_bit, layer.adc_bits, layer.psum_adc.initialized)
+           for _, layer in quantizable_layers(model)]
+torch.save({"state": model.state_dict(), "mirrors": mirrors, "records": search.records},
+           Path(config.output_dir).parent / f"search_rank{ctx.rank}.pt")
+'''
+
+
+def read_episodes(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+
+
+def test_search_under_torchrun_repeats_its_policies_and_keeps_ranks_identical(tmp_path, eager_single_thread):
+    init = make_int8_checkpoint(tmp_path / "int8")
+    flags = ["--init", init, "--episodes", "2", "--warmup", "1", "--finetune-steps", "2", "--batch-size", "16",
+             "--search-holdout", "64", "--search-train-size", "128", "--top-k", "0", "--calibration-batches", "1",
+             "--hidden1", "16", "--hidden2", "16", "--bsize", "8", "--threads", "1", "--no-progress",
+             "--device", "cpu", "--seed", "3"]
+    script = tmp_path / "search_probe.py"
+    script.write_text(SEARCH_PROBE)
+    torchrun(script, flags + ["--output-dir", tmp_path / "first"])
+    done = torchrun(REPO / "rl_quantize.py", flags + ["--output-dir", tmp_path / "again"])
+    first, again = read_episodes(tmp_path / "first"), read_episodes(tmp_path / "again")
+    assert [r["episode"] for r in first] == [0, 1]
+    assert [r["policy"] for r in first] == [r["policy"] for r in again]
+    assert [r["accuracy"] for r in first] == [r["accuracy"] for r in again]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["output_dir"] == str(tmp_path / "again")  # printed once
+    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1
+    assert (tmp_path / "again" / "search_state.pth").is_file() and len(list((tmp_path / "again" / "tb").iterdir())) == 1
+
+    ranks = [torch.load(tmp_path / f"search_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in rank["records"]] for rank in ranks]
+    assert untimed[0] == untimed[1]  # every rank saw the same policies, accuracies and rewards
+    assert ranks[0]["mirrors"] == ranks[1]["mirrors"]
+    assert [bits[:2] for bits in ranks[0]["mirrors"]] == [tuple(row[:2]) for row in first[-1]["policy"]]
+    state = ranks[0]["state"]
+    for kind in ("weight", "psum_adc.step", "running_abs_mean", "bits", "running_mean", "running_var"):
+        assert any(k.endswith(kind) for k in state), kind
+    assert [k for k, v in state.items() if not torch.equal(v, ranks[1]["state"][k])] == []
