@@ -3,10 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.stamp
-DEMO_DIR ?= runs/demo
-# One torch thread: on a small machine shared with anything else, two OpenMP threads spin against
-# each other and run several times slower; data loading stays in the main process for the same reason.
-DEMO_THREADS ?= 1
+DEMO_CONFIG ?= run/configs/demo.yaml
 
 .PHONY: demo test venv
 
@@ -17,11 +14,12 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $(STAMP)
 
-# Main job: run/demo_pipeline.sh on the built-in digits — FP32 pretraining, uniform INT8 QAT on CIM
-# layers, a mixed-precision policy, finetuning, ONNX QCDQ export checked in onnxruntime, report.
-# Reruns continue or skip finished stages (--resume auto).
+# Main job: the two-stage workflow on the built-in digits (run/configs/demo.yaml): stage 1 searches a
+# mixed-precision policy on digits-small, stage 2 trains on digits and finetunes to it; ONNX export
+# checked in onnxruntime; results.md/.json and plots in runs/workflow/demo_resnet20_default/.
+# A rerun skips finished steps and resumes an interrupted one.
 demo: $(STAMP)
-	DEMO_DIR=$(DEMO_DIR) THREADS=$(DEMO_THREADS) PYTHON=$(VENV)/bin/python bash run/demo_pipeline.sh
+	PYTHON=$(VENV)/bin/python bash run/run_full_workflow.sh $(DEMO_CONFIG)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -3,7 +3,7 @@
 
 Examples:
   python finetune.py --dataset digits --arch resnet20 --policy runs/search/policy.npy \
-      --hardware run/hardware/cim_aq_default.yaml --init runs/pretrain/digits_resnet20_w8a8/model_best.pth.tar \
+      --hardware run/hardware/default.yaml --init runs/pretrain/digits_resnet20_w8a8/model_best.pth.tar \
       --epochs 10 --lr 0.01
   python finetune.py --evaluate --resume runs/finetune/digits_resnet20/model_best.pth.tar
 
@@ -33,6 +33,7 @@ from lib.data import HoldoutSpec, build_loaders, default_input_size, first_image
 from lib.distributed import SINGLE, DistContext, barrier, broadcast_module_state
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
+from lib.layer_trace import layer_order
 from lib.policy import Policy, check_supported
 from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
 from lib.training import CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
@@ -43,7 +44,7 @@ from models import create_model, read_state_dict
 log = logging.getLogger("finetune")
 
 REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "cim_aq_default.yaml"
+DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "default.yaml"
 BASELINE_BITS = (8, 8)
 FLAG_MINIMUMS = {"input_size": 1, "batch_size": 1, "workers": 0, "max_batches": 1, "threads": 0,
                  "calibration_batches": 1, "export_images": 1}
@@ -292,22 +293,29 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         spec = resolve_spec(args, start_args)
         policy, policy_file = Policy.load(args.policy), str(args.policy)
         hw, hw_path = hardware_for(args, start_args)
-    check_supported(policy, hw)
+    check_supported(policy)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
     check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
     ctx = cli.init_context(args.device, args.sync_bn)  # after every rank's checks: joining waits for all ranks
     device = ctx.device
     data = load_data(args, spec, ctx=ctx)
+    # .npy rows follow the model's construction order (CIM-AQ's files); inside, call order.
+    float_model, order = layer_order(lambda: create_model(spec["arch"], spec["num_classes"]), spec["input_size"])
+    if resume_state is None and Path(args.policy).suffix == ".npy":
+        policy = Policy.load(args.policy, order)
     if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):
         raise FinetuneError(f"--init has {start_args['num_classes']} classes but {spec['dataset']} has "
                             f"{spec['num_classes']}")
     # The policy must fit the model before anything trains (length, names, bits).
-    cost = validate_policy(policy, create_model(spec["arch"], spec["num_classes"]), hw, spec["input_size"])
+    cost = validate_policy(policy, float_model, hw, spec["input_size"])
     log.info("policy %s: %d layers, latency %.1f µs = %.3f × uniform %d/%d-bit", args.policy or "(resumed)",
              len(policy), cost.total_latency, cost.ratio, *BASELINE_BITS)
+    for key, sides in hw.pricing_differences().items():
+        log.warning("hardware %s: the cost model prices %s, the CIM layers simulate %s", key, sides["priced"],
+                    sides["simulated"])
     if ctx.is_main:
         open_run_dir(out_dir)
-        policy.save(out_dir / "policy")
+        policy.save(out_dir / "policy", order)
     if resume_state is not None:
         model = model_from_args(resume_state["args"])
     else:
@@ -337,16 +345,19 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     test = evaluate(model, data.val, nn.CrossEntropyLoss(), device, dist=ctx)
     log.info("best epoch %d (holdout top-1 %.2f%%): test top-1 %.2f%% top-5 %.2f%%", result.best_epoch,
              result.best_acc1, test["top1"], test["top5"])
+    deployed = deployed_accuracy(model, data, args, test, device)
     report = {
         "accuracy": {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
                      "test_samples": test["samples"], "holdout_best_top1": result.best_acc1,
                      "best_epoch": result.best_epoch,
-                     "selected_on": "holdout" if data.holdout is not None else "val"},
+                     "selected_on": "holdout" if data.holdout is not None else "val",
+                     "deployed_top1": deployed["top1"], "deployed": deployed},
         "policy": policy.to_json_dict(),
         "latency_us": cost.total_latency, "baseline_latency_us": cost.baseline_latency,
         "baseline_bits": list(cost.baseline_bits), "latency_ratio": cost.ratio, "arrays": cost.arrays,
         "executes": cost.executes, "adc_conversions": cost.adc_conversions,
-        "hardware": hw.to_dict(), "arch": spec["arch"], "dataset": spec["dataset"],
+        "hardware": hw.to_dict(), "hardware_priced_vs_simulated": hw.pricing_differences(),
+        "arch": spec["arch"], "dataset": spec["dataset"],
         "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,
     }
     if not ctx.is_main:
@@ -368,6 +379,18 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
                       "ort_max_abs_diff": report.get("ort_max_abs_diff"), "output_dir": str(out_dir)}))
     barrier(ctx)
     return report
+
+
+def deployed_accuracy(model: nn.Module, data, args: argparse.Namespace, test: dict, device) -> dict:
+    """Test accuracy in the faithful (bit-serial) input mode, whichever mode trained; a layer that
+    trained multi-bit gets its ADC steps recalibrated on training batches first (lib.cim.deploy)."""
+    from lib.cim import faithful_copy
+
+    faithful, changed = faithful_copy(model, data.train, args.calibration_batches)
+    metrics = test if not changed else evaluate(faithful, data.val, nn.CrossEntropyLoss(), device)
+    log.info("deployed (bit-serial inputs) test top-1 %.2f%%%s", metrics["top1"],
+             f" ({changed} layers' ADC steps recalibrated)" if changed else "")
+    return {"top1": metrics["top1"], "input_mode": "bit-serial", "adc_recalibrated_layers": changed}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -4,7 +4,7 @@ r"""Pretrain a classifier: FP32, or uniform-precision QAT on CIM layers (`--quan
 Examples:
   python pretrain.py --dataset digits --arch resnet20 --input-size 32 --epochs 15
   python pretrain.py --dataset digits --arch resnet20 --quant uniform --w-bit 8 --a-bit 8 \
-      --hardware run/hardware/cim_aq_default.yaml --init runs/pretrain/digits_resnet20/model_best.pth.tar
+      --hardware run/hardware/default.yaml --init runs/pretrain/digits_resnet20/model_best.pth.tar
   python pretrain.py --evaluate --resume runs/pretrain/digits_resnet20/model_best.pth.tar
 
 Writes into --output-dir: checkpoint.pth.tar (every epoch), model_best.pth.tar, metrics.json,
@@ -37,7 +37,7 @@ from models import create_model, read_state_dict
 log = logging.getLogger("pretrain")
 
 REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "cim_aq_default.yaml"
+DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "default.yaml"
 # What defines the model (and its data): taken from a checkpoint on --resume/--evaluate; an explicit
 # conflicting flag is an error rather than a silently different model.
 MODEL_KEYS = ("arch", "num_classes", "input_size", "quant", "w_bit", "a_bit", "hardware")
@@ -241,7 +241,7 @@ def run_train(args: argparse.Namespace) -> dict:
         hw = hardware_config(spec)
         spec["hardware_config"] = hw.to_dict()
         try:
-            check_layer_bits(spec["w_bit"], spec["a_bit"], None, hw)
+            check_layer_bits(spec["w_bit"], spec["a_bit"], None)
         except ValueError as err:
             raise PretrainError(f"--w-bit {spec['w_bit']} --a-bit {spec['a_bit']}: {err} "
                                 f"(the CIM layers' range)") from None

@@ -3,7 +3,8 @@
 Run by hand: `.venv/bin/python bench/bench_cim_layers.py`. Prints medians and ratios only
 (absolute times depend on the machine). Configuration from issue #3: Conv 64→64 3×3 on 32×32,
 batch 32, 256×256 arrays (3 row-tiles), 4-bit weights on 2-bit cells (2 slices), 4-bit ADC,
-column granularity; Linear 512→512, batch 256.
+column granularity; Linear 512→512, batch 256. The ADC-on layers run in both input modes:
+multi-bit (one partial sum of the whole 4-bit input) and bit-serial (4 planes of a 1-bit DAC).
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hw = HardwareConfig(rows=256, cols=256, cell_bits=2, adc_bits=4, mapping="differential-column",
-                        weight_granularity="column", psum_granularity="column")
+                        weight_granularity="column", psum_granularity="column", input_mode="multi-bit")
     hw_off = hw.with_overrides(psum_granularity="off")
+    hw_serial = hw.with_overrides(input_mode="bit-serial")
 
     conv = nn.Conv2d(64, 64, 3, padding=1)
     layers = {
@@ -71,6 +73,7 @@ def main() -> None:
         "CIMConv2d ADC off": CIMConv2d.from_float(conv, hw_off, 4, 4, input_signed=False),
         "  same, crossbar path": forced(CIMConv2d.from_float(conv, hw_off, 4, 4, input_signed=False)),
         "CIMConv2d ADC on": CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False),
+        "  same, bit-serial": CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False),
     }
     print(f"conv row-tiles: {layers['CIMConv2d ADC on'].layout.tiles}, slices: {layers['CIMConv2d ADC on'].slices}")
     compare("Conv2d 64->64 3x3, 32x32, batch 32", layers, torch.rand(32, 64, 32, 32), args.repeats)
@@ -82,6 +85,7 @@ def main() -> None:
         "CIMLinear ADC off": CIMLinear.from_float(linear, hw_off, 4, 4, input_signed=False),
         "  same, crossbar path": forced(CIMLinear.from_float(linear, hw_off, 4, 4, input_signed=False)),
         "CIMLinear ADC on": CIMLinear.from_float(linear, hw, 4, 4, input_signed=False),
+        "  same, bit-serial": CIMLinear.from_float(linear, hw_serial, 4, 4, input_signed=False),
     }
     compare("Linear 512->512, batch 256", layers, torch.rand(256, 512), args.repeats)
 

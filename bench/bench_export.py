@@ -6,7 +6,7 @@ A mixed-precision resnet20 on CIM layers (a trained CIM checkpoint via --checkpo
 images) is exported with lib.export, then both runtimes classify the same validation images at
 32x32. Prints medians and ratios.
   .venv/bin/python bench/bench_export.py [--init runs/demo/pretrain_fp32/model_best.pth.tar]
-      [--hardware run/hardware/cim_aq_default.yaml] [--psum off] [--batch-size 64] [--images 256]
+      [--hardware run/hardware/default.yaml] [--psum off] [--batch-size 64] [--images 256]
       [--threads 1] [--repeats 5] [--checkpoint CKPT]
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> int:
     p.add_argument("--checkpoint", default=None, help="a trained resnet20 CIM checkpoint (else --init weights)")
     p.add_argument("--init", default=None, help="FP32 resnet20 weights to quantize (e.g. runs/demo/pretrain_fp32/"
                    "model_best.pth.tar; default: fresh random weights)")
-    p.add_argument("--hardware", default=str(REPO / "run" / "hardware" / "cim_aq_default.yaml"), help="hardware YAML")
+    p.add_argument("--hardware", default=str(REPO / "run" / "hardware" / "default.yaml"), help="hardware YAML")
     p.add_argument("--psum", default=None, choices=("off", "layer", "array", "column"),
                    help="override the hardware's partial-sum (ADC) granularity")
     p.add_argument("--images", type=int, default=256, help="validation images classified per run")

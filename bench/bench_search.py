@@ -13,7 +13,7 @@ When that file is absent it builds one with pretrain.py first (FP32, then unifor
 says so.
 
   .venv/bin/python bench/bench_search.py                       # 60 episodes, seeds 0 1 2, both hardwares
-  .venv/bin/python bench/bench_search.py --episodes 5 --seeds 0 --hardware run/hardware/cim_aq_default.yaml
+  .venv/bin/python bench/bench_search.py --episodes 5 --seeds 0 --hardware run/hardware/default.yaml
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from lib.fileio import atomic_write_json  # noqa: E402
 from lib.search import DDPGConfig, SearchConfig, run_search  # noqa: E402
 
 DEMO_INT8 = REPO / "runs" / "demo" / "pretrain_int8" / "model_best.pth.tar"
-HARDWARES = [REPO / "run" / "hardware" / "cim_aq_default.yaml", REPO / "run" / "hardware" / "cell2bit.yaml"]
+HARDWARES = [REPO / "run" / "hardware" / "default.yaml", REPO / "run" / "hardware" / "cell2bit.yaml"]
 
 
 def parse_args() -> argparse.Namespace:

@@ -4,7 +4,8 @@ last quantizable layer (the common "keep the ends at 8 bit" recipe), or bits lis
   python -m lib.make_policy --arch resnet20 --num-classes 10 --input-size 32 \\
       --w-bit 4 --a-bit 4 --first-last 8 8 --output runs/policies/resnet20_w4a4
 
-Writes `<output>.npy` (CIM-AQ format) and `<output>.json` (with the layer names, in call order).
+Writes `<output>.npy` (CIM-AQ format: rows in the model's layer construction order) and
+`<output>.json` (with the layer names, in call order).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lib.layer_trace import called_layer_names
+from lib.layer_trace import layer_order
 from lib.policy import MAX_BITS, Policy, PolicyError
 
 
@@ -61,13 +62,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from models import ModelError, create_model
 
     try:
-        model = create_model(args.arch, args.num_classes)
-        names = called_layer_names(model, input_size=args.input_size)
-        policy = build_policy(names, args.w_bit, args.a_bit, args.adc_bits, args.first_last, args.per_layer)
+        _, order = layer_order(lambda: create_model(args.arch, args.num_classes), args.input_size)
+        policy = build_policy(order.call, args.w_bit, args.a_bit, args.adc_bits, args.first_last, args.per_layer)
     except (ModelError, PolicyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    npy, js = policy.save(args.output)
+    npy, js = policy.save(args.output, order)
     print(f"{len(policy)} layers: w {policy.w_bits}, a {policy.a_bits} -> {npy}, {js}")
     return 0
 

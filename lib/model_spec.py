@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 QUANT_MODES = ("none", "uniform", "mixed")
 QUANTIZED = ("uniform", "mixed")
 BASELINE_BITS = (8, 8)
-DEFAULT_HARDWARE = Path(__file__).resolve().parent.parent / "run" / "hardware" / "cim_aq_default.yaml"
+DEFAULT_HARDWARE = Path(__file__).resolve().parent.parent / "run" / "hardware" / "default.yaml"
 
 
 class ModelSpecError(UserError, ValueError):

@@ -2,18 +2,25 @@
 
 Stored as `policy.npy` (int array L×2 or L×3, CIM-AQ's format: columns w_bit, a_bit[, adc_bits])
 and `policy.json` (the same plus layer names and context such as hardware, cost and accuracy).
+Inside, rows follow call order. A `.npy` file's rows follow the model's layer *construction*
+order, as CIM-AQ's do (see lib.layer_trace.layer_order): `load(path, order)` and
+`save(path, order)` translate; the `.json` names every row, so it needs no translation.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from lib.bit_limits import check_bits
 from lib.fileio import atomic_write
 from lib.errors import UserError
+
+if TYPE_CHECKING:  # only a type here; importing lib.layer_trace would pull in torch
+    from lib.layer_trace import LayerOrder
 
 MAX_BITS = 32  # widest a policy file may state; what the CIM layers support is check_supported's business
 
@@ -106,26 +113,56 @@ class Policy:
             layers.append(entry)
         return {"layers": layers, **self.meta}
 
-    def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write `<stem>.npy` and `<stem>.json` atomically; returns both paths."""
+    def save(self, path: str | Path, order: Optional["LayerOrder"] = None) -> tuple[Path, Path]:
+        """Write `<stem>.npy` and `<stem>.json` atomically; returns both paths.
+
+        With the model's `order`, the .npy rows follow construction order (CIM-AQ's files);
+        without it they stay in call order (identical for models that build layers as they call them).
+        """
         path = Path(path)
         stem = path.with_suffix("") if path.suffix in (".npy", ".json") else path
         npy, js = stem.with_suffix(".npy"), stem.with_suffix(".json")
         npy.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(npy, lambda f: np.save(f, self.as_array()), binary=True)
+        rows = self.construction_rows(order) if order is not None else self.as_array()
+        atomic_write(npy, lambda f: np.save(f, rows), binary=True)
         atomic_write(js, lambda f: json.dump(self.to_json_dict(), f, indent=2, default=_json_default))
         return npy, js
 
+    # ------------------------------------------------------------ construction order (.npy rows)
+    def construction_rows(self, order: "LayerOrder") -> np.ndarray:
+        """The .npy array with rows in the model's construction order."""
+        self.check_matches(order.call)
+        rows = np.empty_like(self.as_array())
+        rows[order.construction_index()] = self.as_array()
+        return rows
+
     @classmethod
-    def load(cls, path: str | Path) -> "Policy":
-        """Read our .json or a CIM-AQ/our .npy (L×2 or L×3 ints)."""
+    def from_construction_rows(cls, array: np.ndarray, order: "LayerOrder", source: str = "policy") -> "Policy":
+        """A call-order policy, named, from .npy rows in construction order."""
+        if len(array) != len(order.call):
+            raise PolicyError(f"{source}: policy has {len(array)} layers but the model has {len(order.call)} "
+                              f"quantizable layers (construction order: {list(order.construction[:3])} ...)")
+        rows = np.asarray(array)[order.construction_index()]
+        adc = rows[:, 2].tolist() if rows.shape[1] == 3 else None
+        return cls(rows[:, 0].tolist(), rows[:, 1].tolist(), adc, list(order.call))
+
+    @classmethod
+    def load(cls, path: str | Path, order: Optional["LayerOrder"] = None) -> "Policy":
+        """Read our .json or a CIM-AQ/our .npy (L×2 or L×3 ints).
+
+        A .npy needs the model's `order` to put its construction-ordered rows on the right layers;
+        without it the rows are taken as they are (call order).
+        """
         path = Path(path)
         if not path.is_file():
             raise PolicyError(f"policy file {str(path)!r} does not exist")
         if path.suffix == ".json":
             return cls._from_json(path)
         if path.suffix == ".npy":
-            return cls._from_npy(path)
+            policy = cls._from_npy(path)
+            if order is None:
+                return policy
+            return cls.from_construction_rows(policy.as_array(), order, source=f"policy file {str(path)!r}")
         raise PolicyError(f"policy file {str(path)!r}: unknown extension {path.suffix!r}; allowed: .npy, .json")
 
     @classmethod
@@ -176,26 +213,26 @@ class Policy:
             raise PolicyError(f"{source}: {err}") from None
 
 
-def check_layer_bits(w_bit: int, a_bit: int, adc_bits: Optional[int], hw) -> None:
-    """Raise ValueError (naming the value and the allowed range) if the CIM layers on `hw` cannot hold these bits.
+def check_layer_bits(w_bit: int, a_bit: int, adc_bits: Optional[int]) -> None:
+    """Raise ValueError (naming the value and the allowed range) if the CIM layers cannot hold these bits.
 
-    The layers own their bit ranges, so a 1×1 probe layer is asked (milliseconds): this check
-    always agrees with them.
+    The ranges are lib.bit_limits', the table the layers themselves check against.
     """
-    from lib.cim import CIMLinear  # lazy: lib.cim imports this module
+    check_bits("w_bit", w_bit)
+    check_bits("a_bit", a_bit)
+    if adc_bits is not None:
+        check_bits("adc_bits", adc_bits)
 
-    CIMLinear(1, 1, hw=hw, w_bit=w_bit, a_bit=a_bit, adc_bits=adc_bits)
 
-
-def check_supported(policy: Policy, hw) -> None:
-    """Refuse a policy with bits the CIM layers on `hw` cannot hold, before any model is built."""
+def check_supported(policy: Policy) -> None:
+    """Refuse a policy with bits the CIM layers cannot hold, before any model is built."""
     checked = set()
     for index in range(len(policy)):
         bits = policy.layer(index)
         if bits in checked:
             continue
         try:
-            check_layer_bits(*bits, hw)
+            check_layer_bits(*bits)
         except ValueError as err:
             name = f" ({policy.layer_names[index]!r})" if policy.layer_names else ""
             raise PolicyError(f"policy layer {index}{name}: {err} (the CIM layers' range)") from None

@@ -8,15 +8,16 @@ from torch import nn
 
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim.adc import adc_range
-from lib.cim.crossbar import offset_reference, slice_significance, stored_slices
+from lib.cim.crossbar import CrossbarPlan, stored_slices
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
 GRANULARITIES = ["layer", "channel", "array", "column"]
 
 
 def _hw(**kw):
+    """Small arrays; multi-bit inputs unless a test asks for bit-serial (tested on their own below)."""
     base = dict(rows=40, cols=64, cell_bits=2, adc_bits=6, mapping="differential-column",
-                weight_granularity="column", psum_granularity="off")
+                weight_granularity="column", psum_granularity="off", input_mode="multi-bit")
     base.update(kw)
     return HardwareConfig(**base)
 
@@ -83,20 +84,27 @@ def test_adc_off_linear_equals_ordinary_linear_with_tokens(mapping, granularity)
 
 @pytest.mark.parametrize("mapping", MAPPINGS)
 @pytest.mark.parametrize("cell_bits", [1, 2, 3, 4])
-def test_slices_are_cell_integers_that_recombine_exactly(mapping, cell_bits):
+@pytest.mark.parametrize("slicing", ["magnitude", "full-range"])
+def test_slices_are_cell_integers_that_recombine_exactly(mapping, cell_bits, slicing):
     for bits in range(1, 9):
-        q = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float32)
-        slices = stored_slices(q, bits, cell_bits, mapping)
-        assert slices.shape[0] == -(-bits // cell_bits)
+        plan = CrossbarPlan(HardwareConfig(mapping=mapping, cell_bits=cell_bits, weight_slicing=slicing),
+                            1, 1, 1, 1, bits, 8)
+        lo, hi = plan.weight_range()
+        q = torch.arange(lo, hi + 1, dtype=torch.float32)
+        slices = stored_slices(q, plan)
+        stored = bits if mapping == "offset" or slicing == "full-range" or bits == 1 else bits - 1
+        assert slices.shape[0] == plan.slices == -(-stored // cell_bits)
         assert torch.equal(slices, slices.round())
-        shifts = slice_significance(bits, cell_bits).view(-1, 1)
-        recombined = (slices * shifts).sum(0)
+        recombined = (slices * plan.significance().view(-1, 1)).sum(0)
+        assert [slices[s].abs().max().item() for s in range(plan.slices)] == plan.slice_max()
         if mapping == "offset":
+            assert (lo, hi) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
             assert slices.min() >= 0 and slices.max() <= 2 ** cell_bits - 1
             assert torch.equal(recombined, q + 2 ** (bits - 1))
-            ref_slice, ref_value = offset_reference(bits, cell_bits)
+            ref_slice, ref_value = plan.offset_reference()
             assert ref_value * 2 ** (ref_slice * cell_bits) == 2 ** (bits - 1)
-        else:  # each cell of the pair holds a digit of q⁺ or q⁻ in [0, 2^c - 1]
+        else:  # each cell of the pair holds a digit of the magnitude q⁺ or q⁻ in [0, 2^c - 1]
+            assert lo == -hi - int(slicing == "full-range" or bits == 1)  # symmetric grid for magnitudes
             positive, negative = slices.clamp(min=0), (-slices).clamp(min=0)
             assert positive.max() <= 2 ** cell_bits - 1 and negative.max() <= 2 ** cell_bits - 1
             assert torch.equal(recombined, q)
@@ -121,7 +129,7 @@ def test_adc_outputs_lie_on_the_grid(mapping, granularity):
         xq = layer.input_quant(x).value
         qw = layer.quant_weight()
         q = torch.round(qw.value / qw.scale)
-        slices = stored_slices(q, layer.w_bit, layer.hw.cell_bits, mapping)
+        slices = stored_slices(q, layer.plan)
         psums, ref = layer.partial_sums(xq, slices)
         n, h, w, _ = psums.shape
         lay = layer.layout
@@ -142,7 +150,7 @@ def test_adc_outputs_lie_on_the_grid(mapping, granularity):
         main, ref_q = (quantized[..., :-1], quantized[..., -1]) if ref is not None else (quantized, None)
         layer.psum_adc.granularity = "off"  # the layer's own shift-and-add, on grid values
         try:
-            rebuilt = layer._convert(main, step_grid, ref_q)
+            rebuilt = layer._convert(main, step_grid, ref_q, None)
         finally:
             layer.psum_adc.granularity = granularity
         rebuilt = rebuilt.reshape(n, h, w, -1).permute(0, 3, 1, 2) + layer.quantized_bias().view(1, -1, 1, 1)
@@ -172,7 +180,7 @@ def test_row_tiles_see_only_their_own_input_channels():
     assert layer.layout.tiles == 3 and layer.layout.channels_per_tile == 3
     with torch.no_grad():
         qw = layer.quant_weight()
-        slices = stored_slices(torch.round(qw.value / qw.scale), 4, 2, hw.mapping)
+        slices = stored_slices(torch.round(qw.value / qw.scale), layer.plan)
         x = torch.randn(2, 8, 5, 5)
         x2 = x.clone()
         x2[:, 3:6] += torch.randn(2, 3, 5, 5)  # perturb tile 1 only
@@ -185,7 +193,7 @@ def test_row_tiles_see_only_their_own_input_channels():
     lin = CIMLinear(40, 3, hw=hw.with_overrides(rows=16), w_bit=3, a_bit=4)
     with torch.no_grad():
         qw = lin.quant_weight()
-        slices = stored_slices(torch.round(qw.value / qw.scale), 3, 2, hw.mapping)
+        slices = stored_slices(torch.round(qw.value / qw.scale), lin.plan)
         x = torch.randn(5, 40)
         x2 = x.clone()
         x2[:, 16:32] += 1.0
@@ -234,7 +242,7 @@ def test_set_bits_rederives_slices_and_grids_in_place():
     x = torch.rand(2, 12, 6, 6)
     calibrate(layer, [x])
     module_id, weight_id = id(layer), id(layer.weight)
-    assert layer.slices == 3 and layer.psum_adc.columns == 15
+    assert layer.slices == 2 and layer.psum_adc.columns == 10  # 5-bit magnitudes on 2-bit cells: 4 bits
     layer.set_bits(8, 3, adc_bits=6)
     assert (layer.w_bit, layer.a_bit, layer.adc_bits, layer.slices) == (8, 3, 6, 4)
     assert layer.psum_adc.columns == 4 * 5 and layer.psum_adc.step.shape == (layer.layout.tiles, 20)

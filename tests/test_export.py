@@ -254,6 +254,10 @@ def test_graph_is_clean_checked_and_carries_metadata(tmp_path, digits8):
     assert float(meta["latency_ratio"]) == pytest.approx(result.metadata["latency_ratio"])
     assert float(meta["test_top1"]) == 12.5 and float(meta["ort_top1_agreement"]) >= 0.99
     assert result.graph["ops"]["QuantizeLinear"] > 0 and result.graph["ops"]["DequantizeLinear"] > 0
+    # the default hardware is bit-serial: the ADC-on form converts each of the 6 input planes (a 6-bit
+    # input, 1-bit DAC), read back from the graph as the Floor nodes that split the input
+    assert all(info["input_mode"] == "bit-serial" and info["input_planes"] == 6 for info in result.layers)
+    assert result.graph["ops"]["Floor"] == len(result.layers)
     # dynamic batch: any batch size runs
     with torch.no_grad():
         for n in (1, 5):

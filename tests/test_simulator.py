@@ -26,8 +26,10 @@ CIM_AQ_HW = ROOT / "run" / "hardware" / "cim_aq_default.yaml"
 RESNET18_DIMS = ROOT / "run" / "layer_dims" / "resnet18_224.yaml"
 NUM_CLASSES = 1000
 
-# Base hardware for hand computations: 256x256 arrays, 4-bit cells, 1-bit inputs, 56 / 1.4 µs.
-BASE_HW = dict(rows=256, cols=256, cell_bits=4, input_bits=1, write_latency=56.0, execute_latency=1.4)
+# Base hardware for hand computations of CIM-AQ's formula: 256x256 arrays, 4-bit cells, 1-bit
+# inputs, 56 / 1.4 µs, CIM-AQ's counting (dense rows, ceil(b/c) slices, dense columns).
+BASE_HW = dict(rows=256, cols=256, cell_bits=4, input_bits=1, write_latency=56.0, execute_latency=1.4,
+               row_tiling="dense", weight_slicing="full-range", column_placement="dense")
 
 
 def hw_with(**changes) -> HardwareConfig:
@@ -221,6 +223,29 @@ def test_channel_row_tiling_matches_whole_channel_tiles():
     assert layer_cost(linear, odd_dr, 8, 8).row_tiles == 3                         # ceil(600 / 255)
     with pytest.raises(CostError, match="row_tiling"):
         layer_cost(conv, hw, 8, 8, row_tiling="sparse")
+
+
+def test_faithful_counting_magnitude_slices_whole_channels_and_whole_pairs():
+    conv = _dims(256, 256 * 9, 196, kernel_size=(3, 3), in_channels=256, out_channels=256)
+    faithful = HardwareConfig(**{**BASE_HW, "row_tiling": "channel", "weight_slicing": "magnitude",
+                                 "column_placement": "whole-pairs"})
+    assert faithful == HardwareConfig(rows=256, cols=256, cell_bits=4, input_bits=1)  # our defaults
+    cost = layer_cost(conv, faithful, 5, 4)   # 4-bit magnitudes: one 4-bit cell; 28 channels per tile
+    assert (cost.slices, cost.row_tiles, cost.columns, cost.col_tiles) == (1, 10, 512, 2)
+    assert cost.adc_conversions == 196 * 4 * 10 * 256
+    cim_aq = layer_cost(conv, hw_with(), 5, 4)
+    assert (cim_aq.slices, cim_aq.row_tiles, cim_aq.columns, cim_aq.col_tiles) == (2, 9, 1024, 4)
+    # a differential pair never spans two arrays: 255 columns hold 127 pairs, not 127.5
+    odd = layer_cost(_dims(254, 9), faithful.with_overrides(cols=255), 5, 4)
+    dense = layer_cost(_dims(254, 9), faithful.with_overrides(cols=255, column_placement="dense"), 5, 4)
+    assert (odd.columns, odd.col_tiles, dense.col_tiles) == (508, 2, 2)
+    assert layer_cost(_dims(255, 9), faithful.with_overrides(cols=255), 5, 4).col_tiles == 3   # 255 pairs
+    assert layer_cost(_dims(255, 9), faithful.with_overrides(cols=255, column_placement="dense"),
+                      5, 4).col_tiles == 2                                                        # 510 columns
+    # what the layers cannot simulate is said, never silent
+    assert faithful.pricing_differences() == {}
+    assert set(faithful.with_overrides(cols=255, column_placement="dense").pricing_differences()) == \
+        {"column_placement"}
 
 
 # --------------------------------------------------------------------------- CIM-AQ compatibility

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig
-from lib.cim.crossbar import num_slices, stored_slices
+from lib.cim.crossbar import stored_slices
 from lib.cim.tile_products import slice_shares, tile_products
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
@@ -20,23 +20,24 @@ def _hw(mapping, cell_bits=2, rows=40):
     return HardwareConfig(rows=rows, cols=64, cell_bits=cell_bits, mapping=mapping, psum_granularity="column")
 
 
-def _integer_weights(shape, bits, seed):
+def _integer_weights(shape, plan, seed):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), shape, generator=gen).float()
+    lo, hi = plan.weight_range()
+    q = torch.randint(lo, hi + 1, shape, generator=gen).float()
     return q.requires_grad_(True)
 
 
-def _ste_slices(q, bits, cell_bits, mapping):
+def _ste_slices(q, plan):
     """Per-slice straight-through estimator, left to autograd: slice s passes share_s of its
     gradient to q."""
-    slices = stored_slices(q.detach(), bits, cell_bits, mapping)
-    shares = slice_shares(bits, cell_bits).view((-1,) + (1,) * q.dim())
+    slices = stored_slices(q.detach(), plan)
+    shares = slice_shares(plan).view((-1,) + (1,) * q.dim())
     return slices + shares * (q - q.detach())
 
 
-def _compare(tiles, x, q, bits, cell_bits, mapping, seed):
-    got = tile_products(x, q, tiles, bits, cell_bits, mapping)
-    want = tiles.products(x, tiles.weight(_ste_slices(q, bits, cell_bits, mapping)))
+def _compare(tiles, x, q, plan, seed):
+    got = tile_products(x, q, tiles, plan)
+    want = tiles.products(x, tiles.weight(_ste_slices(q, plan)))
     assert torch.equal(got, want)
     upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed))
     got_grads = torch.autograd.grad((got * upstream).sum(), [x, q])
@@ -51,10 +52,10 @@ def test_conv_backward_equals_per_slice_autograd(mapping, cell_bits, bits):
     """Groups, stride, dilation and a ragged last tile (rows=40 → 4 channels of 3×3 per tile)."""
     layer = CIMConv2d(10, 6, 3, stride=2, padding=2, dilation=2, groups=2, hw=_hw(mapping, cell_bits),
                       w_bit=bits, a_bit=4)
-    assert layer.layout.pad > 0 and num_slices(bits, cell_bits) == layer.slices
+    assert layer.layout.pad > 0 and layer.plan.slices == layer.slices
     tiles = layer.tiles()
     x = tiles.tile_input(torch.randn(3, 10, 9, 11)).detach().requires_grad_(True)
-    _compare(tiles, x, _integer_weights(layer.weight.shape, bits, 1), bits, cell_bits, layer.hw.mapping, 2)
+    _compare(tiles, x, _integer_weights(layer.weight.shape, layer.plan, 1), layer.plan, 2)
 
 
 @pytest.mark.parametrize("mapping", MAPPINGS)
@@ -63,7 +64,7 @@ def test_linear_backward_equals_per_slice_autograd(mapping):
     assert layer.layout.tiles >= 3 and layer.layout.pad > 0
     tiles = layer.tiles()
     x = tiles.tile_input(torch.randn(7, 37)).detach().requires_grad_(True)
-    _compare(tiles, x, _integer_weights(layer.weight.shape, 6, 3), 6, 2, layer.hw.mapping, 4)
+    _compare(tiles, x, _integer_weights(layer.weight.shape, layer.plan, 3), layer.plan, 4)
 
 
 def test_tiled_conv_input_is_zero_padded_per_group_in_channels_last():

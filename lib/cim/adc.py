@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +18,16 @@ from lib.cim.adc_kernels import KERNELS
 from lib.cim.steps import lsq_init, positive, scale_grad
 
 log = logging.getLogger(__name__)
+
+
+class Converter(Protocol):
+    """How the ADC's caller converts its weight columns: given the per-column ADC step, gamma
+    (weight step · 2^(s·c)) and the grid, return the converted, shifted and summed outputs
+    (rows, groups, out). `_ConvertAccumulate` over given partial sums, or lib.cim.crossbar_adc
+    computing the partial sums itself."""
+
+    def __call__(self, step: torch.Tensor, gamma: torch.Tensor, lo: int, hi: int,
+                 grad_factor: float) -> torch.Tensor: ...
 
 
 def adc_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -70,12 +80,13 @@ def _quantize(p, step, lo: int, hi: int, grad_factor: float):
 class PartialSumADC(nn.Module):
     """LSQ ADC for the partial sums of one CIM layer.
 
-    `arrays` = groups·row-tiles, `columns` = physical columns per array read by the ADC
-    (slices·out_channels, then the offset reference column if any). Partial sums come as
-    (M, groups, tiles, columns) with M = output pixels × batch or tokens.
+    `arrays` = groups·row-tiles, `columns` = read-out columns per row-tile (slices·out_channels,
+    then the offset reference column if any), `column_tile` = the physical array (column tile)
+    of each read-out column, so that an 'array' step is one per physical array. Partial sums
+    come as (M, groups, tiles, columns) with M = output pixels × batch (× input planes) or tokens.
     """
 
-    def __init__(self, granularity: str, groups: int, tiles: int, columns: int, bits: int, signed: bool,
+    def __init__(self, granularity: str, groups: int, tiles: int, column_tile: list, bits: int, signed: bool,
                  n_sigma: Optional[float] = None, momentum: float = 0.1) -> None:
         super().__init__()
         self.granularity = granularity
@@ -86,14 +97,20 @@ class PartialSumADC(nn.Module):
         self.register_buffer("bits", torch.tensor(float(bits)))
         self._bits = int(bits)  # Python mirror of the buffer: no GPU sync to read it
         self._initialized = False
-        self.resize(groups * tiles, columns)
+        self.last_conversions = 0  # partial sums converted by the last forward (counted from shapes)
+        self.resize(groups * tiles, column_tile)
 
     # ------------------------------------------------------------ shape
-    def resize(self, arrays: int, columns: int) -> None:
-        """(Re)allocate steps and statistics for a new column count (the weight's slices changed)."""
+    def resize(self, arrays: int, column_tile: list) -> None:
+        """(Re)allocate steps and statistics for new read-out columns (the weight's slices changed)."""
         device = self.bits.device
+        columns = len(column_tile)
         self.arrays, self.columns = arrays, columns
-        shape = {"off": (1, 1), "layer": (1, 1), "array": (arrays, 1), "column": (arrays, columns)}[self.granularity]
+        self.column_tiles = int(max(column_tile)) + 1
+        self.register_buffer("column_tile", torch.tensor(column_tile, dtype=torch.long, device=device),
+                             persistent=False)
+        shape = {"off": (1, 1), "layer": (1, 1), "array": (arrays, self.column_tiles),
+                 "column": (arrays, columns)}[self.granularity]
         self.step = nn.Parameter(torch.ones(shape, device=device))
         self.register_buffer("running_mean", torch.zeros(arrays, columns, device=device))
         self.register_buffer("running_var", torch.ones(arrays, columns, device=device))
@@ -129,8 +146,11 @@ class PartialSumADC(nn.Module):
         return adc_range(self.num_bits, self.signed)
 
     def full_step(self) -> torch.Tensor:
-        """The (positive) step used for every (array, column)."""
-        return positive(self.step).expand(self.arrays, self.columns)
+        """The (positive) step used for every (array, read-out column)."""
+        step = positive(self.step)
+        if self.granularity == "array" and self.column_tiles > 1:
+            return step.index_select(1, self.column_tile)
+        return step.expand(self.arrays, self.columns)
 
     def clip_bounds(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Running mean ± n_sigma·std per (array, column), or None when clipping is off."""
@@ -172,13 +192,20 @@ class PartialSumADC(nn.Module):
         self.stats_seen.add_(1)
 
     @torch.no_grad()
-    def _initialize(self, p: torch.Tensor, ref: Optional[torch.Tensor]) -> None:
+    def _initialize(self, p: torch.Tensor, ref: Optional[torch.Tensor], floor: Optional[torch.Tensor]) -> None:
+        """LSQ init from mean |partial sum| per column, never below `floor` (arrays, columns): what
+        the column can produce (its slice's largest cell at the input's scale), so that a column
+        whose cells are all zero at calibration still gets a step that reads a weight moving in."""
         ref_mean = None if ref is None else ref.detach().abs().mean(dim=0)
         abs_mean = self._per_column(p.detach().abs().mean(dim=0), ref_mean)
+        if floor is not None:
+            abs_mean = torch.maximum(abs_mean, floor.to(abs_mean))
         if self.granularity == "layer":
             abs_mean = abs_mean.mean().view(1, 1)
         elif self.granularity == "array":
-            abs_mean = abs_mean.mean(dim=1, keepdim=True)
+            sums = abs_mean.new_zeros(self.arrays, self.column_tiles).index_add_(1, self.column_tile, abs_mean)
+            counts = torch.bincount(self.column_tile, minlength=self.column_tiles).to(abs_mean)
+            abs_mean = sums / counts
         _, hi = self.grid_range()
         self.step.copy_(lsq_init(abs_mean, hi))
         if not self.training:
@@ -220,12 +247,14 @@ class PartialSumADC(nn.Module):
         return (step_grid.unsqueeze(2) * shifts.view(1, 1, -1, 1)).reshape(groups, tiles * shifts.numel(), out)
 
     def forward(self, p: torch.Tensor, shifts: torch.Tensor, step_grid: torch.Tensor,
-                ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
+                ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None,
+                floor: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Convert partial sums and shift-and-add them: p (M, groups, tiles, slices·out) → (M, groups, out).
 
         shifts: 2^(s·c) per slice; step_grid: weight step per (group, tile, out); ref (M, groups,
         tiles): the offset reference column's partial sums, of significance ref_shift, subtracted
-        per output channel.
+        per output channel; floor: the least mean |partial sum| per (array, column) that an
+        initialisation may assume (see `_initialize`).
         """
         gamma = self._gamma(step_grid, shifts)
         main = p.reshape((p.shape[0],) + gamma.shape)
@@ -244,24 +273,25 @@ class PartialSumADC(nn.Module):
             if ref is not None:
                 ref = torch.maximum(torch.minimum(ref, hi_ref), lo_ref)
         if not self._initialized:
-            self._initialize(p, ref)
+            self._initialize(p, ref, floor)
 
         def convert(step, gamma_, lo, hi, factor):
             return _ConvertAccumulate.apply(main, step, gamma_, lo, hi, factor)
         return self._accumulate(convert, p.shape[0], gamma, step_grid, ref, ref_shift)
 
-    def fused_forward(self, convert, rows: int, shifts: torch.Tensor, step_grid: torch.Tensor,
+    def fused_forward(self, convert: Converter, rows: int, shifts: torch.Tensor, step_grid: torch.Tensor,
                       ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
-        """`forward` for a caller whose convert(step, gamma, lo, hi, grad_factor) → (rows, groups, out)
-        computes the partial sums itself (lib.cim.crossbar_adc); only when `fusable`."""
+        """`forward` for a caller whose `Converter` computes the partial sums itself
+        (lib.cim.crossbar_adc); only when `fusable`."""
         if not self.fusable:
             raise RuntimeError("PartialSumADC.fused_forward needs an initialised ADC without clipping")
         return self._accumulate(convert, rows, self._gamma(step_grid, shifts), step_grid, ref, ref_shift)
 
-    def _accumulate(self, convert, rows: int, gamma, step_grid, ref, ref_shift) -> torch.Tensor:
+    def _accumulate(self, convert: Converter, rows: int, gamma, step_grid, ref, ref_shift) -> torch.Tensor:
         """Convert the weight columns (via `convert`) and the offset reference column, shift-and-add."""
         lo, hi = self.grid_range()
         factor = self.grad_factor(rows)
+        self.last_conversions = rows * self.arrays * self.columns
         step_main, step_ref = self._split(self.full_step(), ref is not None)
         y = convert(step_main.reshape(gamma.shape), gamma, lo, hi, factor)
         if ref is not None:

@@ -1,16 +1,31 @@
-"""How one layer's weight matrix lands on crossbar arrays: row tiling, sign mapping, bit slicing.
+"""How one layer sits on crossbar arrays: row tiling, sign mapping, bit slicing, column placement
+and input planes — computed once, as a `CrossbarPlan`, and read by the CIM layers, their export
+form and the cost model alike.
 
 The unrolled matrix of each group has one column per output channel and one row per input
-element (C_in/g · k_h · k_w). Rows are cut into row-tiles that hold whole input channels;
-a b-bit integer weight is stored in S = ceil(b / cell_bits) cells of cell_bits each.
+element (C_in/g · k_h · k_w). Rows are cut into row-tiles that hold whole input channels.
+A weight is stored in S cells of cell_bits each:
+- offset: u = q + 2^(b-1) in [0, 2^b - 1], S = ceil(b / c);
+- differential ('magnitude' slicing): each device of the pair holds a magnitude, q⁺ = max(q, 0)
+  and q⁻ = max(-q, 0), of a narrow (symmetric) grid [-(2^(b-1)-1), 2^(b-1)-1], so magnitudes
+  need b-1 bits and S = ceil((b-1) / c) (a 1-bit weight keeps the grid {-1, 0}: one slice);
+- differential ('full-range' slicing, CIM-AQ's count): grid [-2^(b-1), 2^(b-1)-1], S = ceil(b / c).
+Inputs of a_bit bits reach the array in ceil(a_bit / input_bits) planes (bit-serial DAC) or at
+once (multi-bit, a fast approximation for training).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
 
 import torch
 
 from lib.cim.hardware import HardwareConfig
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
 
 
 @dataclass(frozen=True)
@@ -61,11 +76,171 @@ class TileLayout:
         return [full] * (self.tiles - 1) + [last]
 
 
-def num_slices(bits: int, cell_bits: int) -> int:
-    return -(-int(bits) // int(cell_bits))
+@dataclass(frozen=True)
+class CrossbarPlan:
+    """One layer at (w_bit, a_bit) on `hw`: what is stored where and how often it is read.
+
+    groups / in_channels / out_channels are per group (out_channels = m, in_channels·kernel_elems = n);
+    kernel_elems None means unknown (dims read from a YAML), which allows only dense row tiling.
+    Counts are per group copy and per invocation (one output pixel or token).
+    """
+
+    hw: HardwareConfig
+    groups: int
+    in_channels: int
+    out_channels: int
+    kernel_elems: Optional[int]
+    w_bit: int
+    a_bit: int
+    input_signed: bool = True
+
+    @classmethod
+    def for_layout(cls, hw: HardwareConfig, layout: TileLayout, w_bit: int, a_bit: int,
+                   input_signed: bool) -> "CrossbarPlan":
+        return cls(hw, layout.groups, layout.in_channels_per_group, layout.out_channels_per_group,
+                   layout.kernel_elems, int(w_bit), int(a_bit), bool(input_signed))
+
+    # ------------------------------------------------------------ weights
+    @property
+    def cell_bits(self) -> int:
+        return self.hw.cell_bits
+
+    @property
+    def mapping(self) -> str:
+        return self.hw.mapping
+
+    @property
+    def differential(self) -> bool:
+        return self.hw.mapping != "offset"
+
+    @property
+    def narrow_weights(self) -> bool:
+        """Whether the weight grid is symmetric (differential magnitudes; 1 bit keeps {-1, 0})."""
+        return self.differential and self.hw.weight_slicing == "magnitude" and self.w_bit >= 2
+
+    def weight_range(self) -> tuple[int, int]:
+        """The integer weight grid [lo, hi]."""
+        return -(2 ** (self.w_bit - 1)) + int(self.narrow_weights), 2 ** (self.w_bit - 1) - 1
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits one stored value spans: u for offset, |q| for differential."""
+        if not self.differential:
+            return self.w_bit
+        return self.w_bit - 1 if self.narrow_weights else self.w_bit
+
+    @property
+    def slices(self) -> int:
+        return _ceil_div(self.stored_bits, self.cell_bits)
+
+    def significance(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """2^(s·cell_bits) for every slice s."""
+        return 2.0 ** (self.cell_bits * torch.arange(self.slices, device=device, dtype=dtype))
+
+    def slice_max(self) -> list[int]:
+        """The largest cell value (magnitude) slice s can hold, given the grid."""
+        lo, hi = self.weight_range()
+        top = hi - lo if not self.differential else max(-lo, hi)  # largest u, or largest |q|
+        return [min(2 ** self.cell_bits - 1, top >> (self.cell_bits * s)) for s in range(self.slices)]
+
+    def offset_reference(self) -> tuple[int, float]:
+        """The offset mapping's reference column stores 2^(b-1): its one non-zero slice and that cell's value."""
+        return (self.w_bit - 1) // self.cell_bits, 2.0 ** ((self.w_bit - 1) % self.cell_bits)
+
+    # ------------------------------------------------------------ rows
+    @cached_property
+    def layout(self) -> TileLayout:
+        """Whole-channel row tiles (what the layers simulate)."""
+        if self.kernel_elems is None:
+            raise ValueError("a plan of unknown kernel size has no whole-channel row tiling")
+        return TileLayout.for_layer(self.hw, self.groups, self.in_channels, self.out_channels, self.kernel_elems)
+
+    @property
+    def rows(self) -> int:
+        """Physical rows of one matrix copy (differential-row spends two per weight)."""
+        rows = self.in_channels * (self.kernel_elems or 1)
+        return 2 * rows if self.mapping == "differential-row" else rows
+
+    @property
+    def row_tiles(self) -> int:
+        """Row-tiles as `hw.row_tiling` places them ('dense' packs rows regardless of channels)."""
+        if self.hw.row_tiling == "channel" and self.kernel_elems is not None:
+            return self.layout.tiles
+        return _ceil_div(self.rows, self.hw.rows)
+
+    # ------------------------------------------------------------ columns
+    @property
+    def column_width(self) -> int:
+        """Physical columns per read-out column: a differential-column pair is read as one difference."""
+        return 2 if self.mapping == "differential-column" else 1
+
+    @property
+    def readout_columns(self) -> int:
+        """ADC read-outs per row-tile: slices·out_channels, then offset mapping's reference column."""
+        return self.slices * self.out_channels + int(not self.differential)
+
+    @property
+    def columns(self) -> int:
+        """Physical columns of one matrix copy."""
+        return self.slices * self.out_channels * self.column_width + int(not self.differential)
+
+    def column_tile_of(self) -> list[int]:
+        """The array (column tile) of every read-out column, in order (slice, out), reference last.
+
+        'whole-pairs' never splits a differential pair across arrays; 'dense' packs physical
+        columns as CIM-AQ counts them (identical unless differential-column with an odd `cols`).
+        """
+        cols, width = self.hw.cols, self.column_width
+        if self.hw.column_placement == "dense":
+            return [(j * width) // cols for j in range(self.readout_columns)]
+        per_array = cols // width
+        return [j // per_array for j in range(self.readout_columns)]
+
+    @property
+    def col_tiles(self) -> int:
+        if self.hw.column_placement == "dense":
+            return _ceil_div(self.columns, self.hw.cols)
+        return self.column_tile_of()[-1] + 1
+
+    @property
+    def tiles(self) -> int:
+        """Arrays per matrix copy."""
+        return self.row_tiles * self.col_tiles
+
+    # ------------------------------------------------------------ inputs
+    @property
+    def input_cycles(self) -> int:
+        """DAC cycles per execute: ceil(a_bit / input_bits)."""
+        return _ceil_div(self.a_bit, self.hw.input_bits)
+
+    def input_planes(self, input_mode: Optional[str] = None) -> int:
+        """Input planes the layers simulate: one per DAC cycle (bit-serial) or one (multi-bit)."""
+        mode = self.hw.input_mode if input_mode is None else input_mode
+        return self.input_cycles if mode == "bit-serial" else 1
+
+    def plane_significance(self, planes: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """2^(p·input_bits) for every input plane p (the digital shift-and-add)."""
+        return 2.0 ** (self.hw.input_bits * torch.arange(planes, device=device, dtype=dtype))
+
+    @property
+    def adc_signed(self) -> bool:
+        """Partial sums are non-negative only for unsigned inputs on unsigned (offset) cells."""
+        return self.input_signed or self.differential
+
+    @property
+    def adc_conversions(self) -> int:
+        """ADC reads per invocation of one matrix copy: cycles · row-tiles · read-out columns."""
+        return self.input_cycles * self.row_tiles * self.readout_columns
+
+    def simulated(self) -> "CrossbarPlan":
+        """The plan as the layers simulate it: whole-channel row tiles, pairs never split."""
+        hw = self.hw.simulated()
+        return self if hw == self.hw else CrossbarPlan(hw, self.groups, self.in_channels, self.out_channels,
+                                                       self.kernel_elems, self.w_bit, self.a_bit,
+                                                       self.input_signed)
 
 
-def stored_slices(q: torch.Tensor, bits: int, cell_bits: int, mapping: str) -> torch.Tensor:
+def stored_slices(q: torch.Tensor, plan: CrossbarPlan) -> torch.Tensor:
     """Integer cell values of the signed integer weights `q`, stacked on a new leading dim S.
 
     offset: u = q + 2^(b-1) stored unsigned, slices in [0, 2^c - 1].
@@ -73,24 +248,26 @@ def stored_slices(q: torch.Tensor, bits: int, cell_bits: int, mapping: str) -> t
     in [-(2^c - 1), 2^c - 1] — the pair's difference that the ADC reads.
     Either way Σ_s 2^(s·c) · slice_s recombines u (offset) or q (differential) exactly.
     """
-    slices = num_slices(bits, cell_bits)
+    slices, cell_bits = plan.slices, plan.cell_bits
     ints = torch.round(q).to(torch.int32)
     shifts = (cell_bits * torch.arange(slices, device=q.device, dtype=torch.int32)).view((slices,) + (1,) * q.dim())
     mask = 2 ** cell_bits - 1
-    if mapping == "offset":
-        return torch.bitwise_and(torch.bitwise_right_shift(ints + 2 ** (bits - 1), shifts), mask).to(q.dtype)
+    if not plan.differential:
+        return torch.bitwise_and(torch.bitwise_right_shift(ints + 2 ** (plan.w_bit - 1), shifts), mask).to(q.dtype)
     digits = torch.bitwise_and(torch.bitwise_right_shift(ints.abs(), shifts), mask)
     return (digits * torch.sign(ints)).to(q.dtype)
 
 
-def slice_significance(bits: int, cell_bits: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """2^(s·cell_bits) for every slice s."""
-    slices = num_slices(bits, cell_bits)
-    return (2.0 ** (cell_bits * torch.arange(slices, device=device, dtype=dtype)))
+def input_digits(x_int: torch.Tensor, planes: int, input_bits: int) -> torch.Tensor:
+    """The integer input split into `planes` digits of input_bits each, stacked on a new leading dim.
 
-
-def offset_reference(bits: int, cell_bits: int) -> tuple[int, float]:
-    """The offset mapping's reference column stores 2^(b-1): its one non-zero slice and that cell's value."""
-    slice_index = (bits - 1) // cell_bits
-    cell_value = 2.0 ** ((bits - 1) % cell_bits)
-    return slice_index, cell_value
+    Σ_p 2^(p·input_bits) · digit_p = x_int exactly. Lower digits are unsigned; the top digit is
+    floor(x_int / 2^((P-1)·input_bits)), signed for a signed input (two's complement: with a
+    1-bit DAC the sign bit, of significance -2^(a-1)). Only elementwise ops (ONNX-exportable).
+    """
+    if planes == 1:
+        return x_int.unsqueeze(0)
+    divisors = (2.0 ** (input_bits * torch.arange(planes, device=x_int.device, dtype=x_int.dtype)))
+    floors = torch.floor(x_int.unsqueeze(0) / divisors.view((planes,) + (1,) * x_int.dim()))
+    upper = torch.cat([floors[1:] * (2.0 ** input_bits), torch.zeros_like(floors[:1])], dim=0)
+    return floors - upper

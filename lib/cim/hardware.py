@@ -19,6 +19,14 @@ MAPPING_ALIASES = {"of": "offset", "dc": "differential-column", "dr": "different
 WEIGHT_GRANULARITIES = ("layer", "channel", "array", "column")
 PSUM_GRANULARITIES = ("off", "layer", "array", "column")
 ADC_LATENCY_MODELS = ("fixed", "sar")
+INPUT_MODES = ("bit-serial", "multi-bit")
+ROW_TILINGS = ("channel", "dense")
+WEIGHT_SLICINGS = ("magnitude", "full-range")
+COLUMN_PLACEMENTS = ("whole-pairs", "dense")
+# What a hardware YAML in CIM-AQ's own layout means unless it says otherwise: CIM-AQ's pricing
+# (dense rows, ceil(b/c) slices, dense columns) and whole multi-bit inputs in the layers.
+CIM_AQ_COMPATIBILITY = {"row_tiling": "dense", "weight_slicing": "full-range", "column_placement": "dense",
+                        "input_mode": "multi-bit"}
 
 
 class HardwareConfigError(UserError, ValueError):
@@ -30,7 +38,7 @@ class HardwareConfig:
     """An RRAM crossbar accelerator as the quantizers and the cost model see it.
 
     rows/cols: array size (rows take inputs, columns produce outputs).
-    cell_bits: bits stored per cell; a b-bit weight needs ceil(b / cell_bits) cells.
+    cell_bits: bits stored per cell (slices per weight: see weight_slicing and lib.cim.crossbar).
     input_bits: DAC bits applied per cycle; an a-bit input takes ceil(a / input_bits) cycles.
     adc_bits: default ADC resolution for partial sums (a policy may override it per layer).
     write_latency / execute_latency: µs to program one array / run one MVM cycle on it.
@@ -40,6 +48,15 @@ class HardwareConfig:
     n_sigma: if set, partial sums are clipped to running mean ± n_sigma·std before the ADC.
     adc_latency_model: 'fixed' (CIM-AQ: ADC time inside execute_latency) or 'sar'
         (one ADC cycle of adc_cycle_latency µs per ADC bit, added to each execute).
+    input_mode: 'bit-serial' (each DAC cycle's partial sums through the ADC, shifted and added
+        digitally: what the cost model prices) or 'multi-bit' (one partial sum of the whole
+        input: a fast approximation for training).
+    row_tiling: 'channel' (row-tiles hold whole input channels: what the layers simulate) or
+        'dense' (CIM-AQ: ceil(rows / R), priced only).
+    weight_slicing: 'magnitude' (differential mappings store magnitudes of a symmetric grid:
+        ceil((b-1)/c) slices) or 'full-range' (CIM-AQ: ceil(b/c) slices, grid down to -2^(b-1)).
+    column_placement: 'whole-pairs' (a differential pair never spans two arrays) or 'dense'
+        (CIM-AQ: ceil(physical columns / C); the same unless differential-column with odd cols).
     """
 
     rows: int = 256
@@ -55,6 +72,10 @@ class HardwareConfig:
     n_sigma: Optional[float] = None
     adc_latency_model: str = "fixed"
     adc_cycle_latency: float = 0.0
+    input_mode: str = "bit-serial"
+    row_tiling: str = "channel"
+    weight_slicing: str = "magnitude"
+    column_placement: str = "whole-pairs"
 
     def __post_init__(self) -> None:
         mapping = MAPPING_ALIASES.get(self.mapping, self.mapping)
@@ -68,6 +89,10 @@ class HardwareConfig:
         _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
         _check_choice("psum_granularity", self.psum_granularity, PSUM_GRANULARITIES)
         _check_choice("adc_latency_model", self.adc_latency_model, ADC_LATENCY_MODELS)
+        _check_choice("input_mode", self.input_mode, INPUT_MODES)
+        _check_choice("row_tiling", self.row_tiling, ROW_TILINGS)
+        _check_choice("weight_slicing", self.weight_slicing, WEIGHT_SLICINGS)
+        _check_choice("column_placement", self.column_placement, COLUMN_PLACEMENTS)
         for key in ("write_latency", "execute_latency", "adc_cycle_latency"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
@@ -77,6 +102,8 @@ class HardwareConfig:
                 raise HardwareConfigError(f"n_sigma={self.n_sigma!r} is not allowed: expected a number > 0 or null")
         if self.mapping == "differential-row" and self.rows < 2:
             raise HardwareConfigError(f"rows={self.rows} is not allowed with differential-row mapping: need >= 2")
+        if self.mapping == "differential-column" and self.cols < 2:
+            raise HardwareConfigError(f"cols={self.cols} is not allowed with differential-column mapping: need >= 2")
 
     # ----------------------------------------------------------------- derived
     @property
@@ -88,9 +115,24 @@ class HardwareConfig:
     def adc_enabled(self) -> bool:
         return self.psum_granularity != "off"
 
-    def slices(self, w_bit: int) -> int:
-        """Cells needed per weight of w_bit bits."""
-        return -(-int(w_bit) // self.cell_bits)
+    def simulated(self) -> "HardwareConfig":
+        """The hardware the CIM layers simulate: whole-channel row tiles, differential pairs whole
+        (the input mode and everything else as given)."""
+        return dataclasses.replace(self, row_tiling="channel", column_placement="whole-pairs")
+
+    def pricing_differences(self) -> dict:
+        """{field: {"priced": ..., "simulated": ...}} where the layers cannot simulate what the cost
+        model prices; empty when both describe the same hardware. (Placing columns densely only
+        differs for differential-column pairs on arrays of odd width.)"""
+        out = {}
+        if self.row_tiling != "channel":
+            out["row_tiling"] = {"priced": self.row_tiling, "simulated": "channel"}
+        if self.column_placement == "dense" and self.mapping == "differential-column" and self.cols % 2:
+            out["column_placement"] = {"priced": "dense", "simulated": "whole-pairs"}
+        if self.input_mode == "multi-bit":
+            out["input_mode"] = {"priced": f"bit-serial ({self.input_bits}-bit DAC cycles)",
+                                 "simulated": "multi-bit"}
+        return out
 
     def with_overrides(self, **changes: Any) -> "HardwareConfig":
         """A copy with some fields replaced (validated again)."""
@@ -107,6 +149,8 @@ class HardwareConfig:
             raise HardwareConfigError(f"{source}: expected a mapping at top level, got {type(data).__name__}")
         if "crossbar" in data or "mapper" in data:
             data = _from_cim_aq_layout(data, source)
+        elif _is_legacy_record(data):
+            data = {**CIM_AQ_COMPATIBILITY, **data}
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -145,6 +189,17 @@ class HardwareConfig:
                 f"allowed: rows >= kernel size — exclude this layer or use larger arrays")
 
 
+_LEGACY_FIELDS = ("rows", "cols", "cell_bits", "input_bits", "adc_bits", "write_latency", "execute_latency",
+                  "mapping", "weight_granularity", "psum_granularity", "n_sigma", "adc_latency_model",
+                  "adc_cycle_latency")
+
+
+def _is_legacy_record(data: Mapping[str, Any]) -> bool:
+    """A complete record written by `to_dict` before the modelling fields existed (a checkpoint's):
+    it meant CIM-AQ's counting and multi-bit inputs, and is read with that meaning."""
+    return set(data) == set(_LEGACY_FIELDS)
+
+
 def _check_int(key: str, value: Any, low: int, high: Optional[int] = None) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
     if not ok:
@@ -169,9 +224,11 @@ def _from_cim_aq_layout(data: Mapping[str, Any], source: str) -> dict:
     """Translate CIM-AQ's `crossbar.size.m/n, resolution_*, mvm_*, mapper.mapping_type` layout.
 
     CIM-AQ's m is the number of columns (outputs) and n the number of rows (inputs).
-    Keys of our own flat layout may sit beside `crossbar:`/`mapper:` to extend it.
+    Keys of our own flat layout may sit beside `crossbar:`/`mapper:` to extend it; the modelling
+    fields not given take CIM-AQ's meaning (CIM_AQ_COMPATIBILITY).
     """
-    flat = {k: v for k, v in data.items() if k not in ("crossbar", "mapper")}
+    flat = dict(CIM_AQ_COMPATIBILITY)
+    flat.update({k: v for k, v in data.items() if k not in ("crossbar", "mapper")})
     crossbar = dict(data.get("crossbar") or {})
     size = crossbar.pop("size", {}) or {}
     unknown_size = sorted(set(size) - {"m", "n"})

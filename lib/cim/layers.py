@@ -1,10 +1,13 @@
 """CIMConv2d / CIMLinear: Brevitas quantized layers whose forward is the tiled, bit-sliced
-crossbar MVM with ADC quantization of every row-tile × slice partial sum (DESIGN.md §2).
+crossbar MVM with ADC quantization of every row-tile × slice (× input plane) partial sum.
 
 Per forward: quantize the input (Brevitas, LSQ) and the weight (Brevitas, LSQ step per
-granularity); split the integer weights into cell slices; compute every row-tile × slice ×
-column partial sum in ONE grouped conv (or batched matmul); convert them with the ADC while
-applying the digital shift (2^(s·c)) and weight step; sum over tiles and slices; add bias.
+granularity); split the input into DAC planes (bit-serial mode) stacked along the batch;
+split the integer weights into cell slices; compute every plane × row-tile × slice × column
+partial sum in ONE grouped conv (or batched matmul); convert them with the ADC while applying
+the digital shift (2^(s·c)) and weight step; sum over tiles and slices; shift-and-add the
+planes (2^(p·input_bits)); add bias. What is stored where is the layer's `plan`
+(lib.cim.crossbar.CrossbarPlan), the same description the export form and the cost model read.
 """
 from __future__ import annotations
 
@@ -14,15 +17,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from brevitas.nn import QuantConv2d, QuantLinear
-from brevitas.quant_tensor import QuantTensor
+from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from lib.bit_limits import check_bits
 from lib.cim.adc import PartialSumADC
 from lib.cim.crossbar_adc import crossbar_adc_forward
-from lib.cim.crossbar import TileLayout, num_slices, offset_reference, slice_significance
-from lib.cim.hardware import HardwareConfig
-from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant
+from lib.cim.crossbar import CrossbarPlan, TileLayout
+from lib.cim.hardware import INPUT_MODES, HardwareConfig
+from lib.cim.input_planes import join_planes, split_planes
+from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
 from lib.cim.steps import positive
 from lib.cim.tile_products import ConvTiles, MatmulTiles, tile_products
 
@@ -39,10 +44,12 @@ class CIMLayerMixin:
     # ------------------------------------------------------------ setup
     def _quant_kwargs(self, hw: HardwareConfig, layout: TileLayout, w_bit: int, a_bit: int,
                       input_signed: bool, weight_ndim: int) -> dict:
-        _check_bits("w_bit", w_bit)
-        _check_bits("a_bit", a_bit)
+        check_bits("w_bit", w_bit)
+        check_bits("a_bit", a_bit)
+        narrow = CrossbarPlan.for_layout(hw.simulated(), layout, w_bit, a_bit, input_signed).narrow_weights
         return dict(
             weight_quant=CIMWeightQuant,
+            weight_grid_switch=GridSwitch(narrow),
             weight_granularity=hw.weight_granularity,
             weight_tile_layout=layout,
             weight_weight_ndim=weight_ndim,
@@ -55,25 +62,47 @@ class CIMLayerMixin:
         )
 
     def _setup_crossbar(self, hw: HardwareConfig, layout: TileLayout, adc_bits: Optional[int],
-                        input_signed: bool) -> None:
+                        input_signed: bool, grid_switch: GridSwitch) -> None:
         self.hw = hw
+        self._grid_switch = grid_switch
         self.layout = layout
         self.input_signed = bool(input_signed)
-        self.uses_reference_column = hw.mapping == "offset"
+        self.input_mode = hw.input_mode  # bit-serial | multi-bit; see set_input_mode
+        self._plan = None
         adc_bits = hw.adc_bits if adc_bits is None else int(adc_bits)
-        _check_bits("adc_bits", adc_bits, high=24)
-        # Partial sums are non-negative only for unsigned inputs on unsigned (offset) cells.
-        adc_signed = self.input_signed or hw.mapping != "offset"
-        self.psum_adc = PartialSumADC(hw.psum_granularity, layout.groups, layout.tiles,
-                                      self._columns_per_array(self.w_bit), adc_bits, adc_signed, hw.n_sigma)
+        check_bits("adc_bits", adc_bits)
+        plan = self.plan
+        self.uses_reference_column = not plan.differential
+        self._set_weight_grid(plan)
+        self.psum_adc = PartialSumADC(hw.psum_granularity, layout.groups, layout.tiles, plan.column_tile_of(),
+                                      adc_bits, plan.adc_signed, hw.n_sigma)
         self.force_crossbar = False  # take the crossbar path even with the ADC off (tests, studies)
         self.fused_adc = True  # conv: crossbar MVM + ADC as one autograd node when the ADC allows
         self.register_buffer("first_channel_of_tile",
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
 
-    def _columns_per_array(self, w_bit: int) -> int:
-        slices = num_slices(w_bit, self.hw.cell_bits)
-        return slices * self.layout.out_channels_per_group + int(self.uses_reference_column)
+    @property
+    def plan(self) -> CrossbarPlan:
+        """This layer on the crossbar at its current bits, as simulated (see lib.cim.crossbar)."""
+        if self._plan is None or (self._plan.w_bit, self._plan.a_bit) != (self.w_bit, self.a_bit):
+            self._plan = CrossbarPlan.for_layout(self.hw.simulated(), self.layout, self.w_bit, self.a_bit,
+                                                 self.input_signed)
+        return self._plan
+
+    def _set_weight_grid(self, plan: CrossbarPlan) -> None:
+        """Narrow (symmetric) weight grid for differential magnitudes, full grid otherwise: in the
+        quantizer in use and in the switch Brevitas reads when it rebuilds one."""
+        self._grid_switch.narrow = plan.narrow_weights
+        self.weight_quant.tensor_quant.int_quant.narrow_range = plan.narrow_weights
+
+    def set_input_mode(self, mode: str) -> None:
+        """Simulate bit-serial or multi-bit inputs from now on. The ADC steps re-initialise from the
+        next partial sums when the mode changes: per-plane sums have another scale."""
+        if mode not in INPUT_MODES:
+            raise ValueError(f"input_mode={mode!r} is not allowed: expected one of {list(INPUT_MODES)}")
+        if mode != self.input_mode and self.plan.input_planes(mode) != self.plan.input_planes(self.input_mode):
+            self.psum_adc.mark_stale()
+        self.input_mode = mode
 
     # ------------------------------------------------------------ bits
     @property
@@ -106,7 +135,12 @@ class CIMLayerMixin:
 
     @property
     def slices(self) -> int:
-        return num_slices(self.w_bit, self.hw.cell_bits)
+        return self.plan.slices
+
+    @property
+    def input_planes(self) -> int:
+        """Input planes the forward stacks: DAC cycles in bit-serial mode, else 1."""
+        return self.plan.input_planes(self.input_mode)
 
     def set_bits(self, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> None:
         """Change bit widths in place: re-derive slices and grids, re-initialise affected steps.
@@ -114,16 +148,16 @@ class CIMLayerMixin:
         Weight steps re-initialise from the weights (LSQ), input steps from the running |x|
         statistics, ADC steps from the next training batch's partial sums.
         """
-        _check_bits("w_bit", w_bit)
-        _check_bits("a_bit", a_bit)
+        check_bits("w_bit", w_bit)
+        check_bits("a_bit", a_bit)
         old_w, old_a = self.w_bit, self.a_bit
         if w_bit != old_w:
             self._weight_bits_module.set(w_bit)
             self.weight_step_module.mark_stale()
-            old_cols = self.psum_adc.columns
-            new_cols = self._columns_per_array(w_bit)
-            if new_cols != old_cols:
-                self.psum_adc.resize(self.psum_adc.arrays, new_cols)
+            self._set_weight_grid(self.plan)
+            column_tile = self.plan.column_tile_of()
+            if column_tile != self.psum_adc.column_tile.tolist():
+                self.psum_adc.resize(self.psum_adc.arrays, column_tile)
             else:
                 self.psum_adc.mark_stale()
         if a_bit != old_a:
@@ -132,7 +166,7 @@ class CIMLayerMixin:
             self.input_step_module.rescale_for(old_qp, new_qp)
             self.psum_adc.mark_stale()
         if adc_bits is not None:
-            _check_bits("adc_bits", adc_bits, high=24)
+            check_bits("adc_bits", adc_bits)
             self.psum_adc.set_bits(int(adc_bits))
 
     # ------------------------------------------------------------ state
@@ -169,16 +203,40 @@ class CIMLayerMixin:
 
     def _shifts(self, like: torch.Tensor) -> tuple[torch.Tensor, float]:
         """2^(s·c) per weight slice, and the offset reference column's significance."""
-        bits, cell = self.w_bit, self.hw.cell_bits
-        ref_slice, _ = offset_reference(bits, cell)
-        return slice_significance(bits, cell, like.device, like.dtype), 2.0 ** (ref_slice * cell)
+        plan = self.plan
+        ref_slice, _ = plan.offset_reference()
+        return plan.significance(like.device, like.dtype), 2.0 ** (ref_slice * plan.cell_bits)
 
-    def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor,
-                 ref: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor, ref: Optional[torch.Tensor],
+                 floor: Optional[torch.Tensor]) -> torch.Tensor:
         """ADC + digital shift-and-add of partial sums (M, groups, tiles, slices·out) and the offset
         reference column's (M, groups, tiles) → (M, groups, out)."""
         shifts, ref_shift = self._shifts(psums)
-        return self.psum_adc(psums, shifts, step_grid, ref, ref_shift if ref is not None else None)
+        return self.psum_adc(psums, shifts, step_grid, ref, ref_shift if ref is not None else None, floor)
+
+    def _split_input(self, x) -> torch.Tensor:
+        """The quantized input's values, split into DAC planes stacked along dim 0 in bit-serial mode."""
+        planes = self.input_planes
+        if planes == 1:
+            return _unwrap(x)
+        step = x.scale if isinstance(x, QuantTensor) else self.input_step()
+        return split_planes(_unwrap(x), step.reshape(()), planes, self.hw.input_bits)
+
+    def _join_planes(self, y: torch.Tensor) -> torch.Tensor:
+        return join_planes(y, self.plan.plane_significance(self.input_planes, y.device, y.dtype))
+
+    def adc_floor(self, crossbar_input: torch.Tensor) -> Optional[torch.Tensor]:
+        """Least mean |partial sum| per (array, read-out column) an ADC step may be initialised from:
+        the column's largest cell value (its slice's; the reference cell's) times the mean |input|
+        the arrays see. None once the ADC is initialised (nothing to compute)."""
+        if self.psum_adc.initialized or not self.psum_adc.enabled:
+            return None
+        plan = self.plan
+        cells = torch.tensor(plan.slice_max(), dtype=crossbar_input.dtype).repeat_interleave(plan.out_channels)
+        if self.uses_reference_column:
+            cells = torch.cat([cells, cells.new_tensor([plan.offset_reference()[1]])])
+        scale = crossbar_input.detach().abs().mean().to("cpu")
+        return (cells * scale).expand(self.psum_adc.arrays, -1)
 
     # ------------------------------------------------------------ public views of the learned state
     def weight_step_grid(self) -> torch.Tensor:
@@ -227,7 +285,7 @@ class CIMLayerMixin:
     def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
         """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
         q, step_grid = self._integer_weights(quant_weight)
-        return tile_products(x_tiled, q, tiles, self.w_bit, self.hw.cell_bits, self.hw.mapping), step_grid
+        return tile_products(x_tiled, q, tiles, self.plan), step_grid
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
         """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
@@ -245,11 +303,6 @@ def _grid_max(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
 
 
-def _check_bits(key: str, value, low: int = 1, high: int = 16) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{key}={value!r} is not allowed: expected an integer in [{low}, {high}]")
-
-
 def _unwrap(x):
     return x.value if isinstance(x, QuantTensor) else x
 
@@ -264,11 +317,12 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
                  input_signed: bool = True, name: str = "conv", device=None, dtype=None) -> None:
         kh, kw = _pair(kernel_size)
         layout = TileLayout.for_layer(hw, groups, in_channels // groups, out_channels // groups, kh * kw, name)
+        quant = self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 4)
         QuantConv2d.__init__(
             self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
             dilation=dilation, groups=groups, padding_mode=padding_mode, bias=bias, device=device,
-            dtype=dtype, **self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 4))
-        self._setup_crossbar(hw, layout, adc_bits, input_signed)
+            dtype=dtype, **quant)
+        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"])
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, hw: HardwareConfig, w_bit: int, a_bit: int,
@@ -296,14 +350,15 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         same cell value on every row, so a small grouped conv of the tiled input; else None."""
         if not self.uses_reference_column:
             return None
-        _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+        _, cell_value = self.plan.offset_reference()
         ones = x_tiled.new_full((tiles.arrays, self.layout.channels_per_tile) + tuple(self.kernel_size), cell_value)
         return F.conv2d(x_tiled, ones, None, tiles.stride, tiles.padding, tiles.dilation, tiles.arrays).permute(0, 2, 3, 1)
 
     def partial_sums(self, x: torch.Tensor, slices: torch.Tensor):
-        """Every row-tile × weight column partial sum for given cell slices, channels last
-        (N, H_out, W_out, groups·tiles·slices·out), and the offset reference column's
-        (N, H_out, W_out, groups·tiles) or None. For inspection; the forward uses `tile_products`."""
+        """Every row-tile × weight column partial sum of the crossbar input x (one plane, or the
+        stacked planes) for given cell slices, channels last (N, H_out, W_out, groups·tiles·slices·out),
+        and the offset reference column's (N, H_out, W_out, groups·tiles) or None. For inspection;
+        the forward uses `tile_products`."""
         tiles = self.tiles()
         x_tiled = tiles.tile_input(self.pad_input(x))
         return tiles.products(x_tiled, tiles.weight(slices)), self.reference_sums(x_tiled, tiles)
@@ -314,7 +369,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     def crossbar_forward(self, x, quant_weight, bias):
         lay = self.layout
         tiles = self.tiles()
-        x_tiled = tiles.tile_input(self.pad_input(_unwrap(x)))
+        x_tiled = tiles.tile_input(self.pad_input(self._split_input(x)))
         n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
@@ -325,8 +380,9 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
             y = crossbar_adc_forward(self, x_tiled, q, tiles, step_grid, shifts, ref, ref_shift)
         else:
             psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
-            y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref)
-        y = y.reshape(n, h, w, self.out_channels)
+            y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref,
+                              self.adc_floor(x_tiled))
+        y = self._join_planes(y).reshape(-1, h, w, self.out_channels)
         if bias is not None:
             y = y + bias
         # channels_last (NHWC memory), as computed: the BatchNorm/ReLU/residual ops that follow keep
@@ -342,9 +398,9 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
                  w_bit: int = 8, a_bit: int = 8, adc_bits: Optional[int] = None, input_signed: bool = True,
                  name: str = "linear", device=None, dtype=None) -> None:
         layout = TileLayout.for_layer(hw, 1, in_features, out_features, 1, name)
-        QuantLinear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype,
-                             **self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 2))
-        self._setup_crossbar(hw, layout, adc_bits, input_signed)
+        quant = self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 2)
+        QuantLinear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype, **quant)
+        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"])
 
     @classmethod
     def from_float(cls, linear: nn.Linear, hw: HardwareConfig, w_bit: int, a_bit: int,
@@ -363,7 +419,7 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         tile's input sum; else None."""
         if not self.uses_reference_column:
             return None
-        _, cell_value = offset_reference(self.w_bit, self.hw.cell_bits)
+        _, cell_value = self.plan.offset_reference()
         return cell_value * xt.sum(dim=2)
 
     def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor):
@@ -378,15 +434,20 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         return F.linear(x, weight, bias)
 
     def crossbar_forward(self, x, quant_weight, bias):
-        x = _unwrap(x)
-        lead = x.shape[:-1]
+        lead = _unwrap(x).shape[:-1]
+        x2d = _unwrap(x).reshape(-1, self.in_features)
+        if isinstance(x, QuantTensor):
+            x = IntQuantTensor(x2d, x.scale, x.zero_point, x.bit_width, x.signed, x.training)
+        else:
+            x = x2d
         tiles = self.tiles()
-        xt = tiles.tile_input(x.reshape(-1, self.in_features))
+        xt = tiles.tile_input(self._split_input(x))
         psums, step_grid = self._tile_products(xt, quant_weight, tiles)  # (tiles, tokens, cols)
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid, ref).squeeze(1)
+        y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid, ref, self.adc_floor(xt)).squeeze(1)
+        y = self._join_planes(y)
         if bias is not None:
             y = y + bias
         return y.reshape(lead + (self.out_features,))

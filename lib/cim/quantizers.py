@@ -1,14 +1,17 @@
 """Brevitas quantizers for CIM layers, composed by dependency injection from Brevitas' integer
 quantizers and our LSQ step / mutable bit-width modules.
 
-Weights: signed integer grid [-2^(b-1), 2^(b-1)-1], one learned step per layer / channel /
-array / column. Inputs: unsigned [0, 2^a-1] after a ReLU, signed otherwise, one learned step,
+Weights: signed integer grid [-2^(b-1), 2^(b-1)-1], or the narrow (symmetric) grid
+[-(2^(b-1)-1), 2^(b-1)-1] that differential magnitudes use (`GridSwitch`, which the layer flips
+when its bits change and Brevitas reads whenever it rebuilds the quantizer, e.g. on a state
+load), one learned step per layer / channel / array / column. Inputs: unsigned [0, 2^a-1] after a ReLU, signed otherwise, one learned step,
 quantized by FusedIntQuant (Brevitas IntQuant's maths in one fused kernel per direction).
 `scaling_impl_type = PARAMETER` makes Brevitas clamp with the gradient LSQ needs (zero outside
 the grid for x, Q_n/Q_p for the step).
 """
 from __future__ import annotations
 
+from brevitas.inject import value
 from brevitas.inject.enum import ScalingImplType
 from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
 
@@ -16,15 +19,27 @@ from lib.cim.fused_quant import FusedIntQuant
 from lib.cim.steps import ActStep, MutableBitWidth, WeightStep
 
 
+class GridSwitch:
+    """Whether a layer's weight grid is narrow now: one mutable object shared by the layer and
+    every quantizer Brevitas builds for it."""
+
+    def __init__(self, narrow: bool) -> None:
+        self.narrow = bool(narrow)
+
+
 class CIMWeightQuant(Int8WeightPerTensorFloat):
     """Signed LSQ weight quantizer; pass `weight_granularity`, `weight_tile_layout`,
-    `weight_weight_ndim` and `weight_bit_width` as layer keyword arguments."""
+    `weight_weight_ndim`, `weight_bit_width` and `weight_grid_switch` as layer keyword arguments."""
 
     scaling_impl_type = ScalingImplType.PARAMETER
     scaling_impl = WeightStep
     bit_width_impl = MutableBitWidth
-    narrow_range = False
+    grid_switch = None
     signed = True
+
+    @value
+    def narrow_range(grid_switch):
+        return grid_switch is not None and grid_switch.narrow
     granularity = "layer"
     tile_layout = None
     weight_ndim = 4

@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from lib.cim.adc_kernels import KERNELS
-from lib.cim.crossbar import TileLayout, slice_significance, stored_slices
+from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 
 
 _SHARES: dict = {}
 
 
-def slice_shares(bits: int, cell_bits: int, dtype=torch.float32, device=None) -> torch.Tensor:
+def slice_shares(plan: CrossbarPlan, dtype=torch.float32, device=None) -> torch.Tensor:
     """share_s = 2^(-s·c) / S: the part of slice s's gradient that reaches q, so that
     Σ_s 2^(s·c) · slice_s has gradient exactly 1 with respect to q. Made once per setting."""
-    key = (bits, cell_bits, dtype, device)
+    key = (plan.slices, plan.cell_bits, dtype, device)
     if key not in _SHARES:
-        significance = slice_significance(bits, cell_bits, device, dtype)
+        significance = plan.significance(device, dtype)
         _SHARES[key] = significance.reciprocal() / significance.numel()
     return _SHARES[key]
 
@@ -161,11 +161,11 @@ class _TileProducts(torch.autograd.Function):
     module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, q, tiles, bits: int, cell_bits: int, mapping: str):
-        w = tiles.weight(stored_slices(q, bits, cell_bits, mapping))
+    def forward(ctx, x, q, tiles, plan: CrossbarPlan):
+        w = tiles.weight(stored_slices(q, plan))
         ctx.save_for_backward(x, w)
         ctx.tiles, ctx.q_shape = tiles, q.shape
-        ctx.shares = slice_shares(bits, cell_bits, q.dtype, q.device)
+        ctx.shares = slice_shares(plan, q.dtype, q.device)
         return tiles.products(x, w)
 
     @staticmethod
@@ -173,10 +173,10 @@ class _TileProducts(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_p.contiguous(), ctx.shares, ctx.q_shape,
                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_x, grad_q, None, None, None, None
+        return grad_x, grad_q, None, None
 
 
-def tile_products(x: torch.Tensor, q: torch.Tensor, tiles, bits: int, cell_bits: int, mapping: str) -> torch.Tensor:
+def tile_products(x: torch.Tensor, q: torch.Tensor, tiles, plan: CrossbarPlan) -> torch.Tensor:
     """All row-tile × slice × column partial sums of the tiled input x (`tiles.tile_input`) with the
-    integer-valued weights q; differentiable in x and q (straight-through to q)."""
-    return _TileProducts.apply(x, q, tiles, bits, cell_bits, mapping)
+    integer-valued weights q stored as `plan` says; differentiable in x and q (straight-through to q)."""
+    return _TileProducts.apply(x, q, tiles, plan)

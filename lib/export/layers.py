@@ -7,10 +7,15 @@ form spells the same arithmetic out in pieces ONNX can carry (see README, "ONNX 
 ADC off: input Q/DQ (a_bit) → one conv per row-tile (Slice/Gather of the tile's input
     channels, weight Q/DQ at w_bit with that tile's per-output-channel step) → Add over tiles →
     int32 bias. Layer/channel-wise steps need no split: one conv.
-ADC on: input Q/DQ → per row-tile t and slice s a conv whose weights are the integer cell values
-    (Q/DQ at cell width, scale 1) → partial-sum Q/DQ with the learned ADC step (adc_bits, per
-    column) → Mul by 2^(s·c)·weight step → Add; offset mapping adds one reference-column conv
-    per tile whose converted sum is subtracted; then int32 bias.
+ADC on: input Q/DQ → (bit-serial: the input's DAC planes stacked along the batch, by Div /
+    Floor / Sub / Mul / Concat) → per row-tile t and slice s a conv whose weights are the
+    integer cell values (Q/DQ at cell width, scale 1) → partial-sum Q/DQ with the learned ADC
+    step (adc_bits, per column) → Mul by 2^(s·c)·weight step → Add; offset mapping adds one
+    reference-column conv per tile whose converted sum is subtracted; (bit-serial: the planes'
+    outputs shifted by 2^(p·input_bits) and added); then int32 bias.
+With the ADC off, bit-serial and multi-bit inputs give the same outputs exactly, so the export
+form feeds the whole input (`input_mode` in the layer info says what was exported).
+Slices, the weight grid and the reference column come from the layer's CrossbarPlan.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from brevitas.quant.scaled_int import Int32Bias as BrevitasInt32Bias
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import nn
 
-from lib.cim.crossbar import offset_reference, stored_slices
+from lib.cim.crossbar import stored_slices
+from lib.cim.input_planes import join_planes, plane_values
 from lib.cim.layers import CIMConv2d, CIMLayerMixin, CIMLinear
 from lib.export.quantizers import (BREVITAS_MAX_BITS, FixedQDQ, Int32Bias, act_quant, brevitas_can_export, grid,
                                    weight_quant)
@@ -51,6 +57,8 @@ class ExportLayerInfo:
     convs: int
     psum_qdq: int
     reference_columns: int
+    input_mode: str = "multi-bit"
+    input_planes: int = 1
     fallbacks: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -147,6 +155,14 @@ class ExportCIMLayer(nn.Module):
             a_step = layer.input_step().detach()
         self.w_bit, self.a_bit, self.cell_bits = layer.w_bit, layer.a_bit, hw.cell_bits
         self.adc_bits = layer.adc_bits if self.adc else None
+        plan = layer.plan
+        self.narrow_weights = plan.narrow_weights
+        # Planes matter only where the ADC converts each of them; without it their sum is the input.
+        self.planes = layer.input_planes if self.adc else 1
+        self.input_mode = "bit-serial" if self.planes > 1 else "multi-bit"
+        self.input_bits = hw.input_bits
+        self.register_buffer("plane_step", a_step.detach().reshape(()).clone())
+        self.register_buffer("plane_significance", plan.plane_significance(self.planes))
         self.padding_mode = "zeros"
         if self.kind == "conv":
             self.padding_mode = layer.padding_mode
@@ -242,16 +258,16 @@ class ExportCIMLayer(nn.Module):
                 w_int = q
             scale_view = step.reshape((-1,) + (1,) * (q.dim() - 1)) if step.numel() > 1 else step.reshape(())
             piece_bias = bias if (t == 0 and self.brevitas_bias) else None
-            self.pieces.append(self._piece(w_int * scale_view, step, self.w_bit, True, False, self.out_channels,
-                                           self.groups, piece_bias))
+            self.pieces.append(self._piece(w_int * scale_view, step, self.w_bit, True, self.narrow_weights,
+                                           self.out_channels, self.groups, piece_bias))
         self.psum_quants = nn.ModuleList()
 
     def _build_adc_on(self, layer, q: torch.Tensor, step_grid: torch.Tensor) -> None:
-        hw, adc = layer.hw, layer.psum_adc
+        hw, adc, plan = layer.hw, layer.psum_adc, layer.plan
         self.split_tiles = True
         self.brevitas_bias = False
-        offset = hw.mapping == "offset"
-        cells = stored_slices(q, self.w_bit, hw.cell_bits, hw.mapping)  # (S, *q.shape)
+        offset = not plan.differential
+        cells = stored_slices(q, plan)  # (S, *q.shape)
         self.slices = cells.shape[0]
         # Cell grid: offset stores unsigned c-bit cells; differential the pair's difference, a signed
         # (c+1)-bit narrow grid [-(2^c-1), 2^c-1].
@@ -263,7 +279,6 @@ class ExportCIMLayer(nn.Module):
         bounds = adc.clip_bounds()
         if bounds is not None:
             bounds = tuple(b.detach().reshape(self.groups, self.tiles, columns) for b in bounds)
-        adc_per_channel = self._per_channel(adc.granularity)
         self.psum_quants = nn.ModuleList()
         self.clip = bounds is not None
         one = torch.ones(1)
@@ -275,18 +290,17 @@ class ExportCIMLayer(nn.Module):
                 cols = slice(s * out_per_group, (s + 1) * out_per_group)
                 self.pieces.append(self._piece(cells[s][:, start:stop], one, cell_bits, cell_signed, cell_narrow,
                                                self.out_channels, self.groups, what="cell"))
-                self._add_psum(steps[:, t, cols], bounds, t, cols, adc, adc_per_channel, view)
+                self._add_psum(steps[:, t, cols], bounds, t, cols, adc, view)
                 gamma = (2.0 ** (s * hw.cell_bits)) * step_grid[:, t, :].reshape(-1)
                 self.register_buffer(f"gamma_{len(self.piece_index)}", gamma.reshape(view))
                 self.piece_index.append((t, s))
             if offset:
-                ref_slice, cell_value = offset_reference(self.w_bit, hw.cell_bits)
+                ref_slice, cell_value = plan.offset_reference()
                 shape = (self.groups, stop - start) + tuple(q.shape[2:])
                 self.pieces.append(self._piece(torch.full(shape, cell_value), one, hw.cell_bits, False, False,
                                                self.groups, self.groups, what="reference cell"))
                 ref_cols = slice(columns - 1, columns)
-                self._add_psum(steps[:, t, ref_cols], bounds, t, ref_cols, adc, adc_per_channel and self.groups > 1,
-                               view)
+                self._add_psum(steps[:, t, ref_cols], bounds, t, ref_cols, adc, view)
                 gamma = (2.0 ** (ref_slice * hw.cell_bits)) * step_grid[:, t, :].reshape(-1)
                 self.register_buffer(f"gamma_{len(self.piece_index)}", -gamma.reshape(view))
                 self.piece_index.append((t, "ref"))
@@ -297,10 +311,11 @@ class ExportCIMLayer(nn.Module):
         else:
             self.ref_expand = None
 
-    def _add_psum(self, step: torch.Tensor, bounds, t: int, cols: slice, adc, per_channel: bool, view) -> None:
-        """The ADC of one (tile, slice) group of columns: optional clip bounds, then Q/DQ at adc_bits."""
+    def _add_psum(self, step: torch.Tensor, bounds, t: int, cols: slice, adc, view) -> None:
+        """The ADC of one (tile, slice) group of columns: optional clip bounds, then Q/DQ at adc_bits
+        (one step when all its columns share it, else one per column)."""
         step = step.reshape(-1)
-        if not per_channel:
+        if bool((step == step[0]).all()):
             step = step[:1]
         index = len(self.psum_quants)
         if bounds is not None:
@@ -360,6 +375,8 @@ class ExportCIMLayer(nn.Module):
         return y
 
     def _forward_adc(self, xq):
+        if self.planes > 1:
+            xq = plane_values(_value(xq), self.plane_step, self.planes, self.input_bits)
         y = None
         tile_inputs = {}
         for index, ((t, s), piece) in enumerate(zip(self.piece_index, self.pieces)):
@@ -376,13 +393,13 @@ class ExportCIMLayer(nn.Module):
                 level = level.index_select(1, self.ref_expand)
             term = level * getattr(self, f"gamma_{index}")
             y = term if y is None else y + term
-        return y
+        return join_planes(y, self.plane_significance)
 
     def info(self) -> ExportLayerInfo:
         refs = sum(1 for _, s in getattr(self, "piece_index", []) if s == "ref")
         return ExportLayerInfo(self.layer_name, self.kind, self.w_bit, self.a_bit, self.adc_bits, self.tiles,
                                getattr(self, "slices", 1) if self.adc else 1, len(self.pieces), self.psum_count, refs,
-                               sorted(set(self.fallbacks)))
+                               self.input_mode, self.planes, sorted(set(self.fallbacks)))
 
     def extra_repr(self) -> str:
         return (f"name={self.layer_name}, kind={self.kind}, w_bit={self.w_bit}, a_bit={self.a_bit}, "

@@ -18,7 +18,8 @@ from torch import nn
 from lib.cim.hardware import HardwareConfig
 from lib.fileio import atomic_write
 from lib.policy import Policy, PolicyError
-from lib.simulator.crossbar_cost import ROW_TILINGS, CostError, LayerCost, layer_cost
+from lib.cim.hardware import ROW_TILINGS
+from lib.simulator.crossbar_cost import CostError, LayerCost, layer_cost
 from lib.simulator.dims_yaml import read_layer_dims
 from lib.simulator.layer_dims import LayerDims, trace_layer_dims
 
@@ -48,7 +49,7 @@ class PolicyCost:
 
 
 def latency_table(layer_dims: Sequence[LayerDims], hw: HardwareConfig, max_bit: int,
-                  row_tiling: str = "dense") -> np.ndarray:
+                  row_tiling: Optional[str] = None) -> np.ndarray:
     """float64 [layers, max_bit, max_bit] of latency (µs) indexed [layer, w_bit-1, a_bit-1]."""
     table = np.zeros((len(layer_dims), max_bit, max_bit), dtype=np.float64)
     for i, dims in enumerate(layer_dims):
@@ -59,7 +60,7 @@ def latency_table(layer_dims: Sequence[LayerDims], hw: HardwareConfig, max_bit: 
 
 
 def adc_latency_table(layer_dims: Sequence[LayerDims], hw: HardwareConfig, max_bit: int,
-                      max_adc_bit: int, row_tiling: str = "dense") -> np.ndarray:
+                      max_adc_bit: int, row_tiling: Optional[str] = None) -> np.ndarray:
     """float64 [layers, max_bit, max_bit, max_adc_bit] indexed [layer, w-1, a-1, adc-1].
 
     Only differs along the last axis with adc_latency_model='sar'.
@@ -84,14 +85,18 @@ class CostModel:
 
     Rows follow `layer_dims` (call order). Policies must have one row per layer and bits in
     1..max_bit. `baseline_bits` is the uniform (w_bit, a_bit) that ratios are taken against.
+    Tiling, slicing and column placement are the hardware's (`row_tiling`, if given, overrides
+    the hardware's row tiling).
     """
 
     def __init__(self, hw: HardwareConfig, layer_dims: Sequence[LayerDims], max_bit: int = 8,
-                 baseline_bits: tuple = (8, 8), row_tiling: str = "dense") -> None:
+                 baseline_bits: tuple = (8, 8), row_tiling: Optional[str] = None) -> None:
         if not layer_dims:
             raise CostError("a cost model needs at least one layer")
-        if row_tiling not in ROW_TILINGS:
+        if row_tiling is not None and row_tiling not in ROW_TILINGS:
             raise CostError(f"row_tiling={row_tiling!r} is not allowed: expected one of {list(ROW_TILINGS)}")
+        if row_tiling is not None:
+            hw = hw.with_overrides(row_tiling=row_tiling)
         names = [d.name for d in layer_dims]
         if len(set(names)) != len(names):
             duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -99,9 +104,9 @@ class CostModel:
         self.hw = hw
         self.layer_dims = list(layer_dims)
         self.max_bit = _check_max_bit(max_bit)
-        self.row_tiling = row_tiling
+        self.row_tiling = hw.row_tiling
         self.baseline_bits = self._check_baseline(baseline_bits)
-        self.table = latency_table(self.layer_dims, hw, self.max_bit, row_tiling)
+        self.table = latency_table(self.layer_dims, hw, self.max_bit)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -126,7 +131,7 @@ class CostModel:
 
     def layer_cost(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> LayerCost:
         """Full footprint/latency of one layer (any bits >= 1, not limited to max_bit)."""
-        return layer_cost(self.layer_dims[index], self.hw, w_bit, a_bit, adc_bits, self.row_tiling)
+        return layer_cost(self.layer_dims[index], self.hw, w_bit, a_bit, adc_bits)
 
     def latency(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> float:
         """Latency (µs) of one layer; from the table when the bits are inside it."""
@@ -145,8 +150,7 @@ class CostModel:
 
     def adc_table(self, max_adc_bit: int) -> np.ndarray:
         """The 4-D table with an ADC-bits axis (see adc_latency_table)."""
-        return adc_latency_table(self.layer_dims, self.hw, self.max_bit, _check_max_bit(max_adc_bit),
-                                 self.row_tiling)
+        return adc_latency_table(self.layer_dims, self.hw, self.max_bit, _check_max_bit(max_adc_bit))
 
     def save_table(self, path: str | Path) -> Path:
         """Write `table` as .npy (CIM-AQ's lookup-table format), atomically."""

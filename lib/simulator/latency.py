@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", type=Path, metavar="POLICY", help="policy .npy (L×2 / L×3) or .json to price")
     parser.add_argument("--baseline-bits", type=int, nargs=2, default=[8, 8], metavar=("W", "A"),
                         help="uniform bits the ratio is taken against and the report is shown at (default: 8 8)")
-    parser.add_argument("--row-tiling", choices=ROW_TILINGS, default="dense",
-                        help="'dense': ceil(rows/R) row-tiles (CIM-AQ, default); 'channel': conv tiles hold "
-                             "whole input channels like the QAT layer")
+    parser.add_argument("--row-tiling", choices=ROW_TILINGS, default=None,
+                        help="override the hardware's row_tiling: 'channel' (row-tiles hold whole input "
+                             "channels, as the CIM layers simulate) or 'dense' (ceil(rows/R), CIM-AQ)")
     parser.add_argument("--write-layer-dims", type=Path, metavar="FILE.yaml",
                         help="also write the layer dims in CIM-AQ's YAML format")
     parser.add_argument("--adc-table", type=Path, metavar="FILE.npy",
@@ -108,9 +108,9 @@ def run(args) -> dict:
     # The policy is read and priced before anything is written: a bad policy leaves no files.
     cost = model.policy_cost(Policy.load(args.policy)) if args.policy is not None else None
     print(f"layer dims: {source} ({len(model)} rows, call order)")
-    print(f"hardware: {args.hardware}: {describe_hardware(hw)}")
+    print(f"hardware: {args.hardware}: {describe_hardware(model.hw)}")
     print(format_layer_report(model, bw, ba))
-    report = {"source": source, "hardware": hw.to_dict(), "max_bit": model.max_bit,
+    report = {"source": source, "hardware": model.hw.to_dict(), "max_bit": model.max_bit,
               "layers": [d.to_dict() for d in model.layer_dims],
               "uniform": model.uniform_cost(bw, ba).to_dict()}
     if args.output is not None:

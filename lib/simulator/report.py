@@ -10,6 +10,8 @@ def describe_hardware(hw: HardwareConfig) -> str:
             f"{hw.mapping}, write {hw.write_latency:g} µs, execute {hw.execute_latency:g} µs")
     if hw.adc_latency_model == "sar":
         text += f", SAR ADC {hw.adc_bits} bits x {hw.adc_cycle_latency:g} µs"
+    text += (f"; {hw.row_tiling} row tiling, {hw.weight_slicing} weight slicing, {hw.column_placement} "
+             f"column placement, {hw.input_mode} inputs in the layers")
     return text
 
 
