@@ -345,7 +345,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     test = evaluate(model, data.val, nn.CrossEntropyLoss(), device, dist=ctx)
     log.info("best epoch %d (holdout top-1 %.2f%%): test top-1 %.2f%% top-5 %.2f%%", result.best_epoch,
              result.best_acc1, test["top1"], test["top5"])
-    deployed = deployed_accuracy(model, data, args, test, device)
+    deployed = deployed_accuracy(model, data, args, test, ctx)
     report = {
         "accuracy": {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
                      "test_samples": test["samples"], "holdout_best_top1": result.best_acc1,
@@ -381,13 +381,15 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     return report
 
 
-def deployed_accuracy(model: nn.Module, data, args: argparse.Namespace, test: dict, device) -> dict:
+def deployed_accuracy(model: nn.Module, data, args: argparse.Namespace, test: dict, ctx: DistContext) -> dict:
     """Test accuracy in the faithful (bit-serial) input mode, whichever mode trained; a layer that
     trained multi-bit gets its ADC steps recalibrated on training batches first (lib.cim.deploy)."""
     from lib.cim import faithful_copy
 
     faithful, changed = faithful_copy(model, data.train, args.calibration_batches)
-    metrics = test if not changed else evaluate(faithful, data.val, nn.CrossEntropyLoss(), device)
+    if changed:
+        broadcast_module_state(faithful, ctx)  # each rank recalibrated on its own shard: rank 0's steps
+    metrics = test if not changed else evaluate(faithful, data.val, nn.CrossEntropyLoss(), ctx.device, dist=ctx)
     log.info("deployed (bit-serial inputs) test top-1 %.2f%%%s", metrics["top1"],
              f" ({changed} layers' ADC steps recalibrated)" if changed else "")
     return {"top1": metrics["top1"], "input_mode": "bit-serial", "adc_recalibrated_layers": changed}

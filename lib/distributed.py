@@ -62,9 +62,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(script: str | os.PathLike, args: list, nproc_per_node: int) -> list[str]:
-    """The command that runs `script args` in `nproc_per_node` processes on this node, with this Python's torchrun."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+def torchrun_command(script: str | os.PathLike, args: list, nproc_per_node: int,
+                     python: str = sys.executable) -> list[str]:
+    """The command that runs `script args` in `nproc_per_node` processes on this node, with `python`'s torchrun."""
+    torchrun = os.path.join(os.path.dirname(python), "torchrun")
     return [torchrun, f"--nproc_per_node={nproc_per_node}", "--master-port", str(free_port()), str(script),
             *map(str, args)]
 

@@ -17,6 +17,10 @@ import pretrain
 from search_support import make_int8_checkpoint
 from lib.distributed import DistContext, DistributedSetupError, check_sync_bn, torchrun_command
 from lib.training import load_checkpoint
+from lib.workflow.config import load_config
+from lib.workflow.runner import Runner
+from lib.workflow.steps import Step, build_plan
+from workflow_support import experiment_data, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = ["--dataset", "digits-small", "--input-size", "16", "--batch-size", "16", "--workers", "0", "--threads", "1",
@@ -241,3 +245,23 @@ def test_search_under_torchrun_repeats_its_policies_and_keeps_ranks_identical(tm
     for kind in ("weight", "psum_adc.step", "running_abs_mean", "bits", "running_mean", "running_var"):
         assert any(k.endswith(kind) for k in state), kind
     assert [k for k, v in state.items() if not torch.equal(v, ranks[1]["state"][k])] == []
+
+
+def test_workflow_runs_training_and_search_steps_in_nproc_per_node_processes(tmp_path):
+    config = load_config(write_config(tmp_path, experiment_data(tmp_path, device={"nproc_per_node": 2})))
+    processes = {step.name: step.processes for step in build_plan(config)}
+    assert {name for name, count in processes.items() if count == 2} == {
+        f"{stage}/{step}" for stage in ("stage1", "stage2") for step in ("fp32", "int8", "finetune")} | {"stage1/search"}
+    assert processes["stage1/export"] == processes["report"] == 1
+
+    script = tmp_path / "ranks.py"  # a step that records which processes ran it
+    script.write_text("import os, pathlib, sys\npathlib.Path(sys.argv[1], 'rank' + os.environ['RANK']).write_text("
+                      "os.environ['WORLD_SIZE'])\n")
+    work = tmp_path / "work"
+    step = Step("ranks", (str(script), str(work)), work, ("rank0", "rank1"), processes=2)
+    runner = Runner(tmp_path / "experiment")
+    assert runner.command(step)[0].endswith("torchrun")
+    assert [outcome.state for outcome in runner.run([step])] == ["running"]
+    assert [(work / f"rank{rank}").read_text() for rank in (0, 1)] == ["2", "2"]
+    single = Step("ranks", step.argv, work, step.outputs)
+    assert runner.fingerprint(single, set()) != runner.fingerprint(step, set())

@@ -145,6 +145,8 @@ class Device(Section):
     gpu_id: Optional[Union[str, int]] = None
     device: str = "auto"
     threads: int = Field(0, ge=0)
+    # processes per training/search step: > 1 launches pretrain/finetune/search through torchrun
+    nproc_per_node: int = Field(1, ge=1)
 
 
 class Dataloader(Section):
