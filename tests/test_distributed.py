@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import pretrain
-from search_support import make_int8_checkpoint
 from lib.distributed import DistContext, DistributedSetupError, check_sync_bn, torchrun_command
 from lib.training import load_checkpoint
 from lib.workflow.config import load_config
 from lib.workflow.runner import Runner
 from lib.workflow.steps import Step, build_plan
+from search_support import make_int8_checkpoint
 from workflow_support import experiment_data, write_config
 
 REPO = Path(__file__).resolve().parents[1]
