@@ -27,17 +27,17 @@ from lib.data import build_loaders, default_input_size
 from lib.distributed import SINGLE, DistContext
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
+from lib.model_spec import DEFAULT_HARDWARE, ModelSpec, build_model as build_spec_model
 from lib.policy import check_layer_bits
 from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
 from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
-from models import create_model, read_state_dict
+from models import read_state_dict
 
 log = logging.getLogger("pretrain")
 
 REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "default.yaml"
 # What defines the model (and its data): taken from a checkpoint on --resume/--evaluate; an explicit
 # conflicting flag is an error rather than a silently different model.
 MODEL_KEYS = ("arch", "num_classes", "input_size", "quant", "w_bit", "a_bit", "hardware")
@@ -142,22 +142,22 @@ def hardware_config(spec: dict):
 
 def build_model(spec: dict, pretrained: Optional[str] = None, init: Optional[str] = None,
                 calibration_data=None) -> nn.Module:
-    """create_model → (optional --init weights) → quantize_model for --quant uniform.
+    """create_model → (optional --init weights) → quantize_model for --quant uniform (lib.model_spec).
 
     calibration_data: batches that initialise the quantizers' steps of a fresh conversion (not
     needed when a checkpoint's state dict is loaded next).
     """
-    model = create_model(spec["arch"], spec["num_classes"], pretrained=pretrained)
-    if init:
-        load_model_state(model, read_state_dict(init), init)
-        log.info("initialised %s from %s", spec["arch"], init)
-    if spec["quant"] == "uniform":
-        from lib.cim import quantize_model  # the CIM layers; imported only when quantizing
-
-        hw = hardware_config(spec)
+    hw = hardware_config(spec) if spec["quant"] == "uniform" else None
+    if hw is not None:
         spec["hardware_config"] = hw.to_dict()
-        model = quantize_model(model, (spec["w_bit"], spec["a_bit"]), hw, input_size=spec["input_size"],
-                               calibration_data=calibration_data)
+    model_spec = ModelSpec(arch=spec["arch"], num_classes=spec["num_classes"], input_size=spec["input_size"],
+                           dataset=spec["dataset"], data_root=spec["data_root"], quant=spec["quant"],
+                           w_bit=spec["w_bit"], a_bit=spec["a_bit"], hardware=hw, hardware_path=spec["hardware"])
+    weights = read_state_dict(init) if init else None
+    model = build_spec_model(model_spec, weights=weights, calibration=calibration_data, pretrained=pretrained)
+    if init:
+        log.info("initialised %s from %s", spec["arch"], init)
+    if hw is not None:
         log.info("quantized %s uniformly to w%d/a%d on %s", spec["arch"], spec["w_bit"], spec["a_bit"],
                  spec["hardware"])
     return model
