@@ -14,16 +14,15 @@ import torch
 
 from lib.cim.adc import step_and_gamma_grads
 from lib.cim.adc_kernels import KERNELS
-from lib.cim.crossbar import CrossbarPlan, stored_slices
+from lib.cim.crossbar import CrossbarPlan
 from lib.cim.scratch import SCRATCH
 from lib.cim.tile_products import ConvTiles, products_backward, slice_shares
 
 
 class _CrossbarADC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, q, step, gamma, tiles: ConvTiles, plan: CrossbarPlan,
+    def forward(ctx, x, q, w, step, gamma, tiles: ConvTiles, plan: CrossbarPlan,
                 lo: int, hi: int, grad_factor: float):
-        w = tiles.weight(stored_slices(q, plan))
         p = tiles.products(x, w)  # (N, H, W, groups·tiles·slices·out)
         main = p.reshape((-1,) + tuple(gamma.shape))  # (M, groups, tiles·slices, out)
         ctx.save_for_backward(x, w, main, step, gamma)
@@ -44,15 +43,16 @@ class _CrossbarADC(torch.autograd.Function):
         grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(ctx.p_shape), ctx.shares,
                                            ctx.q_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                            share_out=share_out)
-        return grad_x, grad_q, grad_step, grad_gamma, None, None, None, None, None
+        return grad_x, grad_q, None, grad_step, grad_gamma, None, None, None, None, None
 
 
-def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, tiles: ConvTiles,
+def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch.Tensor, tiles: ConvTiles,
                          step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None) -> torch.Tensor:
-    """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM conv whose ADC is `fusable`."""
+    """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM conv whose ADC is `fusable`,
+    from the integer weights q stored as w (`tile_products.crossbar_weight`)."""
     plan = layer.plan
 
     def convert(step, gamma, lo, hi, factor):
-        return _CrossbarADC.apply(x_tiled, q, step, gamma, tiles, plan, lo, hi, factor)
+        return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
     rows = math.prod(tiles.output_size(x_tiled))
     return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift)

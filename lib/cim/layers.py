@@ -28,7 +28,8 @@ from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
 from lib.cim.steps import positive
-from lib.cim.tile_products import ConvTiles, MatmulTiles, tile_products
+from lib.cim.eval_cache import EvalCache, tensor_versions
+from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class CIMLayerMixin:
         self.fused_adc = True  # conv: crossbar MVM + ADC as one autograd node when the ADC allows
         self.register_buffer("first_channel_of_tile",
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
+        self.eval_cache = EvalCache()  # the crossbar form between evaluation forwards
+        self.cache_eval = True  # keep it (off: recompute every forward, for comparisons)
 
     @property
     def plan(self) -> CrossbarPlan:
@@ -102,6 +105,43 @@ class CIMLayerMixin:
         if mode != self.input_mode and self.plan.input_planes(mode) != self.plan.input_planes(self.input_mode):
             self.psum_adc.mark_stale()
         self.input_mode = mode
+
+    # ------------------------------------------------------------ eval cache
+    def train(self, mode: bool = True):
+        if mode:
+            self.eval_cache.clear()  # training changes the weights every step: free the memory
+        return super().train(mode)
+
+    def _weight_side_tensors(self) -> list:
+        """Everything the crossbar form is computed from: the weight and the weight quantizer's state."""
+        return [self.weight, *self.weight_quant.parameters(), *self.weight_quant.buffers()]
+
+    def _caches_crossbar_form(self) -> bool:
+        """In eval mode, unless autograd must reach the weight side (then every forward recomputes)."""
+        if self.training or not self.cache_eval:
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._weight_side_tensors()))
+
+    def _eval_cache_key(self) -> tuple:
+        return (self.plan, self.input_mode, self.weight_step_module.initialized,
+                tensor_versions(self._weight_side_tensors()))
+
+    def quant_weight(self, quant_input=None, subtensor_slice_list=None):
+        """Brevitas' quantized weight; in evaluation the kept one while the weight side is unchanged."""
+        if subtensor_slice_list is not None or not self._caches_crossbar_form():
+            return super().quant_weight(quant_input, subtensor_slice_list)
+        compute = super().quant_weight
+        return self.eval_cache.get(self._eval_cache_key, "quant_weight", lambda: compute(quant_input))
+
+    def _crossbar_weights(self, quant_weight: QuantTensor, tiles):
+        """(integer weights q, weight step per (group, tile, out), array weight w), see
+        `_integer_weights` and `tile_products.crossbar_weight`; kept in evaluation."""
+        def compute():
+            q, step_grid = self._integer_weights(quant_weight)
+            return q, step_grid, crossbar_weight(q, tiles, self.plan)
+        if not self._caches_crossbar_form():
+            return compute()
+        return self.eval_cache.get(self._eval_cache_key, "crossbar", compute)
 
     # ------------------------------------------------------------ bits
     @property
@@ -283,8 +323,8 @@ class CIMLayerMixin:
 
     def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
         """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
-        q, step_grid = self._integer_weights(quant_weight)
-        return tile_products(x_tiled, q, tiles, self.plan), step_grid
+        q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
+        return tile_products(x_tiled, q, tiles, self.plan, stored), step_grid
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
         """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
@@ -379,9 +419,9 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
         if self.psum_adc.fusable and self.fused_adc:
-            q, step_grid = self._integer_weights(quant_weight)
+            q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
             shifts, ref_shift = self._shifts(q)
-            y = crossbar_adc_forward(self, x_tiled, q, tiles, step_grid, shifts, ref, ref_shift)
+            y = crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift)
         else:
             psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
             y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref,

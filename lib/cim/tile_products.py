@@ -10,6 +10,7 @@ would do (one weight-gradient conv per slice) with exactly the same result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -156,13 +157,18 @@ class MatmulTiles:
         return dw.reshape(lay.padded_channels, -1)[:lay.in_channels_per_group].t().reshape(grad_shape)
 
 
+def crossbar_weight(q: torch.Tensor, tiles, plan: CrossbarPlan) -> torch.Tensor:
+    """The cell slices of the integer weights q (sign mapping included) laid out as `tiles.products`
+    reads them: what the arrays store. Integer-valued, no gradient (tile_products carries q's)."""
+    return tiles.weight(stored_slices(q.detach(), plan))
+
+
 class _TileProducts(torch.autograd.Function):
-    """Partial sums from the integer weights q; gradients to the tiled input and to q (see the
-    module docstring)."""
+    """Partial sums from the integer weights q stored as the array weight w; gradients to the
+    tiled input and to q (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, q, tiles, plan: CrossbarPlan):
-        w = tiles.weight(stored_slices(q, plan))
+    def forward(ctx, x, q, w, tiles, plan: CrossbarPlan):
         ctx.save_for_backward(x, w)
         ctx.tiles, ctx.q_shape = tiles, q.shape
         ctx.shares = slice_shares(plan, q.dtype, q.device)
@@ -173,10 +179,13 @@ class _TileProducts(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_p.contiguous(), ctx.shares, ctx.q_shape,
                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_x, grad_q, None, None
+        return grad_x, grad_q, None, None, None
 
 
-def tile_products(x: torch.Tensor, q: torch.Tensor, tiles, plan: CrossbarPlan) -> torch.Tensor:
+def tile_products(x: torch.Tensor, q: torch.Tensor, tiles, plan: CrossbarPlan,
+                  w: Optional[torch.Tensor] = None) -> torch.Tensor:
     """All row-tile × slice × column partial sums of the tiled input x (`tiles.tile_input`) with the
-    integer-valued weights q stored as `plan` says; differentiable in x and q (straight-through to q)."""
-    return _TileProducts.apply(x, q, tiles, plan)
+    integer-valued weights q stored as `plan` says (w: their `crossbar_weight`, when already made);
+    differentiable in x and q (straight-through to q)."""
+    w = crossbar_weight(q, tiles, plan) if w is None else w
+    return _TileProducts.apply(x, q, w, tiles, plan)
