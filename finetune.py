@@ -29,6 +29,7 @@ from typing import Optional
 from torch import nn
 
 from lib import cli
+from lib.cim.adc_kernels import kernel_report
 from lib.data import HoldoutSpec, build_loaders, default_input_size, first_images
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
@@ -346,6 +347,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         "hardware": hw.to_dict(), "hardware_priced_vs_simulated": hw.pricing_differences(),
         "arch": spec["arch"], "dataset": spec["dataset"],
         "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,
+        "kernels": kernel_report(),
     }
     # Written before the export too, so a failed export leaves the training results on disk.
     atomic_write_json(out_dir / "report.json", plain(report))

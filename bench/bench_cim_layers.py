@@ -22,6 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.cim import calibrate  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
+from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
@@ -93,7 +94,8 @@ def main() -> None:
     hw_serial = hw.with_overrides(input_mode="bit-serial")
 
     if args.only in ("all", "train"):
-        train_mode(hw, hw_off, hw_serial, args.repeats)
+        with scratch_buffers():  # as in fit: the fused backward's temporaries reuse one buffer
+            train_mode(hw, hw_off, hw_serial, args.repeats)
     if args.only in ("all", "eval"):
         eval_mode(hw, hw_serial, args.repeats)
 
