@@ -77,7 +77,7 @@ class CIMLayerMixin:
         self.psum_adc = PartialSumADC(hw.psum_granularity, layout.groups, layout.tiles, plan.column_tile_of(),
                                       adc_bits, plan.adc_signed, hw.n_sigma)
         self.force_crossbar = False  # take the crossbar path even with the ADC off (tests, studies)
-        self.fused_adc = True  # conv: crossbar MVM + ADC as one autograd node when the ADC allows
+        self.fused_adc = True  # crossbar MVM + ADC as one autograd node when the ADC allows
         self.register_buffer("first_channel_of_tile",
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
         self.eval_cache = EvalCache()  # the crossbar form between evaluation forwards
@@ -117,8 +117,9 @@ class CIMLayerMixin:
         return [self.weight, *self.weight_quant.parameters(), *self.weight_quant.buffers()]
 
     def _caches_crossbar_form(self) -> bool:
-        """In eval mode, unless autograd must reach the weight side (then every forward recomputes)."""
-        if self.training or not self.cache_eval:
+        """In eval mode, unless autograd must reach the weight side (then every forward recomputes)
+        or a graph is being traced or exported (it must contain the quantizers, not constants)."""
+        if self.training or not self.cache_eval or _tracing() or getattr(self.weight_quant, "export_mode", False):
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._weight_side_tensors()))
 
@@ -321,6 +322,19 @@ class CIMLayerMixin:
         scale = quant_weight.scale
         return quant_weight.value / scale, self._step_grid(scale)
 
+    def _converted_outputs(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles,
+                           ref: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
+        One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC."""
+        if self.psum_adc.fusable and self.fused_adc:
+            q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
+            shifts, ref_shift = self._shifts(q)
+            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift)
+        lay = self.layout
+        psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
+        psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
+        return self._convert(psums, step_grid, ref, self.adc_floor(x_tiled))
+
     def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
         """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
         q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
@@ -345,6 +359,10 @@ def _grid_max(bits: int, signed: bool) -> int:
 def _check_bits(key: str, value, low: int = 1, high: int = 16) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{key}={value!r} is not allowed: expected an integer in [{low}, {high}]")
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def _unwrap(x):
@@ -418,14 +436,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        if self.psum_adc.fusable and self.fused_adc:
-            q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
-            shifts, ref_shift = self._shifts(q)
-            y = crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift)
-        else:
-            psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
-            y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref,
-                              self.adc_floor(x_tiled))
+        y = self._converted_outputs(x_tiled, quant_weight, tiles, ref)
         y = self._join_planes(y).reshape(-1, h, w, self.out_channels)
         if bias is not None:
             y = y + bias
@@ -467,7 +478,7 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         return cell_value * xt.sum(dim=2)
 
     def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor):
-        """Every row-tile × weight column partial sum for given cell slices (tiles, tokens,
+        """Every row-tile × weight column partial sum for given cell slices (tokens, tiles,
         slices·out), and the offset reference column's (tiles, tokens) or None. For inspection;
         the forward uses `tile_products`."""
         tiles = self.tiles()
@@ -486,12 +497,10 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
             x = x2d
         tiles = self.tiles()
         xt = tiles.tile_input(self._split_input(x))
-        psums, step_grid = self._tile_products(xt, quant_weight, tiles)  # (tiles, tokens, cols)
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid, ref, self.adc_floor(xt)).squeeze(1)
-        y = self._join_planes(y)
+        y = self._join_planes(self._converted_outputs(xt, quant_weight, tiles, ref).squeeze(1))
         if bias is not None:
             y = y + bias
         return y.reshape(lead + (self.out_features,))

@@ -124,7 +124,8 @@ class ConvTiles:
 
 @dataclass(frozen=True)
 class MatmulTiles:
-    """The crossbar view of a linear layer: `tiles` arrays of `channels_per_tile` input features."""
+    """The crossbar view of a linear layer: `tiles` arrays of `channels_per_tile` input features.
+    Partial sums are laid out (tokens, tiles, slices·out): row by row, as the ADC reads them."""
 
     layout: TileLayout
 
@@ -144,16 +145,28 @@ class MatmulTiles:
             x2d = F.pad(x2d, (0, lay.pad))
         return x2d.reshape(x2d.shape[0], lay.tiles, lay.channels_per_tile).transpose(0, 1)
 
+    def output_size(self, xt: torch.Tensor) -> tuple[int]:
+        """(tokens,): the rows of partial sums per read-out column."""
+        return (xt.shape[1],)
+
     def products(self, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """(tiles, tokens, slices·out) partial sums."""
-        return torch.bmm(xt, w)
+        """(tokens, tiles, slices·out) partial sums: each tile's matmul writes its block of every
+        row in place (a strided output BLAS takes as is), so no transpose copy follows. Where autograd
+        records (inspection, tests) a transposed view of the plain product, with the same values."""
+        if torch.is_grad_enabled() and (xt.requires_grad or w.requires_grad):
+            return torch.bmm(xt, w).transpose(0, 1)
+        out = xt.new_empty((xt.shape[1], xt.shape[0], w.shape[2]))
+        torch.bmm(xt, w, out=out.transpose(0, 1))
+        return out
 
     def input_grad(self, grad_p: torch.Tensor, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(grad_p, w.transpose(1, 2))
+        return torch.bmm(grad_p.transpose(0, 1), w.transpose(1, 2))
 
     def weight_grad(self, grad_shared: torch.Tensor, xt: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
+        """Gradient of the integer weights (out, in) from the slice-weighted output gradient (tokens, tiles, out)."""
         lay = self.layout
-        dw = torch.bmm(xt.transpose(1, 2), grad_shared.reshape(lay.tiles, xt.shape[1], -1))
+        shared = grad_shared.reshape(xt.shape[1], lay.tiles, -1).transpose(0, 1)
+        dw = torch.bmm(xt.transpose(1, 2), shared)
         return dw.reshape(lay.padded_channels, -1)[:lay.in_channels_per_group].t().reshape(grad_shape)
 
 
