@@ -1,6 +1,6 @@
 """Who owns the CIM kernels' process state: the compile mode (pinned by the CLIs' set-up), the
 kernels that failed to compile (each on its own), and the scratch buffers (freed by their scope)."""
-import inspect
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +14,9 @@ from lib import cli
 from lib.cim import CIMConv2d, HardwareConfig, calibrate
 from lib.cim.adc_kernels import KERNELS, CompileModeError, compile_mode, configure_compile, kernel_report
 from lib.cim.scratch import SCRATCH, scratch_buffers
-import lib.search.search as search_module
+from lib.search.search import run_search
 from lib.training import OptimConfig, Tracker, fit
+from search_support import make_int8_checkpoint, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,6 +126,12 @@ def test_fit_owns_the_scratch_of_its_training_steps(unpinned, tmp_path):
     assert SCRATCH.buffers == {}
 
 
-def test_the_search_owns_its_scratch():
-    """run_search is wrapped in scratch_buffers() (a search is too long to run here)."""
-    assert "@scratch_buffers()\ndef run_search(" in inspect.getsource(search_module)
+def test_the_search_records_the_mode_and_frees_its_scratch(unpinned, tmp_path):
+    """A tiny real search, with the mode pinned as its CLI would: summary.json records it, and the
+    scratch its finetuning steps used is gone when run_search returns."""
+    configure_compile("0")
+    out = tmp_path / "search"
+    run_search(tiny_config(make_int8_checkpoint(tmp_path / "int8"), out, episodes=2))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kernels"] == {"compile_mode": "0", "eager_after_failed_compile": []}
+    assert SCRATCH.buffers == {} and SCRATCH.depth == 0
