@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from lib.bit_limits import check_bits
 from lib.fileio import atomic_write
 from lib.errors import UserError
 
@@ -212,26 +213,26 @@ class Policy:
             raise PolicyError(f"{source}: {err}") from None
 
 
-def check_layer_bits(w_bit: int, a_bit: int, adc_bits: Optional[int], hw) -> None:
-    """Raise ValueError (naming the value and the allowed range) if the CIM layers on `hw` cannot hold these bits.
+def check_layer_bits(w_bit: int, a_bit: int, adc_bits: Optional[int]) -> None:
+    """Raise ValueError (naming the value and the allowed range) if the CIM layers cannot hold these bits.
 
-    The layers own their bit ranges, so a 1×1 probe layer is asked (milliseconds): this check
-    always agrees with them.
+    The ranges are lib.bit_limits', the table the layers themselves check against.
     """
-    from lib.cim import CIMLinear  # lazy: lib.cim imports this module
+    check_bits("w_bit", w_bit)
+    check_bits("a_bit", a_bit)
+    if adc_bits is not None:
+        check_bits("adc_bits", adc_bits)
 
-    CIMLinear(1, 1, hw=hw, w_bit=w_bit, a_bit=a_bit, adc_bits=adc_bits)
 
-
-def check_supported(policy: Policy, hw) -> None:
-    """Refuse a policy with bits the CIM layers on `hw` cannot hold, before any model is built."""
+def check_supported(policy: Policy) -> None:
+    """Refuse a policy with bits the CIM layers cannot hold, before any model is built."""
     checked = set()
     for index in range(len(policy)):
         bits = policy.layer(index)
         if bits in checked:
             continue
         try:
-            check_layer_bits(*bits, hw)
+            check_layer_bits(*bits)
         except ValueError as err:
             name = f" ({policy.layer_names[index]!r})" if policy.layer_names else ""
             raise PolicyError(f"policy layer {index}{name}: {err} (the CIM layers' range)") from None

@@ -30,7 +30,7 @@ def test_cim_aq_config_template_layout_is_accepted(tmp_path, make_image_tree):
     config = load_config(write_config(tmp_path, data))
     assert config.arch == "vgg16" and config.input_size == 224
     assert (config.small_kind, config.large_kind) == ("imagefolder", "imagefolder")
-    assert config.experiment_dir == tmp_path / "runs" / "per-tensor_no_constraint_vgg16_cim_aq_default"
+    assert config.experiment_dir == tmp_path / "runs" / "per-tensor_no_constraint_vgg16_default"
     assert config.raw.training.rl.train_episodes == 600 and config.raw.dataloader.num_workers == 32
     plan = build_plan(config)
     assert [s.name for s in plan][:3] == ["stage1/fp32", "stage1/int8", "stage1/search"]
@@ -57,8 +57,8 @@ def test_typo_in_a_key_is_refused_with_the_closest_key(tmp_path):
 def test_impossible_bit_ranges_are_refused_naming_the_key(tmp_path):
     assert "quantization.min_bit=6 > quantization.max_bit=4" in refused(
         write_config(tmp_path, experiment_data(tmp_path, quantization={"min_bit": 6, "max_bit": 4})))
-    assert "quantization.max_bit=12 is not allowed: expected 1..8" in refused(
-        write_config(tmp_path, experiment_data(tmp_path, quantization={"max_bit": 12})))
+    assert "quantization.max_bit=17 is not allowed: expected 1..16" in refused(
+        write_config(tmp_path, experiment_data(tmp_path, quantization={"max_bit": 17})))
     message = refused(write_config(tmp_path, experiment_data(tmp_path, quantization={
         "min_bit": 5, "max_bit": 7, "consider_cell_resolution": True})))
     assert "quantization.consider_cell_resolution" in message and "cell_bits=4" in message
@@ -98,7 +98,7 @@ def test_imagenet_configs_are_valid_once_their_roots_exist(tmp_path, make_image_
     data["datasets"]["large"]["root"] = str(make_image_tree(tmp_path / "imagenet"))
     config = load_config(write_config(tmp_path, data))
     assert config.arch == arch and config.raw.quantization.consider_cell_resolution
-    assert config.experiment_dir.name == f"both_constraints_{arch}_cim_aq_default"
+    assert config.experiment_dir.name == f"both_constraints_{arch}_default"
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "test.yaml", "template.yaml"])

@@ -21,6 +21,7 @@ from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from lib.bit_limits import check_bits
 from lib.cim.adc import PartialSumADC
 from lib.cim.crossbar_adc import crossbar_adc_forward
 from lib.cim.crossbar import CrossbarPlan, TileLayout
@@ -44,8 +45,8 @@ class CIMLayerMixin:
     # ------------------------------------------------------------ setup
     def _quant_kwargs(self, hw: HardwareConfig, layout: TileLayout, w_bit: int, a_bit: int,
                       input_signed: bool, weight_ndim: int) -> dict:
-        _check_bits("w_bit", w_bit)
-        _check_bits("a_bit", a_bit)
+        check_bits("w_bit", w_bit)
+        check_bits("a_bit", a_bit)
         narrow = CrossbarPlan.for_layout(hw.simulated(), layout, w_bit, a_bit, input_signed).narrow_weights
         return dict(
             weight_quant=CIMWeightQuant,
@@ -70,7 +71,7 @@ class CIMLayerMixin:
         self.input_mode = hw.input_mode  # bit-serial | multi-bit; see set_input_mode
         self._plan = None
         adc_bits = hw.adc_bits if adc_bits is None else int(adc_bits)
-        _check_bits("adc_bits", adc_bits, high=24)
+        check_bits("adc_bits", adc_bits)
         plan = self.plan
         self.uses_reference_column = not plan.differential
         self._set_weight_grid(plan)
@@ -188,8 +189,8 @@ class CIMLayerMixin:
         Weight steps re-initialise from the weights (LSQ), input steps from the running |x|
         statistics, ADC steps from the next training batch's partial sums.
         """
-        _check_bits("w_bit", w_bit)
-        _check_bits("a_bit", a_bit)
+        check_bits("w_bit", w_bit)
+        check_bits("a_bit", a_bit)
         old_w, old_a = self.w_bit, self.a_bit
         if w_bit != old_w:
             self._weight_bits_module.set(w_bit)
@@ -206,7 +207,7 @@ class CIMLayerMixin:
             self.input_step_module.rescale_for(old_qp, new_qp)
             self.psum_adc.mark_stale()
         if adc_bits is not None:
-            _check_bits("adc_bits", adc_bits, high=24)
+            check_bits("adc_bits", adc_bits)
             self.psum_adc.set_bits(int(adc_bits))
 
     # ------------------------------------------------------------ state
@@ -354,11 +355,6 @@ class CIMLayerMixin:
 
 def _grid_max(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-
-
-def _check_bits(key: str, value, low: int = 1, high: int = 16) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{key}={value!r} is not allowed: expected an integer in [{low}, {high}]")
 
 
 def _tracing() -> bool:

@@ -5,12 +5,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from lib.bit_limits import BIT_RANGES
 from lib.errors import UserError
 
 STRATEGIES = ("ddpg", "random")
-# Bit widths the CIM layers accept (lib.cim.layers checks 1..16 for weights and inputs, 1..24 for the ADC).
-LAYER_BIT_RANGE = (1, 16)
-ADC_BIT_RANGE = (1, 24)
+LAYER_BIT_RANGE = BIT_RANGES["w_bit"]
+ADC_BIT_RANGE = BIT_RANGES["adc_bits"]
 Size = Union[int, float]
 
 

@@ -14,15 +14,15 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lib.bit_limits import BIT_RANGES
 from lib.cim.hardware import PSUM_GRANULARITIES, WEIGHT_GRANULARITIES, HardwareConfig
 from lib.errors import UserError
 from lib.workflow import names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Bits the search may give a layer's weights/inputs: the cost table and the uniform 8-bit baseline
-# cover 1..8; the ADC resolution range is the hardware model's (HardwareConfig.adc_bits).
-BIT_RANGE = (1, 8)
-ADC_BIT_RANGE = (1, 24)
+# Bits the search may give a layer's weights/inputs and its ADC: what the CIM layers support.
+BIT_RANGE = BIT_RANGES["w_bit"]
+ADC_BIT_RANGE = BIT_RANGES["adc_bits"]
 # Datasets read from a folder the user must provide (the built-in digits live in a cache instead).
 FOLDER_DATASETS = ("imagefolder", "cifar10", "cifar100")
 
@@ -145,6 +145,8 @@ class Device(Section):
     gpu_id: Optional[Union[str, int]] = None
     device: str = "auto"
     threads: int = Field(0, ge=0)
+    # processes per training/search step: > 1 launches pretrain/finetune/search through torchrun
+    nproc_per_node: int = Field(1, ge=1)
 
 
 class Dataloader(Section):
