@@ -14,8 +14,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup(log_level: str = "info", threads: int = 0) -> None:
-    """Configure logging and, when threads > 0, the number of torch CPU threads."""
+    """Configure logging, the CIM kernels' compile mode ($CIM_AQ_COMPILE, pinned once per process;
+    a bad value exits 2) and, when threads > 0, the number of torch CPU threads."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    from lib.cim.adc_kernels import configure_compile  # lazy: loads torch, which --help never needs
+    if run(configure_compile):
+        raise SystemExit(2)
     if threads > 0:
         import torch
 

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from lib.cli import pick_device
 from lib.cim import HardwareConfig, current_policy
+from lib.cim.adc_kernels import kernel_report
+from lib.cim.scratch import scratch_buffers
 from lib.data import DatasetError, HoldoutSpec, build_loaders
 from lib.distributed import DistContext, barrier, broadcast_object
 from lib.fileio import atomic_torch_save, atomic_write, atomic_write_json
@@ -404,7 +406,7 @@ class Search:
         policy.save(self.out / "best_policy", layer_order_of(setup.spec))  # .npy rows: construction order
         summary = {"baseline_accuracy": self.baseline, "target_accuracy": self.target, "best": best,
                    "top_k": top_k, "episodes_run": len(self.records), "seconds": round(seconds, 2),
-                   "finetune_steps": self.steps, "config": plain(cfg.to_dict())}
+                   "finetune_steps": self.steps, "config": plain(cfg.to_dict()), "kernels": kernel_report()}
         atomic_write_json(self.out / "summary.json", summary)
         log.info("best policy: episode %d, accuracy %.2f%%, latency ratio %.3f (%.2fx), reward %.3f",
                  best["episode"], best["accuracy"], best["latency_ratio"], 1 / best["latency_ratio"], best["reward"])
@@ -412,6 +414,7 @@ class Search:
         return SearchResult(best, self.baseline, self.target, len(self.records), self.out, top_k)
 
 
+@scratch_buffers()
 def run_search(config: SearchConfig, *, progress: bool = True,
                on_episode: Optional[Callable[[dict], None]] = None, dist: Optional[DistContext] = None) -> SearchResult:
     """Run (or resume) a search; every user error is raised before any training starts.

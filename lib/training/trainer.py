@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from lib.cim.scratch import scratch_buffers
 from lib.distributed import SINGLE, DistContext, broadcast_module_state, broadcast_object, ddp_model
 from lib.training.checkpoint import (BEST_NAME, CHECKPOINT_NAME, load_checkpoint, make_checkpoint, plain, repair_best,
                                      save_checkpoint)
@@ -50,6 +51,7 @@ class FitResult:
     best_checkpoint: Optional[Path] = None
 
 
+@scratch_buffers()
 def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: str | Path, *,
         args: Optional[Mapping[str, Any]] = None, device: torch.device | str = "cpu", seed: int = 0,
         resume: Optional[str | Path | dict] = None, tracker: Optional[Tracker] = None,
