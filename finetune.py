@@ -29,22 +29,25 @@ from typing import Optional
 from torch import nn
 
 from lib import cli
-from lib.data import HoldoutSpec, build_loaders, default_input_size, first_images
+from lib.cim.adc_kernels import kernel_report
+from lib.data import HoldoutSpec, build_loaders, first_images
+from lib.distributed import SINGLE, DistContext, barrier, broadcast_module_state
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
 from lib.layer_trace import layer_order
+from lib.model_spec import (BASELINE_BITS, DEFAULT_HARDWARE, ModelSpec, build_model, check_policy, hardware_for,
+                            model_at_policy, read_start, spec_from_flags)
 from lib.policy import Policy, check_supported
 from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
-from lib.training import CheckpointError, Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
+from lib.simulator.attention import refuse_attention_rows
+from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
-from models import create_model, read_state_dict
+from models import create_model
 
 log = logging.getLogger("finetune")
 
 REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "default.yaml"
-BASELINE_BITS = (8, 8)
 FLAG_MINIMUMS = {"input_size": 1, "batch_size": 1, "workers": 0, "max_batches": 1, "threads": 0,
                  "calibration_batches": 1, "export_images": 1}
 
@@ -95,8 +98,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--evaluate", action="store_true",
                    help="only evaluate a checkpoint (--resume, default <output-dir>/model_best.pth.tar) on the val set")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, augmentation")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: each process's "
+                   "local GPU, or the CPU)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
+    cli.add_distributed_args(g)
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this W&B project (offline without "
                    "network)")
@@ -108,107 +113,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def read_start(path: Optional[str]) -> tuple[Optional[dict], Optional[dict]]:
-    """(cim-aq checkpoint dict or None, plain state dict or None) of --init."""
-    if not path:
-        return None, None
-    try:
-        return load_checkpoint(path), None
-    except CheckpointError as err:
-        if "not a cim-aq checkpoint" not in str(err):
-            raise
-    return None, read_state_dict(path)
-
-
-def resolve_spec(args: argparse.Namespace, start_args: Optional[dict]) -> dict:
-    """Model/data description from the flags, filled from the starting checkpoint's args."""
-    start_args = start_args or {}
-    if args.arch and start_args.get("arch") and args.arch != start_args["arch"]:
-        raise FinetuneError(f"--arch {args.arch} conflicts with the --init checkpoint's arch={start_args['arch']!r}")
-    spec = {"arch": args.arch or start_args.get("arch"),
-            "dataset": args.dataset or start_args.get("dataset") or "digits",
-            "data_root": args.data_root if args.data_root is not None else start_args.get("data_root"),
-            "input_size": args.input_size or start_args.get("input_size")}
-    if not spec["arch"]:
-        raise FinetuneError("--arch is required (or an --init checkpoint that records it)")
-    if spec["input_size"] is None:
-        spec["input_size"] = default_input_size(spec["dataset"])
-    return spec
-
-
-def hardware_for(args: argparse.Namespace, start_args: Optional[dict]):
-    """--hardware, else the starting checkpoint's hardware, else the default YAML."""
-    from lib.cim import HardwareConfig
-
-    if args.hardware:
-        return HardwareConfig.from_yaml(args.hardware), str(args.hardware)
-    if start_args and start_args.get("hardware_config"):
-        return (HardwareConfig.from_dict(start_args["hardware_config"], source="--init checkpoint"),
-                start_args.get("hardware"))
-    return HardwareConfig.from_yaml(DEFAULT_HARDWARE), str(DEFAULT_HARDWARE)
-
-
-def validate_policy(policy: Policy, float_model: nn.Module, hw, input_size: int):
-    """Refuse a policy that does not fit the model (length, layer names, bit range); returns its cost.
-
-    The policy's rows follow the model's Conv2d/Linear layers in call order (the cost model's order).
-    """
-    from lib.simulator import CostModel
-
-    max_bit = max([8] + policy.w_bits + policy.a_bits)
-    cost_model = CostModel.from_model(float_model, hw, input_size, max_bit=max_bit, baseline_bits=BASELINE_BITS)
-    policy.check_matches(cost_model.layer_names)
-    if policy.layer_names is None:
-        policy.layer_names = list(cost_model.layer_names)
-    return cost_model.policy_cost(policy)
-
-
-def build_model(spec: dict, policy: Policy, hw, start_state: Optional[dict], start_plain: Optional[dict],
-                calibration, calibration_batches: int) -> nn.Module:
-    """The model at `policy` on CIM layers, starting from --init.
-
-    A quantized start on the same hardware is loaded whole (steps included), then the policy is
-    applied in place (steps whose bits changed re-initialise) and calibrated. Any other start
-    contributes its float weights, and the model is converted and calibrated from them.
-    """
-    from lib.cim import apply_policy, calibrate, quantize_model
-    from lib.export.checkpoint_model import model_from_args
-
-    start_args = start_state["args"] if start_state else {}
-    quantized_start = start_args.get("quant") in ("uniform", "mixed")
-    same_hw = quantized_start and start_args.get("hardware_config") == hw.to_dict()
-    if start_state is not None and same_hw:
-        model = model_from_args(start_args)
-        load_model_state(model, start_state["state_dict"], "--init checkpoint")
-        apply_policy(model, policy)
-        if calibration is not None:
-            calibrate(model, calibration, max_batches=calibration_batches)
-        log.info("started from the quantized --init checkpoint and applied the policy")
-        return model
-    model = create_model(spec["arch"], spec["num_classes"])
-    if start_state is not None or start_plain is not None:
-        weights = start_plain if start_plain is not None else start_state["state_dict"]
-        if quantized_start:
-            log.info("--init was quantized on other hardware: starting from its float weights only")
-        float_keys = set(model.state_dict())
-        load_model_state(model, {k: v for k, v in weights.items() if k in float_keys}, "--init")
-    else:
-        log.warning("no --init: finetuning starts from random weights")
-    return quantize_model(model, policy, hw, input_size=spec["input_size"], calibration_data=calibration,
-                          calibration_batches=calibration_batches)
-
-
-def load_data(args: argparse.Namespace, spec: dict, holdout: bool = True):
+def load_data(args: argparse.Namespace, dataset: str, data_root: Optional[str], input_size: int,
+              holdout: bool = True, ctx: DistContext = SINGLE):
     spec_holdout = HoldoutSpec(size=args.holdout, seed=0) if holdout and args.holdout > 0 else None
-    data = build_loaders(spec["dataset"], spec["data_root"], spec["input_size"], batch_size=args.batch_size,
-                         workers=args.workers, holdout=spec_holdout, transform_style=args.transform_style,
-                         seed=args.seed)
-    spec["num_classes"] = data.num_classes
-    return data
+    return build_loaders(dataset, data_root, input_size, batch_size=args.batch_size, workers=args.workers,
+                         holdout=spec_holdout, transform_style=args.transform_style, seed=args.seed, dist=ctx)
 
 
-def default_output_dir(spec: dict, policy_path: str) -> Path:
-    return REPO_ROOT / "runs" / "finetune" / f"{spec['dataset']}_{spec['arch']}_{Path(policy_path).stem}"
+def default_output_dir(spec: ModelSpec, policy_path: str) -> Path:
+    return REPO_ROOT / "runs" / "finetune" / f"{spec.dataset}_{spec.arch}_{Path(policy_path).stem}"
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -224,14 +137,16 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     model, state = model_from_checkpoint(ckpt)
     out = check_output_file(ckpt.parent / "eval_metrics.json", "the metrics file")
     saved = state["args"]
-    spec = {"dataset": args.dataset or saved.get("dataset"),
-            "data_root": args.data_root if args.data_root is not None else saved.get("data_root"),
-            "input_size": saved.get("input_size")}
-    data = load_data(args, spec, holdout=False)
-    device = cli.pick_device(args.device)
-    metrics = evaluate(model.to(device), data.val, nn.CrossEntropyLoss(), device, progress=not args.no_progress)
-    result = {"checkpoint": str(ckpt), "epoch": state["epoch"], "dataset": spec["dataset"], "split": "val",
+    dataset = args.dataset or saved.get("dataset")
+    data_root = args.data_root if args.data_root is not None else saved.get("data_root")
+    ctx = cli.init_context(args.device)
+    data = load_data(args, dataset, data_root, saved.get("input_size"), holdout=False, ctx=ctx)
+    metrics = evaluate(model.to(ctx.device), data.val, nn.CrossEntropyLoss(), ctx.device,
+                       progress=not args.no_progress, dist=ctx)
+    result = {"checkpoint": str(ckpt), "epoch": state["epoch"], "dataset": dataset, "split": "val",
               "val": metrics, "policy": saved.get("policy")}
+    if not ctx.is_main:
+        return result
     atomic_write_json(out, result)
     print(json.dumps({"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
                       "samples": metrics["samples"], "metrics": str(out)}))
@@ -272,67 +187,73 @@ def run_train(args: argparse.Namespace) -> dict:
 
 def _train(args, start_args, start_state, start_plain, resume_state, started) -> dict:
     from lib.export import export_model
-    from lib.export.checkpoint_model import model_from_args, policy_from_args
 
     seed_everything(args.seed)
     if resume_state is not None:
         saved = resume_state["args"]
-        spec = {k: saved[k] for k in ("arch", "dataset", "data_root", "input_size")}
-        policy = policy_from_args(saved)
-        hw_path, policy_file = saved.get("hardware"), saved.get("policy_file")
-        from lib.cim import HardwareConfig
-
-        hw = HardwareConfig.from_dict(saved["hardware_config"], source="resume checkpoint")
+        resumed = ModelSpec.from_args(saved, source="resume checkpoint args")
+        spec, policy, hw = resumed.replace(quant="none", policy=None, hardware=None), resumed.policy, resumed.hardware
+        hw_path, policy_file = resumed.hardware_path, saved.get("policy_file")
     else:
-        spec = resolve_spec(args, start_args)
+        start_spec = ModelSpec.from_args(start_args, source="--init checkpoint args") if start_args else None
+        spec = spec_from_flags(args.arch, args.dataset, args.data_root, args.input_size, start=start_spec)
         policy, policy_file = Policy.load(args.policy), str(args.policy)
-        hw, hw_path = hardware_for(args, start_args)
+        hw, hw_path = hardware_for(args.hardware, start_spec)
     check_supported(policy)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
     check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
-    device = cli.pick_device(args.device)
-    data = load_data(args, spec)
+    ctx = cli.init_context(args.device, args.sync_bn)  # after every rank's checks: joining waits for all ranks
+    device = ctx.device
+    data = load_data(args, spec.dataset, spec.data_root, spec.input_size, ctx=ctx)
+    if spec.num_classes not in (None, data.num_classes):
+        raise FinetuneError(f"--init has {spec.num_classes} classes but {spec.dataset} has {data.num_classes}")
+    spec = spec.replace(num_classes=data.num_classes)
     # .npy rows follow the model's construction order (CIM-AQ's files); inside, call order.
-    float_model, order = layer_order(lambda: create_model(spec["arch"], spec["num_classes"]), spec["input_size"])
+    float_model, order = layer_order(lambda: create_model(spec.arch, spec.num_classes), spec.input_size)
+    refuse_attention_rows(policy, float_model, spec.input_size, f"policy {policy_file!r}")
     if resume_state is None and Path(args.policy).suffix == ".npy":
         policy = Policy.load(args.policy, order)
-    if start_args and start_args.get("num_classes") not in (None, spec["num_classes"]):
-        raise FinetuneError(f"--init has {start_args['num_classes']} classes but {spec['dataset']} has "
-                            f"{spec['num_classes']}")
     # The policy must fit the model before anything trains (length, names, bits).
-    cost = validate_policy(policy, float_model, hw, spec["input_size"])
+    cost = check_policy(policy, spec, hw)
     log.info("policy %s: %d layers, latency %.1f µs = %.3f × uniform %d/%d-bit", args.policy or "(resumed)",
              len(policy), cost.total_latency, cost.ratio, *BASELINE_BITS)
     for key, sides in hw.pricing_differences().items():
         log.warning("hardware %s: the cost model prices %s, the CIM layers simulate %s", key, sides["priced"],
                     sides["simulated"])
-    open_run_dir(out_dir)
-    policy.save(out_dir / "policy", order)
+    if ctx.is_main:
+        open_run_dir(out_dir)
+        policy.save(out_dir / "policy", order)
+    mixed = spec.at_policy(policy, hw, hw_path)
     if resume_state is not None:
-        model = model_from_args(resume_state["args"])
+        model = build_model(mixed)
     else:
-        model = build_model(spec, policy, hw, start_state, start_plain, data.train, args.calibration_batches)
-    flags = {k: v for k, v in vars(args).items() if k not in spec and k not in ("policy", "hardware", "resume")}
-    saved_args = {**flags, **spec, "quant": "mixed", "policy": policy.to_json_dict(), "policy_file": policy_file,
-                  "hardware": hw_path, "hardware_config": hw.to_dict()}
-    atomic_write_json(out_dir / "args.json", plain(saved_args))
+        model = model_at_policy(spec, policy, hw, start_state, start_plain, data.train, args.calibration_batches)
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("arch", "dataset", "data_root", "input_size", "policy", "hardware", "resume")}
+    saved_args = {**flags, **mixed.to_args(), "policy_file": policy_file}
     cfg = optim_config_from_args(args)
-    tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
-                      run_name=args.run_name or out_dir.name, config=plain(saved_args))
+    tracker = None
+    if ctx.is_main:
+        atomic_write_json(out_dir / "args.json", plain(saved_args))
+        tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
+                          run_name=args.run_name or out_dir.name, config=plain(saved_args))
     try:
         selection = data.holdout if data.holdout is not None else data.val
         result = fit(model, data.train, selection, cfg, out_dir, args=saved_args, device=device,
                      seed=args.seed, resume=resume_state, tracker=tracker, max_batches=args.max_batches,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, dist=ctx, sync_bn=args.sync_bn)
     finally:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
 
-    best = load_checkpoint(result.best_checkpoint or result.checkpoint)
-    load_model_state(model, best["state_dict"], result.best_checkpoint)
-    test = evaluate(model, data.val, nn.CrossEntropyLoss(), device)
+    if ctx.is_main:  # rank 0 reads the best checkpoint; every rank then holds its weights
+        best = load_checkpoint(result.best_checkpoint or result.checkpoint)
+        load_model_state(model, best["state_dict"], result.best_checkpoint)
+    broadcast_module_state(model, ctx)
+    test = evaluate(model, data.val, nn.CrossEntropyLoss(), device, dist=ctx)
     log.info("best epoch %d (holdout top-1 %.2f%%): test top-1 %.2f%% top-5 %.2f%%", result.best_epoch,
              result.best_acc1, test["top1"], test["top5"])
-    deployed = deployed_accuracy(model, data, args, test, device)
+    deployed = deployed_accuracy(model, data, args, test, ctx)
     report = {
         "accuracy": {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
                      "test_samples": test["samples"], "holdout_best_top1": result.best_acc1,
@@ -344,14 +265,18 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         "baseline_bits": list(cost.baseline_bits), "latency_ratio": cost.ratio, "arrays": cost.arrays,
         "executes": cost.executes, "adc_conversions": cost.adc_conversions,
         "hardware": hw.to_dict(), "hardware_priced_vs_simulated": hw.pricing_differences(),
-        "arch": spec["arch"], "dataset": spec["dataset"],
+        "arch": spec.arch, "dataset": spec.dataset,
         "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,
+        "kernels": kernel_report(),
     }
+    if not ctx.is_main:
+        barrier(ctx)  # while rank 0 writes the report and exports
+        return report
     # Written before the export too, so a failed export leaves the training results on disk.
     atomic_write_json(out_dir / "report.json", plain(report))
     if not args.no_export:
         images = first_images(data.val, args.export_images)
-        meta = {"arch": spec["arch"], "dataset": spec["dataset"], "test_top1": test["top1"]}
+        meta = {"arch": spec.arch, "dataset": spec.dataset, "test_top1": test["top1"]}
         exported = export_model(model, out_dir / "model.onnx", images, metadata=meta,
                                 min_agreement=args.min_agreement)
         report.update(exported.check.to_dict())
@@ -361,16 +286,19 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     print(json.dumps({"test_top1": test["top1"], "latency_ratio": cost.ratio,
                       "ort_top1_agreement": report.get("ort_top1_agreement"),
                       "ort_max_abs_diff": report.get("ort_max_abs_diff"), "output_dir": str(out_dir)}))
+    barrier(ctx)
     return report
 
 
-def deployed_accuracy(model: nn.Module, data, args: argparse.Namespace, test: dict, device) -> dict:
+def deployed_accuracy(model: nn.Module, data, args: argparse.Namespace, test: dict, ctx: DistContext) -> dict:
     """Test accuracy in the faithful (bit-serial) input mode, whichever mode trained; a layer that
     trained multi-bit gets its ADC steps recalibrated on training batches first (lib.cim.deploy)."""
     from lib.cim import faithful_copy
 
     faithful, changed = faithful_copy(model, data.train, args.calibration_batches)
-    metrics = test if not changed else evaluate(faithful, data.val, nn.CrossEntropyLoss(), device)
+    if changed:
+        broadcast_module_state(faithful, ctx)  # each rank recalibrated on its own shard: rank 0's steps
+    metrics = test if not changed else evaluate(faithful, data.val, nn.CrossEntropyLoss(), ctx.device, dist=ctx)
     log.info("deployed (bit-serial inputs) test top-1 %.2f%%%s", metrics["top1"],
              f" ({changed} layers' ADC steps recalibrated)" if changed else "")
     return {"top1": metrics["top1"], "input_mode": "bit-serial", "adc_recalibrated_layers": changed}

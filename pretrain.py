@@ -24,19 +24,20 @@ from torch import nn
 
 from lib import cli
 from lib.data import build_loaders, default_input_size
+from lib.distributed import SINGLE, DistContext
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
+from lib.model_spec import DEFAULT_HARDWARE, ModelSpec, build_model as build_spec_model
 from lib.policy import check_layer_bits
 from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, open_run_dir
 from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
-from models import create_model, read_state_dict
+from models import read_state_dict
 
 log = logging.getLogger("pretrain")
 
 REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_HARDWARE = REPO_ROOT / "run" / "hardware" / "default.yaml"
 # What defines the model (and its data): taken from a checkpoint on --resume/--evaluate; an explicit
 # conflicting flag is an error rather than a silently different model.
 MODEL_KEYS = ("arch", "num_classes", "input_size", "quant", "w_bit", "a_bit", "hardware")
@@ -95,9 +96,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="metrics JSON path (default <output-dir>/metrics.json, or eval_metrics.json beside the "
                         "checkpoint with --evaluate)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: each process's "
+                   "local GPU, or the CPU)")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default); 1 avoids oversubscription on busy machines")
+    cli.add_distributed_args(g)
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     g.add_argument("--wandb", default=None, metavar="PROJECT",
                    help="also log to this W&B project (off by default; offline when there is no network)")
@@ -139,22 +142,22 @@ def hardware_config(spec: dict):
 
 def build_model(spec: dict, pretrained: Optional[str] = None, init: Optional[str] = None,
                 calibration_data=None) -> nn.Module:
-    """create_model → (optional --init weights) → quantize_model for --quant uniform.
+    """create_model → (optional --init weights) → quantize_model for --quant uniform (lib.model_spec).
 
     calibration_data: batches that initialise the quantizers' steps of a fresh conversion (not
     needed when a checkpoint's state dict is loaded next).
     """
-    model = create_model(spec["arch"], spec["num_classes"], pretrained=pretrained)
-    if init:
-        load_model_state(model, read_state_dict(init), init)
-        log.info("initialised %s from %s", spec["arch"], init)
-    if spec["quant"] == "uniform":
-        from lib.cim import quantize_model  # the CIM layers; imported only when quantizing
-
-        hw = hardware_config(spec)
+    hw = hardware_config(spec) if spec["quant"] == "uniform" else None
+    if hw is not None:
         spec["hardware_config"] = hw.to_dict()
-        model = quantize_model(model, (spec["w_bit"], spec["a_bit"]), hw, input_size=spec["input_size"],
-                               calibration_data=calibration_data)
+    model_spec = ModelSpec(arch=spec["arch"], num_classes=spec["num_classes"], input_size=spec["input_size"],
+                           dataset=spec["dataset"], data_root=spec["data_root"], quant=spec["quant"],
+                           w_bit=spec["w_bit"], a_bit=spec["a_bit"], hardware=hw, hardware_path=spec["hardware"])
+    weights = read_state_dict(init) if init else None
+    model = build_spec_model(model_spec, weights=weights, calibration=calibration_data, pretrained=pretrained)
+    if init:
+        log.info("initialised %s from %s", spec["arch"], init)
+    if hw is not None:
         log.info("quantized %s uniformly to w%d/a%d on %s", spec["arch"], spec["w_bit"], spec["a_bit"],
                  spec["hardware"])
     return model
@@ -168,9 +171,9 @@ def default_output_dir(spec: dict) -> Path:
 
 
 
-def load_data(args: argparse.Namespace, spec: dict):
+def load_data(args: argparse.Namespace, spec: dict, ctx: DistContext = SINGLE):
     data = build_loaders(spec["dataset"], spec["data_root"], spec["input_size"], batch_size=args.batch_size,
-                         workers=args.workers, transform_style=args.transform_style, seed=args.seed)
+                         workers=args.workers, transform_style=args.transform_style, seed=args.seed, dist=ctx)
     if spec["num_classes"] is None:
         spec["num_classes"] = data.num_classes
     elif spec["num_classes"] != data.num_classes:
@@ -190,15 +193,17 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     state = load_checkpoint(ckpt_path)
     spec = resolve_spec(args, state["args"])
     out = check_output_file(args.metrics_out or ckpt_path.parent / "eval_metrics.json", "--metrics-out")
-    device = cli.pick_device(args.device)
-    data = load_data(args, spec)
+    ctx = cli.init_context(args.device)
+    data = load_data(args, spec, ctx)
     model = build_model(spec)
     load_model_state(model, state["state_dict"], ckpt_path)
-    model.to(device)
+    model.to(ctx.device)
     started = time.time()
-    metrics = evaluate(model, data.val, nn.CrossEntropyLoss(), device, progress=not args.no_progress)
+    metrics = evaluate(model, data.val, nn.CrossEntropyLoss(), ctx.device, progress=not args.no_progress, dist=ctx)
     result = {"checkpoint": str(ckpt_path), "epoch": state["epoch"], "dataset": spec["dataset"], "split": "val",
               "val": metrics, "seconds": round(time.time() - started, 3), "spec": plain(spec)}
+    if not ctx.is_main:
+        return result
     atomic_write_json(out, result)
     print(json.dumps({"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
                       "samples": metrics["samples"], "metrics": str(out)}))
@@ -249,25 +254,32 @@ def run_train(args: argparse.Namespace) -> dict:
     if spec["quant"] == "uniform" and not (args.init or args.pretrained or resume_state):
         log.warning("--quant uniform without --init: QAT starts from random weights")
     seed_everything(args.seed)
-    device = cli.pick_device(args.device)
-    data = load_data(args, spec)
+    ctx = cli.init_context(args.device, args.sync_bn)  # after every rank's checks: joining waits for all ranks
+    data = load_data(args, spec, ctx)
     fresh = resume_state is None
+    # each rank calibrates on its shard; fit starts every rank from rank 0's state
     model = build_model(spec, pretrained=args.pretrained if fresh else None, init=args.init if fresh else None,
                         calibration_data=data.train if fresh else None)
     saved_args = {**spec, **{k: v for k, v in vars(args).items() if k not in spec}}
-    open_run_dir(out_dir)
-    atomic_write_json(out_dir / "args.json", plain(saved_args))
-    tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
-                      run_name=args.run_name or out_dir.name, config=plain(saved_args))
+    tracker = None
+    if ctx.is_main:
+        open_run_dir(out_dir)
+        atomic_write_json(out_dir / "args.json", plain(saved_args))
+        tracker = Tracker(out_dir, tensorboard=not args.no_tensorboard, wandb_project=args.wandb,
+                          run_name=args.run_name or out_dir.name, config=plain(saved_args))
     try:
-        result = fit(model, data.train, data.val, cfg, out_dir, args=saved_args, device=device, seed=args.seed,
+        result = fit(model, data.train, data.val, cfg, out_dir, args=saved_args, device=ctx.device, seed=args.seed,
                      resume=resume_state, tracker=tracker, max_batches=args.max_batches,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, dist=ctx, sync_bn=args.sync_bn)
     finally:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
     summary = {"best_acc1": result.best_acc1, "best_epoch": result.best_epoch, "last": result.last,
                "epochs": cfg.epochs, "epochs_run": result.epochs_run, "seconds": round(result.seconds, 3),
-               "output_dir": str(out_dir), "spec": plain(spec), "history": result.history}
+               "output_dir": str(out_dir), "spec": plain(spec), "history": result.history,
+               "processes": ctx.world_size}
+    if not ctx.is_main:
+        return summary
     atomic_write_json(metrics_out, summary)
     print(json.dumps({"best_acc1": result.best_acc1, "best_epoch": result.best_epoch,
                       "last_top1": result.last.get("top1"), "seconds": round(result.seconds, 1),

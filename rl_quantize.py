@@ -143,7 +143,11 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 
 def search(args: argparse.Namespace) -> None:
-    result = run_search(config_from_args(args), progress=not args.no_progress)
+    config = config_from_args(args)
+    ctx = cli.init_context(args.device)  # under torchrun: rank 0 runs the agent, every rank finetunes its shard
+    result = run_search(config, progress=not args.no_progress, dist=ctx)
+    if not ctx.is_main:
+        return
     print(json.dumps({"best_episode": result.best["episode"], "accuracy": result.best["accuracy"],
                       "latency_ratio": result.best["latency_ratio"], "reward": result.best["reward"],
                       "baseline_accuracy": result.baseline_accuracy, "output_dir": str(result.output_dir)}))

@@ -5,6 +5,9 @@ Run by hand: `.venv/bin/python bench/bench_cim_layers.py`. Prints medians and ra
 batch 32, 256×256 arrays (3 row-tiles), 4-bit weights on 2-bit cells (2 slices), 4-bit ADC,
 column granularity; Linear 512→512, batch 256. The ADC-on layers run in both input modes:
 multi-bit (one partial sum of the whole 4-bit input) and bit-serial (4 planes of a 1-bit DAC).
+The eval section (`--only eval`) times eval-mode forwards with the crossbar form kept between
+forwards (the default) and recomputed each time: the conv above, and Linear 4096→4096, batch 16,
+w8a8 on run/hardware/default.yaml.
 """
 from __future__ import annotations
 
@@ -17,9 +20,13 @@ from brevitas.nn import QuantConv2d, QuantLinear
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lib.cim import calibrate  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
+from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
+
+from lib.model_spec import DEFAULT_HARDWARE  # noqa: E402
 
 
 def forward_only(layer, x):
@@ -42,6 +49,24 @@ def forced(layer):
     return layer
 
 
+def uncached(layer):
+    """The same layer recomputing its crossbar form on every eval forward."""
+    layer.cache_eval = False
+    return layer
+
+
+def compare_eval(name: str, layers: dict, x: torch.Tensor, repeats: int) -> None:
+    """Eval-mode forwards under no_grad (calibrated first, so the ADC is initialised)."""
+    for layer in layers.values():
+        if hasattr(layer, "psum_adc"):
+            calibrate(layer, [x])
+        layer.eval()
+    fwd = round_robin_medians({k: forward_only(l, x) for k, l in layers.items()}, repeats)
+    print(f"\n{name}, eval  (median of {repeats}, round-robin; ratios vs torch)")
+    for label in layers:
+        print(f"  {label:<26} eval forward {fwd[label] / fwd['torch']:6.2f}x")
+
+
 def compare(name: str, layers: dict, x: torch.Tensor, repeats: int) -> None:
     for layer in layers.values():
         layer.train()
@@ -57,6 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--only", choices=["all", "train", "eval"], default="all",
+                        help="train: the train-mode comparisons; eval: the eval-mode (cached crossbar form) ones")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,6 +93,38 @@ def main() -> None:
     hw_off = hw.with_overrides(psum_granularity="off")
     hw_serial = hw.with_overrides(input_mode="bit-serial")
 
+    if args.only in ("all", "train"):
+        with scratch_buffers():  # as in fit: the fused backward's temporaries reuse one buffer
+            train_mode(hw, hw_off, hw_serial, args.repeats)
+    if args.only in ("all", "eval"):
+        eval_mode(hw, hw_serial, args.repeats)
+
+
+def eval_mode(hw: HardwareConfig, hw_serial: HardwareConfig, repeats: int) -> None:
+    """Eval forwards with the crossbar form kept (the default) and recomputed every time."""
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    layers = {
+        "torch": conv,
+        "CIMConv2d recomputed": uncached(CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False)),
+        "CIMConv2d cached": CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False),
+        "  bit-serial, recomputed": uncached(CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False)),
+        "  bit-serial, cached": CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False),
+    }
+    compare_eval("Conv2d 64->64 3x3, 32x32, batch 32", layers, torch.rand(32, 64, 32, 32), repeats)
+
+    default = HardwareConfig.from_yaml(DEFAULT_HARDWARE)
+    linear = nn.Linear(4096, 4096)
+    layers = {
+        "torch": linear,
+        "brevitas QuantLinear": QuantLinear(4096, 4096, weight_bit_width=8),
+        "CIMLinear recomputed": uncached(CIMLinear.from_float(linear, default, 8, 8)),
+        "CIMLinear cached": CIMLinear.from_float(linear, default, 8, 8),
+    }
+    compare_eval(f"Linear 4096->4096, batch 16, w8a8, {DEFAULT_HARDWARE.name}", layers, torch.randn(16, 4096),
+                 repeats)
+
+
+def train_mode(hw: HardwareConfig, hw_off: HardwareConfig, hw_serial: HardwareConfig, repeats: int) -> None:
     conv = nn.Conv2d(64, 64, 3, padding=1)
     layers = {
         "torch": conv,
@@ -76,7 +135,7 @@ def main() -> None:
         "  same, bit-serial": CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False),
     }
     print(f"conv row-tiles: {layers['CIMConv2d ADC on'].layout.tiles}, slices: {layers['CIMConv2d ADC on'].slices}")
-    compare("Conv2d 64->64 3x3, 32x32, batch 32", layers, torch.rand(32, 64, 32, 32), args.repeats)
+    compare("Conv2d 64->64 3x3, 32x32, batch 32", layers, torch.rand(32, 64, 32, 32), repeats)
 
     linear = nn.Linear(512, 512)
     layers = {
@@ -87,7 +146,7 @@ def main() -> None:
         "CIMLinear ADC on": CIMLinear.from_float(linear, hw, 4, 4, input_signed=False),
         "  same, bit-serial": CIMLinear.from_float(linear, hw_serial, 4, 4, input_signed=False),
     }
-    compare("Linear 512->512, batch 256", layers, torch.rand(256, 512), args.repeats)
+    compare("Linear 512->512, batch 256", layers, torch.rand(256, 512), repeats)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 on stderr with exit status 2 (tracebacks are for bugs, not for bad input)."""
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
 from typing import Callable, Mapping
 
@@ -12,8 +14,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup(log_level: str = "info", threads: int = 0) -> None:
-    """Configure logging and, when threads > 0, the number of torch CPU threads."""
+    """Configure logging, the CIM kernels' compile mode ($CIM_AQ_COMPILE, pinned once per process;
+    a bad value exits 2) and, when threads > 0, the number of torch CPU threads."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    from lib.cim.adc_kernels import configure_compile  # lazy: loads torch, which --help never needs
+    if run(configure_compile):
+        raise SystemExit(2)
     if threads > 0:
         import torch
 
@@ -38,7 +44,8 @@ def run(job: Callable[[], object], user_errors: tuple = (UserError,)) -> int:
     try:
         job()
     except user_errors as err:
-        print(f"error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+        print(f"error: {err}" if rank == "0" else f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: files written so far are kept (a training run continues with --resume auto)",
@@ -60,3 +67,26 @@ def pick_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlagError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu or auto")
     return device
+
+
+def init_context(device_name: str, sync_bn: bool = False):
+    """This process's device and place in the run: a torchrun process group, else one process.
+
+    Ranks other than 0 log warnings and errors only (rank 0 reports the run); the group is left at
+    exit. sync_bn (--sync-bn) is checked here, before any work.
+    """
+    from lib.distributed import check_sync_bn, close, init_distributed  # torch: imported with the first device
+
+    ctx = init_distributed(pick_device(device_name))
+    if ctx.distributed:
+        atexit.register(close)
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    check_sync_bn(sync_bn, ctx)
+    return ctx
+
+
+def add_distributed_args(group) -> None:
+    """--sync-bn, for the training CLIs (meaningful under torchrun on GPUs)."""
+    group.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun on GPUs: synchronise BatchNorm statistics across processes while training")

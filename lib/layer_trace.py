@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 DEFAULT_LAYER_TYPES = (nn.Conv2d, nn.Linear)
+# Constructors recorded for the .npy row order: the policy layers, and attention modules whose
+# Q·Kᵀ / A·V rows CIM-AQ's ViT policies carry (see lib.simulator.attention).
+ORDER_TYPES = DEFAULT_LAYER_TYPES + (nn.MultiheadAttention,)
 
 
 @dataclass
@@ -104,7 +107,8 @@ def called_layer_names(model: nn.Module, example_input: Optional[torch.Tensor] =
 
 @dataclass(frozen=True)
 class LayerOrder:
-    """The same Conv2d/Linear layers listed in call order (ours) and construction order (CIM-AQ's rows)."""
+    """The same policy rows (Conv2d/Linear layers, and attention rows where priced) listed in call order
+    (ours) and construction order (CIM-AQ's .npy rows)."""
 
     call: tuple[str, ...]
     construction: tuple[str, ...]
@@ -116,7 +120,7 @@ class LayerOrder:
 
 
 @contextmanager
-def recording_construction(layer_types: tuple = DEFAULT_LAYER_TYPES) -> Iterator[list[nn.Module]]:
+def recording_construction(layer_types: tuple = ORDER_TYPES) -> Iterator[list[nn.Module]]:
     """Inside the block, every constructed instance of `layer_types` (subclasses included) is appended
     to the yielded list as its constructor starts; the constructors are restored afterwards."""
     built: list[nn.Module] = []
@@ -140,6 +144,33 @@ def recording_construction(layer_types: tuple = DEFAULT_LAYER_TYPES) -> Iterator
             cls.__init__ = original
 
 
+def build_recording_order(build: Callable[[], nn.Module]) -> tuple[nn.Module, dict[str, int]]:
+    """Build a model with `build()`; return it and, per recorded submodule name, its construction rank."""
+    with recording_construction() as built:
+        model = build()
+    rank = {id(module): i for i, module in enumerate(built)}
+    return model, {name: rank[id(module)] for name, module in model.named_modules() if id(module) in rank}
+
+
+def construction_order(call_rows: Sequence[str], ranks: dict[str, int]) -> LayerOrder:
+    """The rows (module names, or `<module>.<part>` for the parts of one module such as an attention's
+    Q·Kᵀ) sorted by when their module was constructed; parts of one module keep their call order.
+
+    A row belongs to its longest dotted prefix that `ranks` knows (so `attn.out_proj`, a Linear built
+    inside the attention, ranks as itself, and `attn.qk_matmul` as the attention).
+    """
+    def owner_rank(row: str) -> int:
+        parts = row.split(".")
+        for end in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:end])
+            if prefix in ranks:
+                return ranks[prefix]
+        raise ValueError(f"layer {row!r} was not constructed inside build(); cannot order it")
+
+    keyed = sorted(enumerate(call_rows), key=lambda item: (owner_rank(item[1]), item[0]))
+    return LayerOrder(tuple(call_rows), tuple(row for _, row in keyed))
+
+
 def layer_order(build: Callable[[], nn.Module], input_size: int | Sequence[int] = 32
                 ) -> tuple[nn.Module, LayerOrder]:
     """Build a model with `build()` while recording constructor calls; return it and its LayerOrder.
@@ -147,13 +178,5 @@ def layer_order(build: Callable[[], nn.Module], input_size: int | Sequence[int] 
     Only layers a forward pass calls count (as in trace_layer_calls); layers replaced after
     construction (e.g. a resized head) rank by when their replacement was built.
     """
-    with recording_construction() as built:
-        model = build()
-    call = tuple(called_layer_names(model, input_size=input_size))
-    rank = {id(module): i for i, module in enumerate(built)}
-    modules = dict(model.named_modules())
-    unknown = [name for name in call if id(modules[name]) not in rank]
-    if unknown:
-        raise ValueError(f"layers {unknown} were not constructed inside build(); cannot order them")
-    construction = tuple(sorted(call, key=lambda name: rank[id(modules[name])]))
-    return model, LayerOrder(call, construction)
+    model, ranks = build_recording_order(build)
+    return model, construction_order(called_layer_names(model, input_size=input_size), ranks)

@@ -11,7 +11,7 @@ Builders: `build_model` (fresh, optionally from float weights), `model_from_chec
 trained model with its bits), `model_at_policy` ("this start checkpoint, at that policy":
 a quantized start on the same hardware is loaded whole and the policy applied in place;
 any other start contributes only its float weights), `check_policy` (a policy fits the model:
-length, names, bits; returns its price).
+length, names, bits; returns its price), `layer_order_of` (the .npy row order of a spec's model).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from torch import nn
 from lib.cim import HardwareConfig, apply_policy, calibrate, quantize_model
 from lib.data import default_input_size
 from lib.errors import UserError
+from lib.layer_trace import LayerOrder, layer_order
 from lib.policy import Policy, PolicyError
 from lib.simulator import CostModel
 from lib.training import CheckpointError, load_checkpoint, load_model_state
@@ -271,6 +272,11 @@ def cost_model_for(spec: ModelSpec, hw: HardwareConfig, max_bit: int = 8, layer_
                              f"{len(traced)} quantizable layers at input size {spec.input_size}; expected "
                              f"{len(traced)}")
     return table
+
+
+def layer_order_of(spec: ModelSpec) -> LayerOrder:
+    """The float architecture's layers in call order and in construction order (the .npy row order)."""
+    return layer_order(lambda: create_model(spec.arch, spec.require_classes()), spec.input_size)[1]
 
 
 def check_policy(policy: Policy, spec: ModelSpec, hw: HardwareConfig):

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from lib.cim.adc_kernels import KERNELS
+
 
 @pytest.fixture(scope="session", autouse=True)
 def digits_cache(tmp_path_factory) -> Path:
@@ -21,6 +23,14 @@ def digits_cache(tmp_path_factory) -> Path:
         os.environ.pop("CIM_AQ_DATA_CACHE", None)
     else:
         os.environ["CIM_AQ_DATA_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def compile_mode_follows_the_environment():
+    """A CLI run in-process pins the kernels' compile mode; unpin it so that the next test's
+    $CIM_AQ_COMPILE counts again."""
+    yield
+    KERNELS.unpin()
 
 
 def write_image_tree(root: Path, classes=("cat", "dog", "eel"), per_class=(4, 2), size=12, seed=0) -> Path:

@@ -9,6 +9,7 @@ from torch import nn
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim.adc import adc_range
 from lib.cim.crossbar import CrossbarPlan, stored_slices
+from lib.cim.scratch import scratch_buffers
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
 GRANULARITIES = ["layer", "channel", "array", "column"]
@@ -198,7 +199,7 @@ def test_row_tiles_see_only_their_own_input_channels():
         x2 = x.clone()
         x2[:, 16:32] += 1.0
         p1, p2 = lin.partial_sums(x, slices)[0], lin.partial_sums(x2, slices)[0]
-    assert torch.equal(p1[0], p2[0]) and torch.equal(p1[2], p2[2]) and not torch.equal(p1[1], p2[1])
+    assert torch.equal(p1[:, 0], p2[:, 0]) and torch.equal(p1[:, 2], p2[:, 2]) and not torch.equal(p1[:, 1], p2[:, 1])
 
 
 @pytest.mark.parametrize("n_sigma", [None, 2.0])
@@ -294,7 +295,7 @@ def test_fused_and_eager_adc_kernels_agree(mapping, size, monkeypatch):
 def test_bad_compile_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CIM_AQ_COMPILE", "yes")
     layer = _adc_layer()
-    with pytest.raises(ValueError, match="CIM_AQ_COMPILE='yes' is not allowed: expected auto, 0 or 1"):
+    with pytest.raises(ValueError, match=r"CIM_AQ_COMPILE='yes' is not allowed: expected one of \['auto', '0', '1'\]"):
         layer(torch.rand(1, 12, 4, 4))
 
 
@@ -351,8 +352,36 @@ def test_fused_crossbar_adc_equals_the_composed_path(mapping, granularity, compi
     assert layer.psum_adc.fusable
     params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
               layer.psum_adc.step]
+    with scratch_buffers():
+        _compare_fused_and_composed(layer, params, (4, 10, 8, 8))
+
+
+LINEAR_CASES = list(itertools.product(MAPPINGS, ["layer", "array", "column"], ["multi-bit", "bit-serial"]))
+
+
+@pytest.mark.parametrize("mapping,granularity,input_mode", LINEAR_CASES)
+def test_fused_linear_crossbar_adc_equals_the_composed_path(mapping, granularity, input_mode, monkeypatch):
+    """CIMLinear's one-node crossbar+ADC: the outputs and every gradient of tile_products followed
+    by the ADC, with a ragged last tile, leading token dims, both input modes, over two steps."""
+    index = LINEAR_CASES.index((mapping, granularity, input_mode))
+    monkeypatch.setenv("CIM_AQ_COMPILE", "1" if index % 2 else "0")
+    hw = _hw(mapping=mapping, psum_granularity=granularity, adc_bits=4, rows=16, input_mode=input_mode,
+             input_bits=2)
+    torch.manual_seed(index)
+    layer = CIMLinear(37, 5, hw=hw, w_bit=6, a_bit=4, input_signed=index % 3 != 0)
+    assert layer.layout.tiles >= 3 and layer.layout.pad > 0
+    assert layer.input_planes == (2 if input_mode == "bit-serial" else 1)
+    calibrate(layer, [torch.randn(3, 4, 37)])
+    assert layer.psum_adc.fusable
+    params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
+              layer.psum_adc.step]
+    with scratch_buffers():
+        _compare_fused_and_composed(layer, params, (3, 4, 37))
+
+
+def _compare_fused_and_composed(layer, params, shape):
     for seed in range(2):
-        x = torch.randn(4, 10, 8, 8, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), requires_grad=True)
         results = []
         for fused in (True, False):
             layer.fused_adc = fused

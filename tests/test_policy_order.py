@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,13 @@ import pytest
 from lib.cim import HardwareConfig, apply_policy, quantizable_layers, quantize_model
 from lib.layer_trace import called_layer_names, layer_order
 from lib.policy import Policy, PolicyError
+from lib.search import DDPGConfig, run_search
+from lib.simulator import CostModel
+from lib.simulator.latency import main as latency_main
 from models import create_model
+from search_support import make_int8_checkpoint, tiny_config
+
+CIM_AQ_HW = Path(__file__).resolve().parents[1] / "run" / "hardware" / "cim_aq_default.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +74,35 @@ def test_npy_with_the_wrong_number_of_rows_is_refused(tmp_path, resnet18):
     np.save(tmp_path / "short.npy", np.full((20, 2), 4))
     with pytest.raises(PolicyError, match="policy has 20 layers but the model has 21"):
         Policy.load(tmp_path / "short.npy", order)
+
+
+def test_latency_cli_prices_a_construction_order_npy_like_the_same_named_json(tmp_path, resnet18, capsys):
+    _, order = resnet18
+    npy, js = distinct_policy(order.call).save(tmp_path / "policy", order)
+    reports = {}
+    for path in (npy, js):
+        report = tmp_path / f"{path.suffix[1:]}.json"
+        assert latency_main(["--arch", "resnet18", "--num-classes", "10", "--input-size", "32", "--hardware",
+                             str(CIM_AQ_HW), "--policy", str(path), "--json", str(report)]) == 0, capsys.readouterr()
+        reports[path.suffix] = {k: v for k, v in json.loads(report.read_text())["policy"].items() if k != "path"}
+    assert reports[".npy"] == reports[".json"]
+    names = [layer["name"] for layer in json.loads(js.read_text())["layers"]]
+    assert [row["name"] for row in reports[".npy"]["per_layer"]] == names
+    # Taken in call order instead, the same rows would put other bits on 6 of the 21 layers:
+    # the price the CLI gave before it knew the row order.
+    cost = CostModel.from_model(create_model("resnet18", 10), HardwareConfig.from_yaml(CIM_AQ_HW), 32)
+    assert cost.policy_cost(np.load(npy)).total_latency != pytest.approx(reports[".npy"]["total_latency_us"])
+
+
+def test_search_writes_best_policy_npy_in_construction_order(tmp_path, eager_single_thread):
+    init = make_int8_checkpoint(tmp_path / "int8", arch="resnet18", input_size=16)
+    out = tmp_path / "search"
+    run_search(tiny_config(init, out, episodes=1, warmup=1, top_k=0, finetune_steps=1, search_holdout=8, batch_size=8,
+                           search_train_size=8, ddpg=DDPGConfig(hidden1=8, hidden2=8, bsize=4)))
+    _, order = layer_order(lambda: create_model("resnet18", 10), 16)
+    assert order.construction != order.call
+    from_npy = Policy.load(out / "best_policy.npy", order)
+    from_json = Policy.load(out / "best_policy.json")
+    assert from_npy.layer_names == from_json.layer_names == list(order.call)
+    assert (from_npy.w_bits, from_npy.a_bits) == (from_json.w_bits, from_json.a_bits)
+    assert len(set(zip(from_json.w_bits, from_json.a_bits))) > 1  # a mixed policy, so a shifted row would show

@@ -4,8 +4,10 @@ gradient, input fake quantization, the slice-weighted gradient), eager or fused 
 On this project's CPUs the partial sums of a layer are tens of MB and every elementwise pass
 is bound by memory bandwidth, so fusing divide/round/clamp/scale/sum into one loop (Inductor)
 makes the ADC several times cheaper. Fusion is used when it works (`CIM_AQ_COMPILE=auto`, the
-default), forced with `1` (errors surface) and disabled with `0`; a failed compile logs once
-and falls back to the eager kernels, which compute the same values.
+default), forced with `1` (errors surface) and disabled with `0`. The CLIs' set-up pins the
+mode once per process (`configure_compile`); a library used without it follows the variable.
+A failed compile logs once and that kernel falls back to its eager form, which computes the
+same values; the other kernels stay fused.
 """
 from __future__ import annotations
 
@@ -15,10 +17,17 @@ import shutil
 
 import torch
 
+from lib.errors import UserError
+
 log = logging.getLogger(__name__)
 
 COMPILE_ENV = "CIM_AQ_COMPILE"
+COMPILE_MODES = ("auto", "0", "1")
 RECOMPILE_LIMIT = 64
+
+
+class CompileModeError(UserError, ValueError):
+    """A compile mode other than auto, 0 or 1."""
 
 
 def forward_eager(p, step, coef, lo, hi):
@@ -142,22 +151,53 @@ def dense(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     return x.contiguous(memory_format=memory_format_of(x if like is None else like))
 
 
+def _parse_mode(mode: str, source: str) -> str:
+    value = str(mode).strip().lower()
+    if value not in COMPILE_MODES:
+        raise CompileModeError(f"{source}={mode!r} is not allowed: expected one of {list(COMPILE_MODES)}")
+    return value
+
+
 class _Kernels:
-    """Chooses fused or eager kernels once per process and device type."""
+    """Chooses fused or eager kernels once per process and device type; owns the compile mode and
+    which kernels failed to compile."""
 
     def __init__(self) -> None:
         self._compiled: dict = {}
-        self._failed = False
+        self._failed: set = set()
+        self._configured: str | None = None
 
-    def _mode(self) -> str:
-        mode = os.environ.get(COMPILE_ENV, "auto").strip().lower()
-        if mode not in ("auto", "0", "1"):
-            raise ValueError(f"{COMPILE_ENV}={mode!r} is not allowed: expected auto, 0 or 1")
+    def configure(self, mode: str | None = None) -> str:
+        """Pin the compile mode (auto | 0 | 1; None: from $CIM_AQ_COMPILE, default auto) and forget
+        earlier compile failures; returns the mode."""
+        if mode is None:
+            mode = _parse_mode(os.environ.get(COMPILE_ENV, "auto"), COMPILE_ENV)
+        else:
+            mode = _parse_mode(mode, "compile mode")
+        self._configured = mode
+        self._failed = set()
         return mode
 
-    def _use_compiled(self, tensor: torch.Tensor) -> bool:
-        mode = self._mode()
-        if mode == "0" or self._failed:
+    def unpin(self) -> None:
+        """Forget the pinned mode: $CIM_AQ_COMPILE decides again at every kernel call."""
+        self._configured = None
+        self._failed = set()
+
+    @property
+    def mode(self) -> str:
+        """The pinned compile mode; unpinned (a library used without the CLIs' set-up), the environment's."""
+        if self._configured is not None:
+            return self._configured
+        return _parse_mode(os.environ.get(COMPILE_ENV, "auto"), COMPILE_ENV)
+
+    @property
+    def failed(self) -> frozenset:
+        """Kernels whose compile failed, now run eagerly."""
+        return frozenset(self._failed)
+
+    def _use_compiled(self, name: str, tensor: torch.Tensor) -> bool:
+        mode = self.mode
+        if mode == "0" or name in self._failed:
             return False
         if mode == "auto" and tensor.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
             return False
@@ -173,38 +213,40 @@ class _Kernels:
             self._compiled[name] = torch.compile(fn, dynamic=True)
         return self._compiled[name]
 
-    def _run(self, name: str, functional, eager, tensor, *args, compiled_extra=()):
-        if self._use_compiled(tensor):
+    def run(self, name: str, functional, eager, tensor, *args, compiled_extra=()):
+        """`functional(*args)` compiled as kernel `name` when the mode and `tensor`'s device allow
+        and it compiles, else `eager(*args)` (None: return None instead)."""
+        if self._use_compiled(name, tensor):
             try:  # detached and dense: no autograd state or overlapping layout to guard on
                 plain = [dense(a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
                 if eager is None:  # an out= variant: the first argument is written, keep it as given
                     plain[0] = args[0]
                 return self._get(name, functional)(*plain, *compiled_extra)
             except Exception as err:  # noqa: BLE001 - any compiler failure: same maths, eagerly
-                if self._mode() == "1":
+                if self.mode == "1":
                     raise
-                self._failed = True
-                log.warning("fused ADC kernels unavailable (%s: %s); using eager kernels",
+                self._failed.add(name)
+                log.warning("fused kernel %r unavailable (%s: %s); running it eagerly", name,
                             type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
         return None if eager is None else eager(*args)
 
     def forward(self, p, step, coef, lo: int, hi: int):
         bounds = _bounds(p, lo, hi)
-        return self._run("forward", _forward_functional, forward_eager, p, p, step, coef, *bounds)
+        return self.run("forward", _forward_functional, forward_eager, p, p, step, coef, *bounds)
 
     def quant_forward(self, x, scale, lo, hi):
         """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors)."""
-        return self._run("quant_forward", _quant_forward_functional, quant_forward_eager, x, x, scale, lo, hi)
+        return self.run("quant_forward", _quant_forward_functional, quant_forward_eager, x, x, scale, lo, hi)
 
     def quant_backward(self, grad, x, scale, lo, hi):
-        return self._run("quant_backward", _quant_backward_functional, quant_backward_eager, x, grad, x, scale, lo, hi)
+        return self.run("quant_backward", _quant_backward_functional, quant_backward_eager, x, grad, x, scale, lo, hi)
 
     def slice_share(self, grad, shares, out=None):
         """Σ_s shares[s] · grad[:, s, :] (shares: a (slices,) tensor), into `out` when given and fused."""
-        if out is not None and self._run("slice_share_into", _slice_share_into_functional, None, grad,
+        if out is not None and self.run("slice_share_into", _slice_share_into_functional, None, grad,
                                          out, grad, shares) is not None:
             return out
-        return self._run("slice_share", _slice_share_functional, slice_share_eager, grad, grad, shares)
+        return self.run("slice_share", _slice_share_functional, slice_share_eager, grad, grad, shares)
 
     def backward(self, grad_y, p, step, gamma, lo: int, hi: int, out=None):
         """(grad wrt p, Σ_m grad·level, Σ_m grad·v·on_grid); the gradient is written into `out`
@@ -212,11 +254,11 @@ class _Kernels:
         bounds = _bounds(p, lo, hi)
         chunks = (_reduction_chunks(p.shape[0]),)
         if out is not None:  # None back: the fused kernel does not run here
-            sums = self._run("backward_into", _backward_into_functional, None, p, out, grad_y, p, step, gamma,
+            sums = self.run("backward_into", _backward_into_functional, None, p, out, grad_y, p, step, gamma,
                              *bounds, compiled_extra=chunks)
             if sums is not None:
                 return (out,) + tuple(sums)
-        return self._run("backward", _backward_functional, backward_eager, p, grad_y, p, step, gamma, *bounds,
+        return self.run("backward", _backward_functional, backward_eager, p, grad_y, p, step, gamma, *bounds,
                          compiled_extra=chunks)
 
 
@@ -234,3 +276,19 @@ def _bounds(p: torch.Tensor, lo: int, hi: int):
 
 
 KERNELS = _Kernels()
+
+
+def configure_compile(mode: str | None = None) -> str:
+    """Set this process's compile mode (None: from $CIM_AQ_COMPILE); returns it. See the module docstring."""
+    return KERNELS.configure(mode)
+
+
+def compile_mode() -> str:
+    """The compile mode in force: auto, 0 or 1."""
+    return KERNELS.mode
+
+
+def kernel_report() -> dict:
+    """What a run's report records about the kernels: the compile mode and the kernels that fell
+    back to eager after a failed compile."""
+    return {"compile_mode": KERNELS.mode, "eager_after_failed_compile": sorted(KERNELS.failed)}

@@ -1,4 +1,4 @@
-"""A CIM conv's crossbar MVM and ADC as one autograd function: the fast path of its forward.
+"""A CIM layer's crossbar MVM and ADC as one autograd function: the fast path of its forward.
 
 It computes what `tile_products` followed by the ADC's convert-and-accumulate compute (same
 kernels, same values and gradients, which a test checks), but as one autograd node, so that the
@@ -14,17 +14,16 @@ import torch
 
 from lib.cim.adc import step_and_gamma_grads
 from lib.cim.adc_kernels import KERNELS
-from lib.cim.crossbar import CrossbarPlan, stored_slices
+from lib.cim.crossbar import CrossbarPlan
 from lib.cim.scratch import SCRATCH
-from lib.cim.tile_products import ConvTiles, products_backward, slice_shares
+from lib.cim.tile_products import products_backward, slice_shares
 
 
 class _CrossbarADC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, q, step, gamma, tiles: ConvTiles, plan: CrossbarPlan,
+    def forward(ctx, x, q, w, step, gamma, tiles, plan: CrossbarPlan,
                 lo: int, hi: int, grad_factor: float):
-        w = tiles.weight(stored_slices(q, plan))
-        p = tiles.products(x, w)  # (N, H, W, groups·tiles·slices·out)
+        p = tiles.products(x, w)  # conv (N, H, W, groups·tiles·slices·out); linear (tokens, tiles, slices·out)
         main = p.reshape((-1,) + tuple(gamma.shape))  # (M, groups, tiles·slices, out)
         ctx.save_for_backward(x, w, main, step, gamma)
         ctx.tiles, ctx.p_shape, ctx.q_shape = tiles, p.shape, q.shape
@@ -44,15 +43,17 @@ class _CrossbarADC(torch.autograd.Function):
         grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(ctx.p_shape), ctx.shares,
                                            ctx.q_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                            share_out=share_out)
-        return grad_x, grad_q, grad_step, grad_gamma, None, None, None, None, None
+        return grad_x, grad_q, None, grad_step, grad_gamma, None, None, None, None, None
 
 
-def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, tiles: ConvTiles,
+def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch.Tensor, tiles,
                          step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None) -> torch.Tensor:
-    """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM conv whose ADC is `fusable`."""
+    """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM layer whose ADC is `fusable`
+    (tiles: its ConvTiles or MatmulTiles),
+    from the integer weights q stored as w (`tile_products.crossbar_weight`)."""
     plan = layer.plan
 
     def convert(step, gamma, lo, hi, factor):
-        return _CrossbarADC.apply(x_tiled, q, step, gamma, tiles, plan, lo, hi, factor)
+        return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
     rows = math.prod(tiles.output_size(x_tiled))
     return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift)

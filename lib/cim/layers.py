@@ -29,7 +29,8 @@ from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
 from lib.cim.steps import positive
-from lib.cim.tile_products import ConvTiles, MatmulTiles, tile_products
+from lib.cim.eval_cache import EvalCache, tensor_versions
+from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,11 @@ class CIMLayerMixin:
         self.psum_adc = PartialSumADC(hw.psum_granularity, layout.groups, layout.tiles, plan.column_tile_of(),
                                       adc_bits, plan.adc_signed, hw.n_sigma)
         self.force_crossbar = False  # take the crossbar path even with the ADC off (tests, studies)
-        self.fused_adc = True  # conv: crossbar MVM + ADC as one autograd node when the ADC allows
+        self.fused_adc = True  # crossbar MVM + ADC as one autograd node when the ADC allows
         self.register_buffer("first_channel_of_tile",
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
+        self.eval_cache = EvalCache()  # the crossbar form between evaluation forwards
+        self.cache_eval = True  # keep it (off: recompute every forward, for comparisons)
 
     @property
     def plan(self) -> CrossbarPlan:
@@ -103,6 +106,44 @@ class CIMLayerMixin:
         if mode != self.input_mode and self.plan.input_planes(mode) != self.plan.input_planes(self.input_mode):
             self.psum_adc.mark_stale()
         self.input_mode = mode
+
+    # ------------------------------------------------------------ eval cache
+    def train(self, mode: bool = True):
+        if mode:
+            self.eval_cache.clear()  # training changes the weights every step: free the memory
+        return super().train(mode)
+
+    def _weight_side_tensors(self) -> list:
+        """Everything the crossbar form is computed from: the weight and the weight quantizer's state."""
+        return [self.weight, *self.weight_quant.parameters(), *self.weight_quant.buffers()]
+
+    def _caches_crossbar_form(self) -> bool:
+        """In eval mode, unless autograd must reach the weight side (then every forward recomputes)
+        or a graph is being traced or exported (it must contain the quantizers, not constants)."""
+        if self.training or not self.cache_eval or _tracing() or getattr(self.weight_quant, "export_mode", False):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._weight_side_tensors()))
+
+    def _eval_cache_key(self) -> tuple:
+        return (self.plan, self.input_mode, self.weight_step_module.initialized,
+                tensor_versions(self._weight_side_tensors()))
+
+    def quant_weight(self, quant_input=None, subtensor_slice_list=None):
+        """Brevitas' quantized weight; in evaluation the kept one while the weight side is unchanged."""
+        if subtensor_slice_list is not None or not self._caches_crossbar_form():
+            return super().quant_weight(quant_input, subtensor_slice_list)
+        compute = super().quant_weight
+        return self.eval_cache.get(self._eval_cache_key, "quant_weight", lambda: compute(quant_input))
+
+    def _crossbar_weights(self, quant_weight: QuantTensor, tiles):
+        """(integer weights q, weight step per (group, tile, out), array weight w), see
+        `_integer_weights` and `tile_products.crossbar_weight`; kept in evaluation."""
+        def compute():
+            q, step_grid = self._integer_weights(quant_weight)
+            return q, step_grid, crossbar_weight(q, tiles, self.plan)
+        if not self._caches_crossbar_form():
+            return compute()
+        return self.eval_cache.get(self._eval_cache_key, "crossbar", compute)
 
     # ------------------------------------------------------------ bits
     @property
@@ -282,10 +323,23 @@ class CIMLayerMixin:
         scale = quant_weight.scale
         return quant_weight.value / scale, self._step_grid(scale)
 
+    def _converted_outputs(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles,
+                           ref: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
+        One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC."""
+        if self.psum_adc.fusable and self.fused_adc:
+            q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
+            shifts, ref_shift = self._shifts(q)
+            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift)
+        lay = self.layout
+        psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
+        psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
+        return self._convert(psums, step_grid, ref, self.adc_floor(x_tiled))
+
     def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
         """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
-        q, step_grid = self._integer_weights(quant_weight)
-        return tile_products(x_tiled, q, tiles, self.plan), step_grid
+        q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
+        return tile_products(x_tiled, q, tiles, self.plan, stored), step_grid
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
         """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
@@ -301,6 +355,10 @@ class CIMLayerMixin:
 
 def _grid_max(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def _unwrap(x):
@@ -374,14 +432,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        if self.psum_adc.fusable and self.fused_adc:
-            q, step_grid = self._integer_weights(quant_weight)
-            shifts, ref_shift = self._shifts(q)
-            y = crossbar_adc_forward(self, x_tiled, q, tiles, step_grid, shifts, ref, ref_shift)
-        else:
-            psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
-            y = self._convert(psums.reshape(n * h * w, lay.groups, lay.tiles, -1), step_grid, ref,
-                              self.adc_floor(x_tiled))
+        y = self._converted_outputs(x_tiled, quant_weight, tiles, ref)
         y = self._join_planes(y).reshape(-1, h, w, self.out_channels)
         if bias is not None:
             y = y + bias
@@ -423,7 +474,7 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         return cell_value * xt.sum(dim=2)
 
     def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor):
-        """Every row-tile × weight column partial sum for given cell slices (tiles, tokens,
+        """Every row-tile × weight column partial sum for given cell slices (tokens, tiles,
         slices·out), and the offset reference column's (tiles, tokens) or None. For inspection;
         the forward uses `tile_products`."""
         tiles = self.tiles()
@@ -442,12 +493,10 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
             x = x2d
         tiles = self.tiles()
         xt = tiles.tile_input(self._split_input(x))
-        psums, step_grid = self._tile_products(xt, quant_weight, tiles)  # (tiles, tokens, cols)
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = self._convert(psums.permute(1, 0, 2).unsqueeze(1), step_grid, ref, self.adc_floor(xt)).squeeze(1)
-        y = self._join_planes(y)
+        y = self._join_planes(self._converted_outputs(xt, quant_weight, tiles, ref).squeeze(1))
         if bias is not None:
             y = y + bias
         return y.reshape(lead + (self.out_features,))

@@ -10,6 +10,7 @@ would do (one weight-gradient conv per slice) with exactly the same result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,8 @@ class ConvTiles:
 
 @dataclass(frozen=True)
 class MatmulTiles:
-    """The crossbar view of a linear layer: `tiles` arrays of `channels_per_tile` input features."""
+    """The crossbar view of a linear layer: `tiles` arrays of `channels_per_tile` input features.
+    Partial sums are laid out (tokens, tiles, slices·out): row by row, as the ADC reads them."""
 
     layout: TileLayout
 
@@ -143,26 +145,43 @@ class MatmulTiles:
             x2d = F.pad(x2d, (0, lay.pad))
         return x2d.reshape(x2d.shape[0], lay.tiles, lay.channels_per_tile).transpose(0, 1)
 
+    def output_size(self, xt: torch.Tensor) -> tuple[int]:
+        """(tokens,): the rows of partial sums per read-out column."""
+        return (xt.shape[1],)
+
     def products(self, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """(tiles, tokens, slices·out) partial sums."""
-        return torch.bmm(xt, w)
+        """(tokens, tiles, slices·out) partial sums: each tile's matmul writes its block of every
+        row in place (a strided output BLAS takes as is), so no transpose copy follows. Where autograd
+        records (inspection, tests) a transposed view of the plain product, with the same values."""
+        if torch.is_grad_enabled() and (xt.requires_grad or w.requires_grad):
+            return torch.bmm(xt, w).transpose(0, 1)
+        out = xt.new_empty((xt.shape[1], xt.shape[0], w.shape[2]))
+        torch.bmm(xt, w, out=out.transpose(0, 1))
+        return out
 
     def input_grad(self, grad_p: torch.Tensor, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(grad_p, w.transpose(1, 2))
+        return torch.bmm(grad_p.transpose(0, 1), w.transpose(1, 2))
 
     def weight_grad(self, grad_shared: torch.Tensor, xt: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
+        """Gradient of the integer weights (out, in) from the slice-weighted output gradient (tokens, tiles, out)."""
         lay = self.layout
-        dw = torch.bmm(xt.transpose(1, 2), grad_shared.reshape(lay.tiles, xt.shape[1], -1))
+        shared = grad_shared.reshape(xt.shape[1], lay.tiles, -1).transpose(0, 1)
+        dw = torch.bmm(xt.transpose(1, 2), shared)
         return dw.reshape(lay.padded_channels, -1)[:lay.in_channels_per_group].t().reshape(grad_shape)
 
 
+def crossbar_weight(q: torch.Tensor, tiles, plan: CrossbarPlan) -> torch.Tensor:
+    """The cell slices of the integer weights q (sign mapping included) laid out as `tiles.products`
+    reads them: what the arrays store. Integer-valued, no gradient (tile_products carries q's)."""
+    return tiles.weight(stored_slices(q.detach(), plan))
+
+
 class _TileProducts(torch.autograd.Function):
-    """Partial sums from the integer weights q; gradients to the tiled input and to q (see the
-    module docstring)."""
+    """Partial sums from the integer weights q stored as the array weight w; gradients to the
+    tiled input and to q (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, q, tiles, plan: CrossbarPlan):
-        w = tiles.weight(stored_slices(q, plan))
+    def forward(ctx, x, q, w, tiles, plan: CrossbarPlan):
         ctx.save_for_backward(x, w)
         ctx.tiles, ctx.q_shape = tiles, q.shape
         ctx.shares = slice_shares(plan, q.dtype, q.device)
@@ -173,10 +192,13 @@ class _TileProducts(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_p.contiguous(), ctx.shares, ctx.q_shape,
                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_x, grad_q, None, None
+        return grad_x, grad_q, None, None, None
 
 
-def tile_products(x: torch.Tensor, q: torch.Tensor, tiles, plan: CrossbarPlan) -> torch.Tensor:
+def tile_products(x: torch.Tensor, q: torch.Tensor, tiles, plan: CrossbarPlan,
+                  w: Optional[torch.Tensor] = None) -> torch.Tensor:
     """All row-tile × slice × column partial sums of the tiled input x (`tiles.tile_input`) with the
-    integer-valued weights q stored as `plan` says; differentiable in x and q (straight-through to q)."""
-    return _TileProducts.apply(x, q, tiles, plan)
+    integer-valued weights q stored as `plan` says (w: their `crossbar_weight`, when already made);
+    differentiable in x and q (straight-through to q)."""
+    w = crossbar_weight(q, tiles, plan) if w is None else w
+    return _TileProducts.apply(x, q, w, tiles, plan)

@@ -15,6 +15,7 @@ from lib.data.cifar import CifarDataset
 from lib.data.digits import VARIANTS as DIGITS_VARIANTS, ensure_digits
 from lib.data.folder import DatasetError, ImageFolderDataset, scan_image_folder
 from lib.data.holdout import HoldoutSpec, holdout_split
+from lib.distributed import SINGLE, DistContext, ShardSampler
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def _base_datasets(dataset: str, root: Optional[str | Path], input_size: int):
 
 def build_loaders(dataset: str, root: Optional[str | Path] = None, input_size: Optional[int] = None,
                   batch_size: int = 128, workers: int = 2, holdout: Optional[HoldoutSpec] = None, *,
-                  transform_style: str = "auto", seed: int = 0, val_batch_size: Optional[int] = None) -> DataBundle:
+                  transform_style: str = "auto", seed: int = 0, val_batch_size: Optional[int] = None,
+                  dist: DistContext = SINGLE) -> DataBundle:
     """Train/val(/holdout) loaders for `dataset` (digits, digits-small, cifar10, cifar100, imagefolder).
 
     root: the ImageFolder / CIFAR folder; for digits, the cache folder (default: data_cache/ or
@@ -98,6 +100,8 @@ def build_loaders(dataset: str, root: Optional[str | Path] = None, input_size: O
     transform_style: 'imagenet', 'cifar', or 'auto' (cifar-style up to 64 px, else imagenet-style).
     holdout: when given, that many training images move to `holdout` (eval transform) and leave `train`.
     The train loader shuffles with its own generator seeded by `seed` (reseed it per epoch for exact resume).
+    dist: under torchrun every loader reads this rank's shard (`ShardSampler`): training shards are
+    reshuffled per epoch from the shared seed, evaluation shards are disjoint and unpadded.
     """
     dataset = resolve_dataset(dataset)
     input_size = int(input_size or default_input_size(dataset))
@@ -117,21 +121,36 @@ def build_loaders(dataset: str, root: Optional[str | Path] = None, input_size: O
     generator.manual_seed(seed)
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
     eval_bs = val_batch_size or batch_size
-    train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator, **common)
-    val_loader = DataLoader(val_ds, batch_size=eval_bs, shuffle=False, **common)
+    if dist.distributed:
+        train_loader = DataLoader(train_ds, batch_size=batch_size,
+                                  sampler=ShardSampler(len(train_ds), dist, shuffle=True, seed=seed), **common)
+    else:
+        train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator, **common)
+    val_loader = _eval_loader(val_ds, eval_bs, dist, common)
     hold_loader = None
     if hold_idx is not None:
-        hold_loader = DataLoader(TransformView(train_base, eval_tf, hold_idx), batch_size=eval_bs, shuffle=False, **common)
+        hold_loader = _eval_loader(TransformView(train_base, eval_tf, hold_idx), eval_bs, dist, common)
     log.info("%s: %d train / %d val%s images, %d classes, %dpx (%s transforms)", dataset, len(train_ds), len(val_ds),
              f" / {len(hold_idx)} holdout" if hold_idx is not None else "", len(classes), input_size, style)
     return DataBundle(train_loader, val_loader, hold_loader, len(classes), list(classes), input_size, dataset,
                       Path(root) if root is not None else None)
 
 
+def _eval_loader(dataset: Dataset, batch_size: int, dist: DistContext, common: dict) -> DataLoader:
+    sampler = ShardSampler(len(dataset), dist, shuffle=False) if dist.distributed else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, **common)
+
+
 def first_images(loader, count: int) -> torch.Tensor:
-    """The first `count` images a loader yields (e.g. real validation images for an export check)."""
+    """The first `count` images a loader yields (e.g. real validation images for an export check).
+
+    An evaluation loader of one rank's shard yields the first images of the whole set instead, so
+    a check reads the same images however many processes the run has.
+    """
     if count < 1:
         raise DatasetError(f"count={count} is not allowed: expected an integer >= 1")
+    if isinstance(getattr(loader, "sampler", None), ShardSampler) and not loader.sampler.shuffle:
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
     chunks, seen = [], 0
     for images, _ in loader:
         chunks.append(images)

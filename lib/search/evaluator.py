@@ -6,6 +6,11 @@ changed, build a fresh optimizer (apply_policy may replace step parameters), fin
 number of batches on the search-train split, measure top-1 on the held-out search split. Every
 evaluation starts from the same RNG state, so a policy's accuracy does not depend on when it was
 evaluated (which makes the cache by policy exact and a resumed search identical).
+
+Under torchrun every rank evaluates the same policy: it calibrates and finetunes its own shard,
+takes rank 0's state after calibration and after finetuning (so the CIM layers' steps, ADC
+statistics and bits are the same on every rank), trains under DDP and reports the accuracy
+summed over the ranks' disjoint shards of the search split.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from lib.cim import apply_policy, calibrate
+from lib.distributed import SINGLE, DistContext, broadcast_module_state, ddp_model
 from lib.policy import Policy
 from lib.training import OptimConfig, build_optimizer, evaluate, seed_epoch, train_one_epoch
 
@@ -47,9 +53,11 @@ class PolicyEvaluator:
     """Finetunes and scores policies on one in-memory model (see module docstring)."""
 
     def __init__(self, model: nn.Module, train_loader, search_loader, device: torch.device, lr: float,
-                 calibration_batches: int, seed: int) -> None:
+                 calibration_batches: int, seed: int, dist: DistContext = SINGLE) -> None:
         self.model = model.to(device)
         self.device = device
+        self.dist = dist
+        broadcast_module_state(self.model, dist)  # each rank calibrated the start on its own shard
         self.train_loader = train_loader
         self.search_loader = search_loader
         self.lr = lr
@@ -72,17 +80,20 @@ class PolicyEvaluator:
         started = time.perf_counter()
         self.restore()
         apply_policy(self.model, policy)
-        seed_epoch(self.seed, 0, self.train_loader)
+        seed_epoch(self.seed, 0, self.train_loader, self.dist.rank)
         calibrate(self.model, self.train_loader, max_batches=self.calibration_batches)
+        broadcast_module_state(self.model, self.dist)
         if steps > 0:
             optimizer = build_optimizer(self.model, OptimConfig(epochs=1, lr=self.lr, scheduler="constant"))
             done, epoch = 0, 0
-            while done < steps:
-                seed_epoch(self.seed, epoch, self.train_loader)
-                batches = min(steps - done, len(self.train_loader))
-                train_one_epoch(self.model, self.train_loader, self.criterion, optimizer, self.device,
-                                max_batches=batches, progress=False)
-                done, epoch = done + batches, epoch + 1
+            with ddp_model(self.model, self.dist) as train_model:  # anew: apply_policy may replace steps
+                while done < steps:
+                    seed_epoch(self.seed, epoch, self.train_loader, self.dist.rank)
+                    batches = min(steps - done, len(self.train_loader))
+                    train_one_epoch(train_model, self.train_loader, self.criterion, optimizer, self.device,
+                                    max_batches=batches, progress=False, dist=self.dist)
+                    done, epoch = done + batches, epoch + 1
+            broadcast_module_state(self.model, self.dist)  # the buffers the last batch updated per rank
         finetuned = time.perf_counter()
-        accuracy = evaluate(self.model, self.search_loader, None, self.device)["top1"]
+        accuracy = evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"]
         return Evaluation(float(accuracy), finetuned - started, time.perf_counter() - finetuned)

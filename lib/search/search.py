@@ -5,6 +5,11 @@ bits, then the input bits (then the ADC bits with search_adc). The policy is (op
 lowered to the latency budget, evaluated (cache by policy), priced, rewarded, and the agent
 learns from it. After every episode the whole search state is written atomically, so a killed
 search resumes at the last finished episode and continues exactly as it would have.
+
+Under torchrun rank 0 runs the agent and sends each policy to every rank; all ranks evaluate it
+together (lib.search.evaluator) and so hold the same accuracy, reward and records; rank 0 alone
+writes the episode log, the search state, TensorBoard and the outputs. The same seed and the
+same number of processes give the same policies.
 """
 from __future__ import annotations
 
@@ -24,9 +29,12 @@ from tqdm.auto import tqdm
 
 from lib.cli import pick_device
 from lib.cim import HardwareConfig, current_policy
+from lib.cim.adc_kernels import kernel_report
+from lib.cim.scratch import scratch_buffers
 from lib.data import DatasetError, HoldoutSpec, build_loaders
+from lib.distributed import DistContext, barrier, broadcast_object
 from lib.fileio import atomic_torch_save, atomic_write, atomic_write_json
-from lib.model_spec import ModelSpec, cost_model_for, model_at_policy
+from lib.model_spec import ModelSpec, cost_model_for, layer_order_of, model_at_policy
 from lib.policy import Policy
 from lib.run_dir import check_output_dir, open_run_dir
 from lib.search.agent import DDPGAgent, RandomAgent
@@ -162,8 +170,10 @@ def load_search_state(path: Path) -> dict:
 class Search:
     """One search run: environment, agent, evaluator, log and outputs."""
 
-    def __init__(self, config: SearchConfig, setup: Setup, saved: Optional[dict]) -> None:
+    def __init__(self, config: SearchConfig, setup: Setup, saved: Optional[dict],
+                 dist: Optional[DistContext] = None) -> None:
         self.config, self.setup = config, setup
+        self.dist = dist if dist is not None else DistContext(device=pick_device(config.device))
         self.out = Path(config.output_dir)
         self.encoder = StateEncoder(setup.cost_model, setup.space)
         decisions = len(setup.names) * len(setup.space.decisions)
@@ -192,7 +202,8 @@ class Search:
         holdout = HoldoutSpec(size=cfg.search_holdout, train_size=cfg.search_train_size, seed=0)
         try:
             data = build_loaders(setup.spec.dataset, setup.spec.data_root, setup.spec.input_size,
-                                 batch_size=cfg.batch_size, workers=cfg.workers, holdout=holdout, seed=cfg.seed)
+                                 batch_size=cfg.batch_size, workers=cfg.workers, holdout=holdout, seed=cfg.seed,
+                                 dist=self.dist)
         except DatasetError:
             raise
         except ValueError as err:  # the holdout does not fit the training set
@@ -207,8 +218,8 @@ class Search:
         if names != setup.names:
             raise SearchConfigError(f"the model's quantizable layers {names[:3]}... differ from the cost model's "
                                     f"{setup.names[:3]}...; expected the same layers in call order")
-        return PolicyEvaluator(model, data.train, data.holdout, pick_device(cfg.device), cfg.finetune_lr,
-                               cfg.calibration_batches, cfg.seed)
+        return PolicyEvaluator(model, data.train, data.holdout, self.dist.device, cfg.finetune_lr,
+                               cfg.calibration_batches, cfg.seed, self.dist)
 
     @property
     def steps(self) -> int:
@@ -266,13 +277,17 @@ class Search:
     def run_episode(self) -> dict:
         started = time.perf_counter()
         cfg = self.config
-        policy, transitions = self.propose()
-        if cfg.latency_budget is not None:
-            policy = lower_to_budget(policy, self.setup.cost_model, self.setup.space, cfg.latency_budget)
+        policy = transitions = None
+        if self.dist.is_main:  # the agent lives on rank 0; every rank evaluates its policy
+            policy, transitions = self.propose()
+            if cfg.latency_budget is not None:
+                policy = lower_to_budget(policy, self.setup.cost_model, self.setup.space, cfg.latency_budget)
+        policy = broadcast_object(policy, self.dist)
         accuracy, t_finetune, t_eval, cached = self.evaluate(policy, self.steps)
         ratio = self.setup.cost_model.policy_cost(policy).ratio
         reward = episode_reward(accuracy, ratio, self.baseline, self.target, cfg.latency_budget)
-        self.agent.observe_episode(transitions, reward, self.episode)
+        if self.dist.is_main:
+            self.agent.observe_episode(transitions, reward, self.episode)
         record = {"episode": self.episode, "policy": policy.as_array().tolist(), "accuracy": accuracy,
                   "latency_ratio": ratio, "reward": reward,
                   "feasible": is_feasible(accuracy, ratio, self.target, cfg.latency_budget),
@@ -283,12 +298,16 @@ class Search:
 
     # ------------------------------------------------------------ persistence
     def save_state(self) -> None:
+        if not self.dist.is_main:
+            return
         state = {"format": STATE_FORMAT, "episode": self.episode, "agent": self.agent.state_dict(),
                  "records": plain(self.records), "cache": [[list(map(list, k)), v] for k, v in self.cache.items()],
                  "baseline_accuracy": self.baseline, "config": plain(_resumable(self.config))}
         atomic_torch_save(state, self.out / STATE_NAME)
 
     def write_log(self) -> None:
+        if not self.dist.is_main:
+            return
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
         atomic_write(self.out / "episodes.jsonl", lambda handle: handle.write(lines))
 
@@ -302,9 +321,10 @@ class Search:
             log.info("baseline: INT8 after the same %d-batch finetune reaches %.2f%% on the search split; target "
                      "%.2f%%", self.steps, self.baseline, self.target)
             self.save_state()
-        tracker = Tracker(self.out, tensorboard=cfg.tensorboard)
-        kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-        bar = tqdm(total=cfg.episodes, initial=self.episode, desc="search", disable=not progress,
+        main = self.dist.is_main
+        tracker = Tracker(self.out, tensorboard=cfg.tensorboard and main)
+        kill_after = int(os.environ.get(KILL_ENV, "0") or 0) if main else 0
+        bar = tqdm(total=cfg.episodes, initial=self.episode, desc="search", disable=not (progress and main),
                    dynamic_ncols=True)
         try:
             while self.episode < cfg.episodes:
@@ -374,35 +394,43 @@ class Search:
             feasible = [r for r in self.records if r["feasible"]] or self.records
             best = max(feasible, key=lambda r: r["reward"])
         best = {k: best[k] for k in ("episode", "policy", "accuracy", "latency_ratio", "reward", "feasible")}
+        if not self.dist.is_main:
+            barrier(self.dist)  # while rank 0 writes the outputs
+            return SearchResult(best, self.baseline, self.target, len(self.records), self.out, top_k)
         array = np.asarray(best["policy"], dtype=np.int64)
         policy = Policy(array[:, 0], array[:, 1], array[:, 2] if array.shape[1] == 3 else None, setup.names,
                         meta={"accuracy": best["accuracy"], "latency_ratio": best["latency_ratio"],
                               "reward": best["reward"], "episode": best["episode"], "feasible": best["feasible"],
                               "hardware": setup.hw.to_dict(), "hardware_source": setup.hw_source,
                               "arch": setup.spec.arch, "baseline_accuracy": self.baseline})
-        policy.save(self.out / "best_policy")
+        policy.save(self.out / "best_policy", layer_order_of(setup.spec))  # .npy rows: construction order
         summary = {"baseline_accuracy": self.baseline, "target_accuracy": self.target, "best": best,
                    "top_k": top_k, "episodes_run": len(self.records), "seconds": round(seconds, 2),
-                   "finetune_steps": self.steps, "config": plain(cfg.to_dict())}
+                   "finetune_steps": self.steps, "config": plain(cfg.to_dict()), "kernels": kernel_report()}
         atomic_write_json(self.out / "summary.json", summary)
         log.info("best policy: episode %d, accuracy %.2f%%, latency ratio %.3f (%.2fx), reward %.3f",
                  best["episode"], best["accuracy"], best["latency_ratio"], 1 / best["latency_ratio"], best["reward"])
+        barrier(self.dist)
         return SearchResult(best, self.baseline, self.target, len(self.records), self.out, top_k)
 
 
+@scratch_buffers()
 def run_search(config: SearchConfig, *, progress: bool = True,
-               on_episode: Optional[Callable[[dict], None]] = None) -> SearchResult:
+               on_episode: Optional[Callable[[dict], None]] = None, dist: Optional[DistContext] = None) -> SearchResult:
     """Run (or resume) a search; every user error is raised before any training starts.
 
     on_episode: called with each finished episode's record (after its state is written).
+    dist: this process's place in a torchrun run (default: one process on config.device).
     """
     setup = prepare(config)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     saved = saved_search(config)
-    search = Search(config, setup, saved)
+    search = Search(config, setup, saved, dist)
     search.evaluator = search.build_evaluator()  # data and model: their errors come before any file changes
-    if saved is None:
-        clear_outputs(Path(config.output_dir))
-    open_run_dir(config.output_dir)  # also removes temp files a killed write left behind
+    barrier(search.dist)  # every rank has checked the folder before rank 0 changes it
+    if search.dist.is_main:
+        if saved is None:
+            clear_outputs(Path(config.output_dir))
+        open_run_dir(config.output_dir)  # also removes temp files a killed write left behind
     return search.run(progress and config.progress, on_episode)

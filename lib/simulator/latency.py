@@ -8,7 +8,9 @@ Traces the model's layer dims (or reads CIM-AQ's `layer_dimensions` YAML), write
 CIM-AQ-compatible table [layer, w_bit-1, a_bit-1] (µs) and prints a per-layer report; with
 --policy also that policy's breakdown and its ratio to a uniform baseline.
 Table rows are the model's Conv2d/Linear layers in call order (the policy rows);
---include-attention adds nn.MultiheadAttention projections and Q·Kᵀ / A·V matmuls.
+--include-attention adds nn.MultiheadAttention projections and Q·Kᵀ / A·V matmuls (CIM-AQ's ViT rows).
+A traced model's `.npy` policy rows follow its construction order, as CIM-AQ's files do; with
+--layer-dims they follow the YAML's rows.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from lib.cim.hardware import HardwareConfig, HardwareConfigError
 from lib.fileio import atomic_write, atomic_write_json
 from lib.policy import Policy, PolicyError
 from lib.simulator.cost_model import CostModel
+from lib.layer_trace import LayerOrder, build_recording_order, construction_order
+from lib.simulator.attention import attention_rows_message, has_attention_rows
 from lib.simulator.crossbar_cost import ROW_TILINGS, CostError
 from lib.simulator.dims_yaml import read_layer_dims, write_layer_dims
 from lib.simulator.layer_dims import LayerDimsError, trace_layer_dims
@@ -55,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hardware", type=Path, required=True, help="hardware YAML (ours or CIM-AQ's layout)")
     parser.add_argument("--max-bit", type=int, default=8, help="largest w/a bit width in the table (default: 8)")
     parser.add_argument("--output", type=Path, metavar="TABLE.npy", help="where to write the latency table")
-    parser.add_argument("--policy", type=Path, metavar="POLICY", help="policy .npy (L×2 / L×3) or .json to price")
+    parser.add_argument("--policy", type=Path, metavar="POLICY",
+                        help="policy to price: .npy (L×2 / L×3; rows in the model's construction order, as "
+                             "CIM-AQ writes them, or the --layer-dims YAML's order) or .json (rows named)")
     parser.add_argument("--baseline-bits", type=int, nargs=2, default=[8, 8], metavar=("W", "A"),
                         help="uniform bits the ratio is taken against and the report is shown at (default: 8 8)")
     parser.add_argument("--row-tiling", choices=ROW_TILINGS, default=None,
@@ -85,28 +91,43 @@ def _create_model(arch: str, num_classes: int):
 
 
 def _load_dims(args):
+    """(rows to price, the full traced rows or None, where they came from, the .npy row order or None)."""
     if args.layer_dims is not None:
         if args.include_attention:
             logger.warning("--include-attention has no effect with --layer-dims (the YAML lists every row)")
-        return read_layer_dims(args.layer_dims), str(args.layer_dims)
+        return read_layer_dims(args.layer_dims), None, str(args.layer_dims), None
     if not args.arch:
         raise CLIError("give --arch (to trace a model) or --layer-dims FILE.yaml")
     if len(args.input_size) not in (1, 3):
         raise CLIError(f"--input-size takes H or C H W, got {args.input_size}")
     input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
-    model = _create_model(args.arch, args.num_classes)
-    dims = trace_layer_dims(model, input_size, include_attention=args.include_attention)
-    return dims, f"{args.arch} traced at input {args.input_size}"
+    model, ranks = build_recording_order(lambda: _create_model(args.arch, args.num_classes))
+    full = trace_layer_dims(model, input_size, include_attention=True)
+    dims = full if args.include_attention else [d for d in full if d.quantizable]
+    order = construction_order([d.name for d in dims], ranks)
+    return dims, full, f"{args.arch} traced at input {args.input_size}", order
+
+
+def _load_policy(path: Path, order: Optional[LayerOrder], full_dims, include_attention: bool) -> Policy:
+    """The policy at `path` in call order; one with attention rows (by length or names) needs --include-attention."""
+    if full_dims is not None and not include_attention:
+        written = Policy.load(path)  # rows as stored: their count or names show attention rows
+        if has_attention_rows(written, full_dims):
+            raise CLIError(f"{attention_rows_message(written, full_dims, f'policy {str(path)!r}')}; "
+                           f"add --include-attention to price those rows")
+    return Policy.load(path, order)
 
 
 def run(args) -> dict:
     """Do the work of one CLI call; returns the JSON report (also printed as text)."""
     hw = HardwareConfig.from_yaml(args.hardware)
-    dims, source = _load_dims(args)
+    dims, full_dims, source, order = _load_dims(args)
     model = CostModel(hw, dims, args.max_bit, baseline_bits=tuple(args.baseline_bits), row_tiling=args.row_tiling)
     bw, ba = model.baseline_bits
     # The policy is read and priced before anything is written: a bad policy leaves no files.
-    cost = model.policy_cost(Policy.load(args.policy)) if args.policy is not None else None
+    cost = None
+    if args.policy is not None:
+        cost = model.policy_cost(_load_policy(args.policy, order, full_dims, args.include_attention))
     print(f"layer dims: {source} ({len(model)} rows, call order)")
     print(f"hardware: {args.hardware}: {describe_hardware(model.hw)}")
     print(format_layer_report(model, bw, ba))

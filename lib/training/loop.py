@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lib.distributed import SINGLE, DistContext, all_reduce_sum
 from lib.errors import UserError
 from lib.training.metrics import RunningMeter
 
@@ -35,23 +36,28 @@ def _total(loader, max_batches: Optional[int]) -> Optional[int]:
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device | str = "cpu", *, max_batches: Optional[int] = None,
-                    progress: bool = True, desc: str = "train") -> dict:
+                    progress: bool = True, desc: str = "train", dist: DistContext = SINGLE) -> dict:
     """Train over `loader` (at most `max_batches` batches); returns {'loss', 'top1', 'top5', 'samples'}.
 
     A non-finite loss stops training with an error instead of silently wrecking the weights.
+    dist: under torchrun `model` is the DDP-wrapped model and `loader` this rank's shard; the
+    returned metrics are summed over all ranks, and every rank stops together on a non-finite loss.
     """
     model.train()
     meter = RunningMeter()
     bar = tqdm(_batches(loader, max_batches), total=_total(loader, max_batches), desc=desc,
-               disable=not progress, leave=False, dynamic_ncols=True)
+               disable=not (progress and dist.is_main), leave=False, dynamic_ncols=True)
     for step, (images, target) in enumerate(bar):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         output = model(images)
         loss = criterion(output, target)
         loss_value = loss.item()  # one device sync serves the finiteness check and the meter
-        if not math.isfinite(loss_value):
-            raise DivergedError(f"{desc}: loss became {loss_value} at batch {step + 1}; lower the learning rate",
-                                step + 1, loss_value)
+        # the sum over ranks is non-finite when any rank's loss is: every rank stops at the same batch
+        checked = all_reduce_sum([loss_value], dist)[0] if dist.distributed else loss_value
+        if not math.isfinite(checked):
+            bad = loss_value if not math.isfinite(loss_value) else checked
+            raise DivergedError(f"{desc}: loss became {bad} at batch {step + 1}; lower the learning rate",
+                                step + 1, bad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -60,20 +66,24 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             stats = meter.summary()
             bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.1f}")
     bar.close()
-    return meter.summary()
+    return meter.all_reduce(dist).summary()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, criterion: Optional[nn.Module] = None,
              device: torch.device | str = "cpu", *, max_batches: Optional[int] = None,
-             progress: bool = False, desc: str = "eval") -> dict:
-    """Eval-mode pass over `loader`; returns {'loss', 'top1', 'top5', 'samples'} (loss 0 without criterion)."""
+             progress: bool = False, desc: str = "eval", dist: DistContext = SINGLE) -> dict:
+    """Eval-mode pass over `loader`; returns {'loss', 'top1', 'top5', 'samples'} (loss 0 without criterion).
+
+    dist: under torchrun `loader` holds this rank's unpadded shard and the counts are summed over
+    ranks, so the result equals one process evaluating the whole set with the same weights.
+    """
     model.eval()
     meter = RunningMeter()
     for images, target in tqdm(_batches(loader, max_batches), total=_total(loader, max_batches), desc=desc,
-                               disable=not progress, leave=False, dynamic_ncols=True):
+                               disable=not (progress and dist.is_main), leave=False, dynamic_ncols=True):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         output = model(images)
         loss = criterion(output, target).item() if criterion is not None else 0.0
         meter.update(loss, output, target)
-    return meter.summary()
+    return meter.all_reduce(dist).summary()

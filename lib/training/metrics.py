@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from lib.distributed import DistContext, all_reduce_sum
+
 
 def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
     """How many samples have the target among the top-k logits, for each k (k capped at the class count)."""
@@ -30,6 +32,13 @@ class RunningMeter:
         self.loss_sum += float(loss) * n
         self.top1 += c1
         self.top5 += c5
+
+    def all_reduce(self, ctx: DistContext) -> "RunningMeter":
+        """Sum the counts of every rank into this meter (exact: each rank saw disjoint samples)."""
+        self.samples, self.loss_sum, self.top1, self.top5 = all_reduce_sum(
+            [self.samples, self.loss_sum, self.top1, self.top5], ctx)
+        self.samples, self.top1, self.top5 = int(self.samples), int(self.top1), int(self.top5)
+        return self
 
     def summary(self) -> dict:
         """{'loss', 'top1', 'top5' (percent), 'samples'}."""

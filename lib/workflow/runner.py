@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lib.distributed import torchrun_command
 from lib.errors import UserError
 from lib.fileio import atomic_write_json
 from lib.workflow.config import REPO_ROOT
@@ -83,11 +84,19 @@ class Runner:
         argv = [arg.replace(exp, "<experiment>") for arg in step.argv]
         inputs = {str(p).replace(exp, "<experiment>"): file_digest(p) for p in step.inputs if p not in produced}
         upstream = {name: self.tokens.get(name, "") for name in step.depends}
-        payload = json.dumps({"argv": argv, "settings": step.settings, "inputs": inputs, "upstream": upstream},
-                             sort_keys=True, default=str)
+        what = {"argv": argv, "settings": step.settings, "inputs": inputs, "upstream": upstream}
+        if step.processes > 1:  # the batch grows with the processes (one process keeps earlier fingerprints)
+            what["processes"] = step.processes
+        payload = json.dumps(what, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     # ------------------------------------------------------------ running
+    def command(self, step: Step) -> list[str]:
+        """The step's command line: this Python, or torchrun with step.processes processes."""
+        if step.processes > 1:
+            return torchrun_command(step.argv[0], [*step.argv[1:], *step.runtime_args], step.processes, self.python)
+        return [self.python, *step.argv, *step.runtime_args]
+
     def run(self, plan: list[Step]) -> list[StepOutcome]:
         """Run (or skip) every step; raises StepFailed at the first failing step."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +124,7 @@ class Runner:
                                                    "argv": list(step.argv)})
         log.info("%s %-18s %s ...", counter, step.name, state)
         started = time.time()
-        command = [self.python, *step.argv, *step.runtime_args]
+        command = self.command(step)
         returncode = self.execute(step, command)
         seconds = time.time() - started
         if returncode != 0:
@@ -143,6 +152,8 @@ class Runner:
             raise ValueError(f"in-process step {step.name} must be `-m module ...`, got {step.argv[:2]}")
         try:
             return importlib.import_module(step.argv[1]).main([*step.argv[2:], *step.runtime_args])
+        except SystemExit as stop:  # e.g. argparse or cli.setup refusing a value: the exit status it chose
+            return stop.code if isinstance(stop.code, int) else 1
         except Exception:  # noqa: BLE001 - a bug in the step: report it like a crashed subprocess
             log.exception("step %s raised", step.name)
             return 1

@@ -25,6 +25,8 @@ class Step:
         in the fingerprint, as do `settings` (the config values the step uses) and the argv.
     runtime_args: flags that change speed or display, not results (threads, workers, progress).
     resumable: the CLI continues an interrupted run from its checkpoint (`--resume auto`).
+    processes: how many processes run the step (torchrun when > 1: pretrain, finetune and the
+        search; `--batch-size` is per process, so it is part of the fingerprint).
     owns_workdir: the folder is the step's alone, emptied before each fresh run (stage CLIs refuse to
         write over an earlier run's files); false for the report, which writes into the experiment dir.
     in_process: a light `-m module` step (evaluation, report) the runner calls as `module.main(argv)` in its
@@ -43,6 +45,7 @@ class Step:
     resumable: bool = False
     owns_workdir: bool = True
     in_process: bool = False
+    processes: int = 1
 
     def output_paths(self) -> list[Path]:
         return [self.workdir / name for name in self.outputs]
@@ -161,14 +164,16 @@ def _training_steps(config: ResolvedConfig, stage: StageData, base: Path, hardwa
         pretrained = REPO_ROOT / config.raw.models.pretrained
         fp32_argv += ["--pretrained", str(pretrained)]
         inputs = (pretrained,)
+    processes = config.raw.device.nproc_per_node
     fp32 = Step(f"{stage.label}/fp32", tuple(fp32_argv), fp32_dir, ("model_best.pth.tar", "metrics.json"),
-                inputs=inputs, depends=depends, runtime_args=runtime, resumable=True)
+                inputs=inputs, depends=depends, runtime_args=runtime, resumable=True, processes=processes)
     fp32_best = fp32_dir / "model_best.pth.tar"
     int8_argv = ["pretrain.py", *common, "--quant", "uniform", "--w-bit", "8", "--a-bit", "8",
                  "--hardware", str(hardware), "--init", str(fp32_best), "--epochs", str(stage.int8_epochs),
                  "--lr", str(stage.int8_lr), "--output-dir", str(int8_dir)]
     int8 = Step(f"{stage.label}/int8", tuple(int8_argv), int8_dir, ("model_best.pth.tar", "metrics.json"),
-                inputs=(hardware, fp32_best), depends=(fp32.name,), runtime_args=runtime, resumable=True)
+                inputs=(hardware, fp32_best), depends=(fp32.name,), runtime_args=runtime, resumable=True,
+                processes=processes)
     return [fp32, int8]
 
 
@@ -206,7 +211,7 @@ def _search_step(config: ResolvedConfig, stage: StageData, base: Path, hardware:
     return Step(f"{stage.label}/search", tuple(argv), out,
                 ("best_policy.npy", "best_policy.json", "summary.json", "episodes.jsonl"),
                 inputs=(hardware, int8_best), depends=(f"{stage.label}/int8",),
-                runtime_args=_runtime_args(config), resumable=True)
+                runtime_args=_runtime_args(config), resumable=True, processes=raw.device.nproc_per_node)
 
 
 def _final_steps(config: ResolvedConfig, stage: StageData, base: Path, hardware: Path, policy: Path) -> list[Step]:
@@ -220,7 +225,7 @@ def _final_steps(config: ResolvedConfig, stage: StageData, base: Path, hardware:
                "--resume", "auto"]
     finetune = Step(f"{stage.label}/finetune", tuple(ft_argv), ft_dir, ("model_best.pth.tar", "report.json"),
                     inputs=(hardware, int8_best, policy), depends=(f"{stage.label}/int8", "stage1/search"),
-                    runtime_args=_runtime_args(config), resumable=True)
+                    runtime_args=_runtime_args(config), resumable=True, processes=raw.device.nproc_per_node)
     ft_best = ft_dir / "model_best.pth.tar"
     export_argv = ["-m", "lib.export", "--checkpoint", str(ft_best), "--output", str(export_dir / "model.onnx"),
                    "--report", str(export_dir / "export.json"), *_data_args(config, stage)[:2]]

@@ -1,0 +1,53 @@
+"""The crossbar form of a CIM layer (quantized weights, integer weights, cell slices with their
+sign mapping, weight step grid), kept between evaluation forwards while nothing it depends on
+changes.
+
+In evaluation the weights are fixed, yet quantizing, slicing and laying them out costs as much as
+the MVM for a large layer. The cache is keyed by everything the form is computed from: the
+layer's plan (bits, grid), its input mode, and for every weight-side tensor its identity, storage
+and autograd version counter (`Tensor._version`, which every in-place change bumps: an optimizer
+step, `load_state_dict`, `copy_`). A key that differs empties the cache, so a value is never
+served after its inputs changed, whoever changed them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+
+def tensor_versions(tensors) -> tuple:
+    """(identity, storage, dtype, version) of each tensor: changes whenever its values may have."""
+    return tuple((id(t), t.data_ptr(), t.dtype, t._version) for t in tensors)
+
+
+class EvalCache:
+    """Values derived from a layer's parameters, valid while `key()` returns the same value."""
+
+    def __init__(self) -> None:
+        self._key: Hashable = None
+        self._values: dict = {}
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        """Drop every value (frees the memory they hold)."""
+        self._key, self._values = None, {}
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: Callable[[], Hashable], name: str, compute: Callable[[], object]):
+        """The value `name` for the current key: the kept one, or `compute()` kept under the key
+        as it is afterwards (computing may initialise a step in place, which changes the key)."""
+        current = key()
+        if current != self._key:
+            self._key, self._values = current, {}
+        if name in self._values:
+            self.hits += 1
+            return self._values[name]
+        self.misses += 1
+        value = compute()
+        after = key()
+        if after != self._key:
+            self._key, self._values = after, {}
+        self._values[name] = value
+        return value
