@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k-finetune-steps", type=int, default=100, help="finetune batches of the re-evaluation")
     p.add_argument("--min-bit", type=int, default=2, help="lowest bits")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="pp below the INT8 baseline")
+    p.add_argument("--latency-budget", type=float, default=None,
+                   help="hard-budget mode: every evaluated policy is lowered to this latency ratio")
+    p.add_argument("--force-first-last", type=int, default=None, help="bits of the first and last layer")
     p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -102,6 +105,7 @@ def one_search(args, init: Path, hardware: Path, seed: int, strategy: str, out: 
 
     config = SearchConfig(init=str(init), output_dir=str(out), hardware=str(hardware), min_bit=args.min_bit,
                           max_accuracy_drop=args.max_accuracy_drop, episodes=args.episodes, warmup=args.warmup,
+                          latency_budget=args.latency_budget, force_first_last=args.force_first_last,
                           finetune_steps=args.finetune_steps, top_k=args.top_k,
                           top_k_finetune_steps=args.top_k_finetune_steps, batch_size=args.batch_size, seed=seed,
                           strategy=strategy, device=args.device, progress=False, overwrite=True, ddpg=DDPGConfig())
