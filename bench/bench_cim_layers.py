@@ -1,7 +1,7 @@
 """Forward and forward+backward time of CIM layers relative to nn.Conv2d/nn.Linear and Brevitas.
 
 Run by hand: `.venv/bin/python bench/bench_cim_layers.py`. Prints medians and ratios only
-(absolute times depend on the machine). Configuration from issue #3: Conv 64→64 3×3 on 32×32,
+(absolute times depend on the machine). Configuration: Conv 64→64 3×3 on 32×32,
 batch 32, 256×256 arrays (3 row-tiles), 4-bit weights on 2-bit cells (2 slices), 4-bit ADC,
 column granularity; Linear 512→512, batch 256. The ADC-on layers run in both input modes:
 multi-bit (one partial sum of the whole 4-bit input) and bit-serial (4 planes of a 1-bit DAC).
