@@ -87,7 +87,7 @@ def _check_bits(onnx_model, model):
 def _assert_layers_reproduced(model, images) -> None:
     """Each CIM layer's export form gives the layer's own output on the layer's own input (up to
     float order). End to end, float-order differences can flip an ADC rounding in a later layer
-    (BREVITAS_NOTES: ties), so the whole-model comparison is by agreement, not by a tight bound."""
+    (a partial sum exactly on a rounding tie), so the whole-model comparison is by agreement, not by a tight bound."""
     captured = {}
     layers = quantizable_layers(model)
     hooks = [layer.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, (i[0], o)))
@@ -224,7 +224,7 @@ def test_model_is_unchanged_by_export_even_when_it_fails(tmp_path, digits8):
 
 
 def test_silently_broken_graph_is_caught_by_onnxruntime(tmp_path, digits8):
-    """Brevitas exports a weight step varying along input channels without complaint (BREVITAS_NOTES):
+    """Brevitas exports a weight step varying along input channels without complaint (README, "The exported graph"):
     exporting the CIM layers as they are, through the exporter's own Brevitas path, yields a graph
     only onnxruntime rejects — at run time, which is why export_model always runs it."""
     calib, images = digits8

@@ -25,8 +25,10 @@ def test_help(script):
 
 def test_fp32_script_takes_cim_aq_positional_arguments(tmp_path):
     """fp32_model dataset dataset_root epochs suffix lr wandb project gpu batch workers, CIM-AQ's order."""
-    result = bash("run_fp32_pretraining.sh", "custom_tiny_cnn", "digits-small", "", "1", "small", "0.05", "false",
-                  "p", "", "64", "0", RUNS_DIR=str(tmp_path), INPUT_SIZE="16")
+    # The digits root is the session's cache: an empty root would take CIM-AQ's default (data/imagenet100,
+    # inside the repository), as `${3:-...}` does in CIM-AQ's scripts.
+    result = bash("run_fp32_pretraining.sh", "custom_tiny_cnn", "digits-small", os.environ["CIM_AQ_DATA_CACHE"], "1",
+                  "small", "0.05", "false", "p", "", "64", "0", RUNS_DIR=str(tmp_path), INPUT_SIZE="16")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "custom_tiny_cnn_pretrained_small" / "model_best.pth.tar").is_file()
 
