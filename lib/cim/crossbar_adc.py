@@ -5,6 +5,13 @@ kernels, same values and gradients, which a test checks), but as one autograd no
 full-size partial-sum gradient is a private temporary of one backward call and can live in a
 reused scratch buffer (lib.cim.scratch) instead of fresh memory. Used when the ADC can convert
 without inspecting the partial sums first (`PartialSumADC.fusable`).
+
+The backward needs the partial sums again. A layer's partial sums are slices × row-tiles × (out /
+in channels) times its input, and bit-serial inputs multiply them by the DAC cycles: kept for the
+backward, a VGG16 or ResNet-18 at 224 px holds tens of GB of them. Partial sums larger than
+`KEEP_PARTIAL_SUMS_BYTES` are therefore recomputed in the backward from the saved input and array
+weights (the same product, so the same values); smaller ones are kept (recomputing costs about one
+more forward product).
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ from lib.cim.crossbar import CrossbarPlan
 from lib.cim.scratch import SCRATCH
 from lib.cim.tile_products import products_backward, slice_shares
 
+KEEP_PARTIAL_SUMS_BYTES = 64 * 2**20  # a layer's partial sums up to this size are kept for the backward
+
 
 class _CrossbarADC(torch.autograd.Function):
     @staticmethod
@@ -25,8 +34,9 @@ class _CrossbarADC(torch.autograd.Function):
                 lo: int, hi: int, grad_factor: float):
         p = tiles.products(x, w)  # conv (N, H, W, groups·tiles·slices·out); linear (tokens, tiles, slices·out)
         main = p.reshape((-1,) + tuple(gamma.shape))  # (M, groups, tiles·slices, out)
-        ctx.save_for_backward(x, w, main, step, gamma)
-        ctx.tiles, ctx.p_shape, ctx.q_shape = tiles, p.shape, q.shape
+        kept = main if main.numel() * main.element_size() <= KEEP_PARTIAL_SUMS_BYTES else None
+        ctx.save_for_backward(x, w, kept, step, gamma)
+        ctx.tiles, ctx.p_shape, ctx.q_shape, ctx.main_shape = tiles, p.shape, q.shape, main.shape
         ctx.shares = slice_shares(plan, q.dtype, q.device)
         ctx.bounds = (lo, hi, grad_factor)
         return KERNELS.forward(main, step, step * gamma, lo, hi)
@@ -34,6 +44,8 @@ class _CrossbarADC(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, w, main, step, gamma = ctx.saved_tensors
+        if main is None:  # not kept: the forward's product again (see the module docstring)
+            main = ctx.tiles.products(x, w).reshape(ctx.main_shape)
         lo, hi, grad_factor = ctx.bounds
         scratch = SCRATCH.tensor("psum_grad", main.shape, main)
         grad_main, sum_levels, sum_v = KERNELS.backward(grad_y.contiguous(), main, step, gamma, lo, hi, out=scratch)
