@@ -6,16 +6,18 @@ full-size partial-sum gradient is a private temporary of one backward call and c
 reused scratch buffer (lib.cim.scratch) instead of fresh memory. Used when the ADC can convert
 without inspecting the partial sums first (`PartialSumADC.fusable`).
 
-The backward needs the partial sums again. A layer's partial sums are slices × row-tiles × (out /
-in channels) times its input, and bit-serial inputs multiply them by the DAC cycles: kept for the
-backward, a VGG16 or ResNet-18 at 224 px holds tens of GB of them. Partial sums larger than
-`KEEP_PARTIAL_SUMS_BYTES` are therefore recomputed in the backward from the saved input and array
-weights (the same product, so the same values); smaller ones are kept (recomputing costs about one
-more forward product).
+A layer's partial sums are slices × row-tiles × (out / in channels) times its input, and
+bit-serial inputs multiply them by the DAC cycles: whole, a VGG16 or ResNet-18 at 224 px would hold
+tens of GB of them for the backward. Partial sums up to `PARTIAL_SUM_CHUNK_BYTES` are computed at once
+and kept for the backward; larger ones are computed and converted in chunks of input rows (images,
+tokens) of about that size, and each chunk is computed again in the backward from the saved input
+and array weights (the same product of the same rows, so the same values). Memory then stays at
+one chunk whatever the batch, and recomputing costs about one more forward product.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -23,39 +25,99 @@ from lib.cim.adc import step_and_gamma_grads
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.scratch import SCRATCH
-from lib.cim.tile_products import products_backward, slice_shares
+from lib.cim.tile_products import MatmulTiles, products_backward, slice_shares
 
-KEEP_PARTIAL_SUMS_BYTES = 64 * 2**20  # a layer's partial sums up to this size are kept for the backward
+PARTIAL_SUM_CHUNK_BYTES = 64 * 2**20  # partial sums kept whole up to this size, else made in chunks of it
+
+
+def row_chunks(tiles, x: torch.Tensor, columns: int) -> Optional[list[tuple[int, int]]]:
+    """(start, length) blocks of x's rows (dim `_row_dim`) whose partial sums take about
+    PARTIAL_SUM_CHUNK_BYTES each, or None when all of them fit at once."""
+    dim = _row_dim(tiles)
+    items = x.shape[dim]
+    per_item = math.prod(tiles.output_size(x)) // max(items, 1) * columns * x.element_size()
+    if items * per_item <= PARTIAL_SUM_CHUNK_BYTES:
+        return None
+    size = max(1, int(PARTIAL_SUM_CHUNK_BYTES // max(per_item, 1)))
+    return [(start, min(size, items - start)) for start in range(0, items, size)]
+
+
+def _row_dim(tiles) -> int:
+    """The dim of the tiled input that indexes independent rows: tokens (linear) or images (conv)."""
+    return 1 if isinstance(tiles, MatmulTiles) else 0
 
 
 class _CrossbarADC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, w, step, gamma, tiles, plan: CrossbarPlan,
                 lo: int, hi: int, grad_factor: float):
-        p = tiles.products(x, w)  # conv (N, H, W, groups·tiles·slices·out); linear (tokens, tiles, slices·out)
-        main = p.reshape((-1,) + tuple(gamma.shape))  # (M, groups, tiles·slices, out)
-        kept = main if main.numel() * main.element_size() <= KEEP_PARTIAL_SUMS_BYTES else None
-        ctx.save_for_backward(x, w, kept, step, gamma)
-        ctx.tiles, ctx.p_shape, ctx.q_shape, ctx.main_shape = tiles, p.shape, q.shape, main.shape
+        chunks = row_chunks(tiles, x, gamma.numel())
+        ctx.tiles, ctx.q_shape, ctx.chunks = tiles, q.shape, chunks
         ctx.shares = slice_shares(plan, q.dtype, q.device)
         ctx.bounds = (lo, hi, grad_factor)
-        return KERNELS.forward(main, step, step * gamma, lo, hi)
+        coef = step * gamma
+        if chunks is None:
+            p, main = _products(tiles, x, w, gamma)
+            ctx.save_for_backward(x, w, main, step, gamma)
+            return KERNELS.forward(main, step, coef, lo, hi)
+        ctx.save_for_backward(x, w, None, step, gamma)
+        dim = _row_dim(tiles)
+        return torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w, gamma)[1],
+                                          step, coef, lo, hi) for start, length in chunks])
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w, main, step, gamma = ctx.saved_tensors
-        if main is None:  # not kept: the forward's product again (see the module docstring)
-            main = ctx.tiles.products(x, w).reshape(ctx.main_shape)
         lo, hi, grad_factor = ctx.bounds
-        scratch = SCRATCH.tensor("psum_grad", main.shape, main)
-        grad_main, sum_levels, sum_v = KERNELS.backward(grad_y.contiguous(), main, step, gamma, lo, hi, out=scratch)
+        need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_y = grad_y.contiguous()
+        if ctx.chunks is None:
+            grad_x, grad_q, sum_levels, sum_v = _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x, need_q)
+        else:  # each chunk's partial sums again, then its gradients (see the module docstring)
+            dim = _row_dim(ctx.tiles)
+            rows_per_item = grad_y.shape[0] // x.shape[dim]
+            grad_x = torch.empty_like(x) if need_x else None
+            grad_q = sum_levels = sum_v = None
+            for start, length in ctx.chunks:
+                x_chunk = x.narrow(dim, start, length)
+                main = _products(ctx.tiles, x_chunk, w, gamma)[1]
+                grad_y_chunk = grad_y.narrow(0, start * rows_per_item, length * rows_per_item)
+                gx, gq, levels, v = _chunk_backward(ctx, grad_y_chunk, x_chunk, w, main, step, gamma, need_x, need_q)
+                if need_x:
+                    grad_x.narrow(dim, start, length).copy_(gx)
+                if gq is not None:
+                    grad_q = gq if grad_q is None else grad_q.add_(gq)
+                sum_levels = levels if sum_levels is None else sum_levels.add_(levels)
+                sum_v = v if sum_v is None else sum_v.add_(v)
         grad_step, grad_gamma = step_and_gamma_grads(step, gamma, sum_levels, sum_v, grad_factor)
-        rows = main.numel() // (main.shape[-1] * ctx.shares.numel())
-        share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main)
-        grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(ctx.p_shape), ctx.shares,
-                                           ctx.q_shape, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                           share_out=share_out)
         return grad_x, grad_q, None, grad_step, grad_gamma, None, None, None, None, None
+
+
+def _products(tiles, x, w, gamma):
+    """(partial sums as `tiles.products` lays them out, the same viewed (M, groups, tiles·slices, out))."""
+    p = tiles.products(x, w)  # conv (N, H, W, groups·tiles·slices·out); linear (tokens, tiles, slices·out)
+    return p, p.reshape((-1,) + tuple(gamma.shape))
+
+
+def _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x: bool, need_q: bool):
+    """(grad of x, grad of q, Σ_m grad·level, Σ_m grad·v·on_grid) of one block of rows, whose
+    partial-sum gradient lives in the reused scratch buffer."""
+    lo, hi, _ = ctx.bounds
+    scratch = SCRATCH.tensor("psum_grad", main.shape, main)
+    grad_main, sum_levels, sum_v = KERNELS.backward(grad_y, main, step, gamma, lo, hi, out=scratch)
+    rows = main.numel() // (main.shape[-1] * ctx.shares.numel())
+    share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main)
+    p_shape = _products_shape(ctx.tiles, x, main)
+    grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(p_shape), ctx.shares, ctx.q_shape,
+                                       need_x, need_q, share_out=share_out)
+    return grad_x, grad_q, sum_levels, sum_v
+
+
+def _products_shape(tiles, x, main) -> tuple:
+    """The layout `tiles.products` gives the partial sums of x: (N, H, W, columns) or (tokens, tiles, columns)."""
+    if isinstance(tiles, MatmulTiles):
+        return (x.shape[1], tiles.layout.tiles, -1)
+    return tuple(tiles.output_size(x)) + (-1,)
 
 
 def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch.Tensor, tiles,
