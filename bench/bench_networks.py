@@ -3,10 +3,13 @@ and the peak memory of a training step.
 
 Run by hand, not a test:
 
-    .venv/bin/python bench/bench_networks.py                          # every model and configuration
-    .venv/bin/python bench/bench_networks.py --models resnet20 --skip-memory
-    .venv/bin/python bench/bench_networks.py --only memory --memory-model vgg16 --memory-batch 16
-    .venv/bin/python bench/bench_networks.py --profile resnet18 --profile-config default
+    .venv/bin/python bench/bench_networks.py                  # resnet20 + resnet18, VGG16 memory
+    .venv/bin/python bench/bench_networks.py --models vgg16 --configs cim_aq,default-multibit --only timing
+    .venv/bin/python bench/bench_networks.py --only memory --memory-configs default --memory-batch 2
+    .venv/bin/python bench/bench_networks.py --profile vgg16 --profile-config default --profile-batch 2
+
+On a 2-core CPU the default run takes about 15 minutes; a bit-serial VGG16 at 224 px takes minutes
+per training step (8 DAC cycles × 2 slices of crossbar work), hence its opt-in.
 
 Models (random data, one process, timed round-robin so that a change of machine load affects
 every variant alike): resnet20 at 32 px with 10 classes, resnet18 and vgg16 at 224 px with 1000
@@ -52,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from lib.cim import HardwareConfig, calibrate, quantize_model  # noqa: E402
 from lib.cim.adc_kernels import configure_compile  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
+from lib.cli import FlagError, check_minimums, run  # noqa: E402
 from models import create_model  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
@@ -285,15 +289,21 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise SystemExit(f"error: {what} {','.join(bad) or repr(text)} not known: expected a comma-separated "
-                         f"list of {', '.join(allowed)}")
+        raise FlagError(f"{what} {','.join(bad) or repr(text)} is not allowed: expected a comma-separated "
+                        f"list of {', '.join(allowed)}")
     return names
 
 
 def main() -> None:
+    raise SystemExit(run(_main))
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(NETWORKS), help="comma-separated models to time")
-    parser.add_argument("--configs", default=",".join(CROSSBARS), help="comma-separated CIM configurations")
+    parser.add_argument("--models", default="resnet20,resnet18",
+                        help=f"comma-separated models to time, of {', '.join(NETWORKS)}")
+    parser.add_argument("--configs", default=",".join(CROSSBARS),
+                        help=f"comma-separated CIM configurations to time, of {', '.join(CROSSBARS)}")
     parser.add_argument("--batch", type=int, default=8, help="batch of the timed steps")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant first")
@@ -302,6 +312,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["all", "timing", "memory"], default="all")
     parser.add_argument("--memory-model", default="vgg16", choices=list(NETWORKS), help="model of the memory figure")
     parser.add_argument("--memory-batch", type=int, default=16, help="batch of the memory figure")
+    parser.add_argument("--memory-configs", default="cim_aq,default-multibit",
+                        help="comma-separated CIM configurations of the memory figure")
     parser.add_argument("--memory-limit-gb", type=float, default=0,
                         help="address-space cap of each memory subprocess on CPU (0: 90%% of the memory available)")
     parser.add_argument("--profile", choices=list(NETWORKS), help="profile one CIM training step of this model instead")
@@ -311,13 +323,13 @@ def main() -> None:
     parser.add_argument("--memory-probe", choices=[FP32, *CROSSBARS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        raise SystemExit(f"error: --device {args.device!r} is not available: expected cpu"
-                         f"{' or cuda' if torch.cuda.is_available() else ' (no CUDA device here)'}")
-    for flag in ("batch", "repeats", "memory_batch", "profile_batch"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: expected >= 1")
+        raise FlagError(f"--device {args.device!r} is not available: expected cpu"
+                        f"{' or cuda' if torch.cuda.is_available() else ' (no CUDA device here)'}")
+    check_minimums(args, {"batch": 1, "repeats": 1, "warmup": 0, "threads": 0, "memory_batch": 1,
+                          "profile_batch": 1, "profile_rows": 1})
     models = _choices(args.models, NETWORKS, "--models")
     configs = _choices(args.configs, CROSSBARS, "--configs")
+    memory_configs = _choices(args.memory_configs, CROSSBARS, "--memory-configs")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -340,7 +352,7 @@ def main() -> None:
         for arch, ratios in table.items():
             print(f"  {arch:<10}" + "".join(f"{ratios[c][0]:6.2f} / {ratios[c][1]:5.2f}".rjust(22) for c in configs))
     if args.only in ("all", "memory"):
-        measure_memory(NETWORKS[args.memory_model], configs, args.memory_batch, device, args.threads,
+        measure_memory(NETWORKS[args.memory_model], memory_configs, args.memory_batch, device, args.threads,
                        args.memory_limit_gb)
 
 
