@@ -57,12 +57,12 @@ class _CrossbarADC(torch.autograd.Function):
         ctx.bounds = (lo, hi, grad_factor)
         coef = step * gamma
         if chunks is None:
-            p, main = _products(tiles, x, w, gamma)
+            main = _products(tiles, x, w, gamma)
             ctx.save_for_backward(x, w, main, step, gamma)
             return KERNELS.forward(main, step, coef, lo, hi)
         ctx.save_for_backward(x, w, None, step, gamma)
         dim = _row_dim(tiles)
-        return torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w, gamma)[1],
+        return torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w, gamma),
                                           step, coef, lo, hi) for start, length in chunks])
 
     @staticmethod
@@ -80,7 +80,7 @@ class _CrossbarADC(torch.autograd.Function):
             grad_q = sum_levels = sum_v = None
             for start, length in ctx.chunks:
                 x_chunk = x.narrow(dim, start, length)
-                main = _products(ctx.tiles, x_chunk, w, gamma)[1]
+                main = _products(ctx.tiles, x_chunk, w, gamma)
                 grad_y_chunk = grad_y.narrow(0, start * rows_per_item, length * rows_per_item)
                 gx, gq, levels, v = _chunk_backward(ctx, grad_y_chunk, x_chunk, w, main, step, gamma, need_x, need_q)
                 if need_x:
@@ -94,9 +94,9 @@ class _CrossbarADC(torch.autograd.Function):
 
 
 def _products(tiles, x, w, gamma):
-    """(partial sums as `tiles.products` lays them out, the same viewed (M, groups, tiles·slices, out))."""
-    p = tiles.products(x, w)  # conv (N, H, W, groups·tiles·slices·out); linear (tokens, tiles, slices·out)
-    return p, p.reshape((-1,) + tuple(gamma.shape))
+    """The partial sums of x viewed (M, groups, tiles·slices, out) (`tiles.products` lays them out
+    (N, H, W, groups·tiles·slices·out) for a conv, (tokens, tiles, slices·out) for a linear layer)."""
+    return tiles.products(x, w).reshape((-1,) + tuple(gamma.shape))
 
 
 def _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x: bool, need_q: bool):
