@@ -8,7 +8,8 @@ Run by hand, not a test:
     .venv/bin/python bench/bench_networks.py --only memory --memory-configs default --memory-batch 2
     .venv/bin/python bench/bench_networks.py --profile vgg16 --profile-config default --profile-batch 2
 
-On a 2-core CPU the default run takes about 15 minutes; a bit-serial VGG16 at 224 px takes minutes
+On a loaded 2-core CPU the default run took about 35 minutes (10 of timing, 25 of VGG16 memory); a
+bit-serial VGG16 at 224 px takes minutes
 per training step (8 DAC cycles × 2 slices of crossbar work), hence its opt-in.
 
 Models (random data, one process, timed round-robin so that a change of machine load affects
