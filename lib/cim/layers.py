@@ -186,8 +186,9 @@ class CIMLayerMixin:
     def set_bits(self, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> None:
         """Change bit widths in place: re-derive slices and grids, re-initialise affected steps.
 
-        Weight steps re-initialise from the weights (LSQ), input steps from the running |x|
-        statistics, ADC steps from the next training batch's partial sums.
+        Weight steps re-initialise to the least quantization error on the weights, input steps to
+        the least error on the next training batch (lib.cim.steps.mse_step), ADC steps from the
+        next training batch's partial sums.
         """
         check_bits("w_bit", w_bit)
         check_bits("a_bit", a_bit)
