@@ -71,6 +71,7 @@ class _FusedWeight(torch.autograd.Function):
         ctx.save_for_backward(w, step, tile_index, lo, hi)
         ctx.per_tile = per_tile
         ctx.mark_non_differentiable(slices)
+        ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
         return levels, slices
 
     @staticmethod

@@ -142,7 +142,11 @@ class CIMLayerMixin:
         side (`ComposedWeights` or `FusedWeights`); kept in evaluation."""
         if not self._caches_crossbar_form():
             return weights.crossbar(tiles)
-        return self.eval_cache.get(self._eval_cache_key, "crossbar", lambda: weights.crossbar(tiles))
+
+        def compute():
+            q, step_grid, stored = weights.crossbar(tiles)
+            return q, step_grid, tiles.packed(stored)
+        return self.eval_cache.get(self._eval_cache_key, "crossbar", compute)
 
     def _fuses_weight_path(self) -> bool:
         """Whether this forward takes the fused weight kernels (lib.cim.fused_weight): whenever the
@@ -377,7 +381,11 @@ class ComposedWeights:
         return self.quant_weight.value
 
     def step_grid(self) -> torch.Tensor:
-        return self.layer._step_grid(self.quant_weight.scale)
+        layer = self.layer
+        if not layer._caches_crossbar_form():
+            return layer._step_grid(self.quant_weight.scale)
+        return layer.eval_cache.get(layer._eval_cache_key, "step_grid",
+                                    lambda: layer._step_grid(self.quant_weight.scale))
 
     def crossbar(self, tiles):
         """(integer weights q, weight step per (group, tile, out), array weight)."""
