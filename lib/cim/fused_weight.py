@@ -20,43 +20,50 @@ from lib.cim.adc_kernels import KERNELS, grid_bounds
 from lib.cim.crossbar import CellSlicing, cell_values
 
 
-def _levels(w, step, tile_index, lo, hi):
-    """clamp(round(w / step), lo, hi) with w (rows, channels, kernel elems) and the step per
-    (row, row-tile) read at each channel's tile."""
-    return torch.clamp(torch.round(w / step[:, tile_index].unsqueeze(-1)), lo, hi)
-
-
-def _forward_functional(w, step, tile_index, lo, hi, slicing: CellSlicing):
-    levels = _levels(w, step, tile_index, lo, hi)
+def _forward_functional(w, step, lo, hi, slicing: CellSlicing):
+    """(clamp(round(w / step), lo, hi), its cell slices) for w (rows, tiles, weights per tile row)
+    and one step per (row, tile): the step broadcasts along the contiguous last dim."""
+    levels = torch.clamp(torch.round(w / step.unsqueeze(-1)), lo, hi)
     return levels, cell_values(levels, slicing)
 
 
-def _forward_eager(w, step, tile_index, lo, hi, slicing: CellSlicing):
-    levels = torch.round(w / step[:, tile_index].unsqueeze(-1)).clamp_(lo, hi)
+def _forward_eager(w, step, lo, hi, slicing: CellSlicing):
+    levels = torch.round(w / step.unsqueeze(-1)).clamp_(lo, hi)
     return levels, cell_values(levels, slicing)
 
 
-def _backward_functional(grad, w, step, tile_index, lo, hi, per_tile: int, tiles: int):
-    """(grad wrt w, grad wrt step (rows, tiles)): one pass over the weight."""
-    s = step[:, tile_index].unsqueeze(-1)
+def _backward_functional(grad, w, step, lo, hi):
+    """(grad wrt w, grad wrt step (rows, tiles)) from the levels' gradient: one pass."""
+    s = step.unsqueeze(-1)
     v = w / s
     rounded = torch.round(v)
-    on_grid = (rounded >= lo) & (rounded <= hi)
-    g = torch.where(on_grid, grad, 0.0)
-    per_channel = (g * v).sum(dim=-1)
-    padded = F.pad(per_channel, (0, per_tile * tiles - per_channel.shape[1]))
-    return g / s, -padded.view(per_channel.shape[0], tiles, per_tile).sum(dim=-1) / step
+    g = torch.where((rounded >= lo) & (rounded <= hi), grad, 0.0)
+    return g / s, -(g * v).sum(dim=-1) / step
 
 
-def _backward_eager(grad, w, step, tile_index, lo, hi, per_tile: int, tiles: int):
-    s = step[:, tile_index].unsqueeze(-1)
+def _backward_eager(grad, w, step, lo, hi):
+    s = step.unsqueeze(-1)
     v = w / s
     rounded = torch.round(v)
-    on_grid = (rounded >= lo).logical_and_(rounded <= hi)
-    g = grad * on_grid
-    per_channel = (v.mul_(g)).sum(dim=-1)
-    sums = per_channel.new_zeros(per_channel.shape[0], tiles).index_add_(1, tile_index, per_channel)
+    g = grad * (rounded >= lo).logical_and_(rounded <= hi)
+    sums = v.mul_(g).sum(dim=-1)
     return g.div_(s), sums.div_(step).neg_()
+
+
+def _by_tile(x: torch.Tensor, tiles: int, pad: int) -> torch.Tensor:
+    """(rows, channels, kernel elems) → (rows, tiles, channels_per_tile·kernel elems), the ragged
+    tile zero-padded (a copy only then)."""
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(x.shape[0], tiles, -1)
+
+
+def _unpadded(x: torch.Tensor, shape, pad: int) -> torch.Tensor:
+    """Inverse of `_by_tile` for a tensor with leading dims, to `shape` (channels, kernel elems last)."""
+    x = x.reshape(x.shape[:-2] + (-1,) + tuple(shape[-1:]))
+    if pad:
+        x = x[..., :shape[-2], :].contiguous()
+    return x.reshape(shape)
 
 
 class _FusedWeight(torch.autograd.Function):
@@ -65,21 +72,23 @@ class _FusedWeight(torch.autograd.Function):
     nodes route their gradient to the levels, see lib.cim.tile_products)."""
 
     @staticmethod
-    def forward(ctx, w, step, tile_index, lo, hi, slicing: CellSlicing, per_tile: int):
-        levels, slices = KERNELS.run("weight_forward", _forward_functional, _forward_eager, w,
-                                     w, step, tile_index, lo, hi, slicing)
-        ctx.save_for_backward(w, step, tile_index, lo, hi)
-        ctx.per_tile = per_tile
+    def forward(ctx, w, step, lo, hi, slicing: CellSlicing, pad: int):
+        tiled = _by_tile(w, step.shape[1], pad)
+        levels, slices = KERNELS.run("weight_forward", _forward_functional, _forward_eager, tiled,
+                                     tiled, step, lo, hi, slicing)
+        ctx.save_for_backward(tiled, step, lo, hi)
+        ctx.shape, ctx.pad = w.shape, pad
         ctx.mark_non_differentiable(slices)
         ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
-        return levels, slices
+        return _unpadded(levels, w.shape, pad), _unpadded(slices, (-1,) + tuple(w.shape), pad)
 
     @staticmethod
     def backward(ctx, grad_levels, _grad_slices):
-        w, step, tile_index, lo, hi = ctx.saved_tensors
-        grad_w, grad_step = KERNELS.run("weight_backward", _backward_functional, _backward_eager, w,
-                                        grad_levels, w, step, tile_index, lo, hi, ctx.per_tile, step.shape[1])
-        return grad_w, grad_step, None, None, None, None, None
+        tiled, step, lo, hi = ctx.saved_tensors
+        grad = _by_tile(grad_levels, step.shape[1], ctx.pad)
+        grad_w, grad_step = KERNELS.run("weight_backward", _backward_functional, _backward_eager, tiled,
+                                        grad, tiled, step, lo, hi)
+        return _unpadded(grad_w, ctx.shape, ctx.pad), grad_step, None, None, None, None
 
 
 class FusedWeights:
@@ -105,8 +114,7 @@ class FusedWeights:
         step = self._grid.permute(0, 2, 1).reshape(groups * out, tiles)
         w = weight.reshape(groups * out, lay.in_channels_per_group, -1)
         lo, hi = grid_bounds(weight, *layer.plan.weight_range())
-        levels, slices = _FusedWeight.apply(w, step, layer.weight_step_module.tile_index, lo, hi,
-                                            layer.plan.slicing, lay.channels_per_tile)
+        levels, slices = _FusedWeight.apply(w, step, lo, hi, layer.plan.slicing, lay.pad)
         return levels.view(weight.shape), slices.view((-1,) + tuple(weight.shape))
 
     def crossbar(self, tiles):
