@@ -9,7 +9,7 @@ Brevitas' weight quantizer followed by `value / scale` and the slicing compute t
 and gradients in a chain of full-size elementwise ops; `FusedWeights` is what the layers use
 instead in training (see `CIMLayerMixin.forward_impl`). The LSQ gradient scale 1/sqrt(n·Q_p)
 and the step's granularity stay with the step module (`WeightStep.scaled_step`): only the small
-step grid is expanded per weight, inside the kernels.
+step grid goes into the kernels, broadcast along each tile row of the weight.
 """
 from __future__ import annotations
 
