@@ -13,6 +13,8 @@ step grid goes into the kernels, broadcast along each tile row of the weight.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -20,16 +22,17 @@ from lib.cim.adc_kernels import KERNELS, grid_bounds
 from lib.cim.crossbar import CellSlicing, cell_values
 
 
-def _forward_functional(w, step, lo, hi, slicing: CellSlicing):
-    """(clamp(round(w / step), lo, hi), its cell slices) for w (rows, tiles, weights per tile row)
-    and one step per (row, tile): the step broadcasts along the contiguous last dim."""
+def _forward_functional(w, step, lo, hi, slicing: Optional[CellSlicing]):
+    """(clamp(round(w / step), lo, hi), its cell slices or None without `slicing`) for w (rows,
+    tiles, weights per tile row) and one step per (row, tile): the step broadcasts along the
+    contiguous last dim."""
     levels = torch.clamp(torch.round(w / step.unsqueeze(-1)), lo, hi)
-    return levels, cell_values(levels, slicing)
+    return levels, None if slicing is None else cell_values(levels, slicing)
 
 
-def _forward_eager(w, step, lo, hi, slicing: CellSlicing):
+def _forward_eager(w, step, lo, hi, slicing: Optional[CellSlicing]):
     levels = torch.round(w / step.unsqueeze(-1)).clamp_(lo, hi)
-    return levels, cell_values(levels, slicing)
+    return levels, None if slicing is None else cell_values(levels, slicing)
 
 
 def _backward_functional(grad, w, step, lo, hi):
@@ -72,14 +75,16 @@ class _FusedWeight(torch.autograd.Function):
     nodes route their gradient to the levels, see lib.cim.tile_products)."""
 
     @staticmethod
-    def forward(ctx, w, step, lo, hi, slicing: CellSlicing, pad: int):
+    def forward(ctx, w, step, lo, hi, slicing: Optional[CellSlicing], pad: int):
         tiled = _by_tile(w, step.shape[1], pad)
         levels, slices = KERNELS.run("weight_forward", _forward_functional, _forward_eager, tiled,
                                      tiled, step, lo, hi, slicing)
         ctx.save_for_backward(tiled, step, lo, hi)
         ctx.shape, ctx.pad = w.shape, pad
-        ctx.mark_non_differentiable(slices)
         ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
+        if slices is None:
+            return _unpadded(levels, w.shape, pad), None
+        ctx.mark_non_differentiable(slices)
         return _unpadded(levels, w.shape, pad), _unpadded(slices, (-1,) + tuple(w.shape), pad)
 
     @staticmethod
@@ -107,15 +112,17 @@ class FusedWeights:
     def step_grid(self) -> torch.Tensor:
         return self._grid
 
-    def _levels_and_slices(self):
+    def _levels_and_slices(self, sliced: bool = True):
+        """The integer levels (the weight's shape) and, when `sliced`, their cell slices (S, ...)."""
         layer = self.layer
         lay, weight = layer.layout, layer.weight
         groups, tiles, out = self._grid.shape
         step = self._grid.permute(0, 2, 1).reshape(groups * out, tiles)
         w = weight.reshape(groups * out, lay.in_channels_per_group, -1)
         lo, hi = grid_bounds(weight, *layer.plan.weight_range())
-        levels, slices = _FusedWeight.apply(w, step, lo, hi, layer.plan.slicing, lay.pad)
-        return levels.view(weight.shape), slices.view((-1,) + tuple(weight.shape))
+        slicing = layer.plan.slicing if sliced else None
+        levels, slices = _FusedWeight.apply(w, step, lo, hi, slicing, lay.pad)
+        return levels.view(weight.shape), None if slices is None else slices.view((-1,) + tuple(weight.shape))
 
     def crossbar(self, tiles):
         """(integer weights q, weight step per (group, tile, out), array weight)."""
@@ -125,5 +132,5 @@ class FusedWeights:
     @property
     def value(self) -> torch.Tensor:
         """The dequantized weight: levels · step."""
-        q, _ = self._levels_and_slices()
+        q, _ = self._levels_and_slices(sliced=False)
         return q * self.layer.weight_step_module.expand_to_weight(self.scaled_step)
