@@ -1,8 +1,8 @@
 """CIMConv2d / CIMLinear: Brevitas quantized layers whose forward is the tiled, bit-sliced
 crossbar MVM with ADC quantization of every row-tile × slice (× input plane) partial sum.
 
-Per forward: quantize the input (Brevitas, LSQ) and the weight (Brevitas, LSQ step per
-granularity); split the input into DAC planes (bit-serial mode) stacked along the batch;
+Per forward: quantize the input (Brevitas, LSQ) and the weight (LSQ step per granularity: in
+training by the fused kernels of lib.cim.fused_weight, else by Brevitas); split the input into DAC planes (bit-serial mode) stacked along the batch;
 split the integer weights into cell slices; compute every plane × row-tile × slice × column
 partial sum in ONE grouped conv (or batched matmul); convert them with the ADC while applying
 the digital shift (2^(s·c)) and weight step; sum over tiles and slices; shift-and-add the
