@@ -154,10 +154,11 @@ class WeightStep(_LazyStep):
         self.step = nn.Parameter(torch.ones(shape))
         self.register_buffer("tile_index", tile_layout.tile_of_channel(), persistent=False)
 
-    def grid(self) -> torch.Tensor:
-        """The step as (groups, tiles, out_per_group): what the crossbar's digital scaling uses."""
+    def grid(self, step: torch.Tensor | None = None) -> torch.Tensor:
+        """The step (default: the positive learned one; or `scaled_step`'s) as (groups, tiles,
+        out_per_group): what the crossbar's digital scaling uses."""
         g, t, o = self.layout.groups, self.layout.tiles, self.layout.out_channels_per_group
-        step = positive(self.step)
+        step = positive(self.step) if step is None else step
         if self.granularity == "layer":
             return step.view(1, 1, 1).expand(g, t, o)
         if self.granularity == "channel":
@@ -199,11 +200,16 @@ class WeightStep(_LazyStep):
         self._initialized = True
         self._fit_error = False
 
-    def forward(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    def scaled_step(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """The positive step in its own shape, with LSQ's gradient scale 1/sqrt(n·Q_p); set from
+        `weight` first if not yet initialised."""
         if not self._initialized:
             self.initialize(weight, float(threshold))
         factor = torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step())
-        return self.expand_to_weight(scale_grad(positive(self.step), factor))
+        return scale_grad(positive(self.step), factor)
+
+    def forward(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        return self.expand_to_weight(self.scaled_step(weight, threshold))
 
     def expand_to_weight(self, step: torch.Tensor) -> torch.Tensor:
         trailing = (1,) * (self.weight_ndim - 2)
