@@ -7,7 +7,10 @@ column granularity; Linear 512→512, batch 256. The ADC-on layers run in both i
 multi-bit (one partial sum of the whole 4-bit input) and bit-serial (4 planes of a 1-bit DAC).
 The eval section (`--only eval`) times eval-mode forwards with the crossbar form kept between
 forwards (the default) and recomputed each time: the conv above, and Linear 4096→4096, batch 16,
-w8a8 on run/hardware/default.yaml.
+w8a8 on run/hardware/default.yaml. The large-linear section (`--only large-linear`) times VGG16's
+first classifier layer as CIM-AQ maps it: CIMLinear 25088→4096, batch 16, w8a8 on
+run/hardware/cim_aq_default.yaml, eval forward and forward+backward, against nn.Linear and
+Brevitas' per-tensor QuantLinear.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
 from lib.model_spec import DEFAULT_HARDWARE  # noqa: E402
+
+CIM_AQ_HARDWARE = DEFAULT_HARDWARE.parent / "cim_aq_default.yaml"
 
 
 def forward_only(layer, x):
@@ -82,8 +87,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    parser.add_argument("--only", choices=["all", "train", "eval"], default="all",
-                        help="train: the train-mode comparisons; eval: the eval-mode (cached crossbar form) ones")
+    parser.add_argument("--large-repeats", type=int, default=3,
+                        help="timed runs per measurement of the large-linear section (median)")
+    parser.add_argument("--only", choices=["all", "train", "eval", "large-linear"], default="all",
+                        help="train: the train-mode comparisons; eval: the eval-mode (cached crossbar form) "
+                             "ones; large-linear: CIMLinear 25088->4096 on CIM-AQ's default crossbar")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +106,9 @@ def main() -> None:
             train_mode(hw, hw_off, hw_serial, args.repeats)
     if args.only in ("all", "eval"):
         eval_mode(hw, hw_serial, args.repeats)
+    if args.only in ("all", "large-linear"):
+        with scratch_buffers():
+            large_linear(args.large_repeats)
 
 
 def eval_mode(hw: HardwareConfig, hw_serial: HardwareConfig, repeats: int) -> None:
@@ -122,6 +133,31 @@ def eval_mode(hw: HardwareConfig, hw_serial: HardwareConfig, repeats: int) -> No
     }
     compare_eval(f"Linear 4096->4096, batch 16, w8a8, {DEFAULT_HARDWARE.name}", layers, torch.randn(16, 4096),
                  repeats)
+
+
+def large_linear(repeats: int) -> None:
+    """VGG16's 25088->4096 classifier layer, batch 16, w8a8 on CIM-AQ's default crossbar: eval
+    forward (crossbar form cached) and train-mode forward+backward."""
+    hw = HardwareConfig.from_yaml(CIM_AQ_HARDWARE)
+    linear = nn.Linear(25088, 4096)
+    x = torch.randn(16, 25088)
+    layers = {
+        "torch": linear,
+        "brevitas QuantLinear": QuantLinear(25088, 4096, weight_bit_width=8),
+        "CIMLinear": CIMLinear.from_float(linear, hw, 8, 8),
+    }
+    cim = layers["CIMLinear"]
+    print(f"\nlarge linear: row-tiles {cim.layout.tiles}, slices {cim.slices}, {hw.mapping}, "
+          f"{hw.weight_granularity} weight steps")
+    name = f"Linear 25088->4096, batch 16, w8a8, {CIM_AQ_HARDWARE.name}"
+    compare_eval(name, layers, x, repeats)
+    for layer in layers.values():
+        layer.train()
+    fwd_bwd = round_robin_medians({k: forward_backward(l, x) for k, l in layers.items()}, repeats, warmup=1)
+    print(f"\n{name}, train  (median of {repeats}, round-robin; ratios vs torch)")
+    for label in layers:
+        print(f"  {label:<26} forward+backward {fwd_bwd[label]:7.2f} s {fwd_bwd[label] / fwd_bwd['torch']:6.2f}x "
+              f"(vs brevitas {fwd_bwd[label] / fwd_bwd['brevitas QuantLinear']:5.2f}x)")
 
 
 def train_mode(hw: HardwareConfig, hw_off: HardwareConfig, hw_serial: HardwareConfig, repeats: int) -> None:

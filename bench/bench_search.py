@@ -6,9 +6,11 @@ eval, rest; rest should stay <= 5% of an episode), torch.compile graph compilati
 after the first episodes: a search changes bits every episode and must not keep recompiling),
 resident memory (and CUDA peak) early vs late in the run, and the best feasible policy's latency
 ratio vs uniform 8-bit with its search-split accuracy against the INT8 baseline. `--final-epochs N`
-also finetunes each best policy with finetune.py and compares its test top-1 with the INT8 model's.
+also finetunes each best policy with finetune.py and compares its test top-1 with uniform 8-bit
+finetuned the same way on the same hardware.
 
-It starts from the INT8 checkpoint of `make demo` (runs/demo/pretrain_int8/model_best.pth.tar).
+It starts from the stage-2 INT8 checkpoint of `make demo`
+(runs/workflow/demo_resnet20_default/stage2_digits/int8/model_best.pth.tar).
 When that file is absent it builds one with pretrain.py first (FP32, then uniform INT8 QAT) and
 says so.
 
@@ -30,13 +32,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lib.cim.hardware import HardwareConfig  # noqa: E402
 from lib.fileio import atomic_write_json  # noqa: E402
 from lib.search import DDPGConfig, SearchConfig, run_search  # noqa: E402
 
-DEMO_INT8 = REPO / "runs" / "demo" / "pretrain_int8" / "model_best.pth.tar"
-HARDWARES = [REPO / "run" / "hardware" / "default.yaml", REPO / "run" / "hardware" / "cell2bit.yaml"]
+DEMO_INT8 = REPO / "runs" / "workflow" / "demo_resnet20_default" / "stage2_digits" / "int8" / "model_best.pth.tar"
+HARDWARES = [REPO / "run" / "hardware" / "cim_aq_default.yaml", REPO / "run" / "hardware" / "cell2bit.yaml"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,6 +59,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latency-budget", type=float, default=None,
                    help="hard-budget mode: every evaluated policy is lowered to this latency ratio")
     p.add_argument("--force-first-last", type=int, default=None, help="bits of the first and last layer")
+    p.add_argument("--search-holdout", type=float, default=0.25,
+                   help="fraction of the training images held out as the search split (0.1 = 144 digits)")
+    p.add_argument("--finetune-lr", type=float, default=0.001, help="per-episode finetune learning rate")
+    p.add_argument("--input-mode", choices=("multi-bit", "bit-serial", "as-is"), default="multi-bit",
+                   help="input mode the layers train in (latency is priced as the YAML says either way); "
+                        "multi-bit is the fast QAT approximation, as-is keeps the YAML's")
     p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -83,6 +93,19 @@ def ensure_int8(args, out: Path) -> Path:
     return out / "int8" / "model_best.pth.tar"
 
 
+def training_hardware(args, path: Path, out: Path) -> Path:
+    """The hardware YAML with the layers' input mode set as asked (a copy in the output folder)."""
+    if args.input_mode == "as-is":
+        return path
+    hw = HardwareConfig.from_yaml(path)
+    if hw.input_mode == args.input_mode:
+        return path
+    copy = out / f"{path.stem}_{args.input_mode}.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    hw.with_overrides(input_mode=args.input_mode).to_yaml(copy)
+    return copy
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -104,6 +127,7 @@ def one_search(args, init: Path, hardware: Path, seed: int, strategy: str, out: 
                         "time": time.perf_counter()})
 
     config = SearchConfig(init=str(init), output_dir=str(out), hardware=str(hardware), min_bit=args.min_bit,
+                          search_holdout=args.search_holdout, finetune_lr=args.finetune_lr,
                           max_accuracy_drop=args.max_accuracy_drop, episodes=args.episodes, warmup=args.warmup,
                           latency_budget=args.latency_budget, force_first_last=args.force_first_last,
                           finetune_steps=args.finetune_steps, top_k=args.top_k,
@@ -121,7 +145,7 @@ def one_search(args, init: Path, hardware: Path, seed: int, strategy: str, out: 
     per_episode = sum(split.values())
     early = samples[min(len(samples) - 1, 4)]
     return {
-        "hardware": hardware.name, "seed": seed, "strategy": strategy, "episodes": len(records),
+        "hardware": hardware.name, "hardware_path": str(hardware), "seed": seed, "strategy": strategy, "episodes": len(records),
         "evaluated": len(evaluated), "wall_s": round(wall, 1),
         "episode_s": round(per_episode, 3), "episode_wall_s": round(statistics.mean(episode_times), 3)
         if episode_times else None, "split_s": {k: round(v, 3) for k, v in split.items()},
@@ -138,11 +162,12 @@ def one_search(args, init: Path, hardware: Path, seed: int, strategy: str, out: 
 def final_check(args, init: Path, row: dict, out: Path) -> dict:
     """finetune.py on the best policy; test top-1 against the INT8 checkpoint's test top-1."""
     run(["finetune.py", "--policy", row["best_policy"], "--init", init, "--hardware",
-         REPO / "run" / "hardware" / row["hardware"], "--epochs", args.final_epochs, "--lr", "0.005",
+         row["hardware_path"], "--epochs", args.final_epochs, "--lr", "0.005",
          "--batch-size", "64", "--workers", "0", "--threads", str(args.threads), "--no-progress", "--no-export",
          "--output-dir", out])
     report = json.loads((out / "report.json").read_text())
-    return {"test_top1": report["accuracy"]["test_top1"], "latency_ratio": report["latency_ratio"]}
+    return {"test_top1": report["accuracy"]["test_top1"], "deployed_top1": report["accuracy"].get("deployed_top1"),
+            "latency_ratio": report["latency_ratio"]}
 
 
 def main() -> int:
@@ -153,7 +178,8 @@ def main() -> int:
     os.environ.setdefault("CIM_AQ_DATA_CACHE", str(REPO / "data_cache"))
     init = ensure_int8(args, out)
     rows = []
-    for hardware in args.hardware:
+    hardwares = [training_hardware(args, path, out) for path in args.hardware]
+    for hardware in hardwares:
         for seed in args.seeds:
             for strategy in args.strategies:
                 row = one_search(args, init, hardware, seed, strategy, out / f"{hardware.stem}_{strategy}_s{seed}")
@@ -168,15 +194,21 @@ def main() -> int:
                       f"{row['rss_mb_last']:.0f} MB | best ep {best['episode']}: ratio {best['latency_ratio']:.3f} "
                       f"({1 / best['latency_ratio']:.2f}x) acc {best['accuracy']:.2f}% vs INT8 "
                       f"{row['baseline_accuracy']:.2f}% feasible={best['feasible']}"
-                      + (f" | test top-1 {row['final']['test_top1']:.2f}%" if "final" in row else ""), flush=True)
+                      + (f" | test top-1 {row['final']['test_top1']:.2f}% (deployed bit-serial "
+                         f"{row['final']['deployed_top1']:.2f}%)" if "final" in row else ""), flush=True)
     if args.final_epochs > 0:
-        int8_eval = out / "int8_eval.json"
-        run(["pretrain.py", "--evaluate", "--resume", init, "--metrics-out", int8_eval, "--workers", "0",
-             "--no-progress", "--threads", str(args.threads)])
-        print(f"INT8 test top-1: {json.loads(int8_eval.read_text())['val']['top1']:.2f}%")
-    for hardware in args.hardware:
+        for hardware in hardwares:  # the INT8 reference: uniform 8-bit finetuned the same way on the same hardware
+            layers = len(rows[0]["best"]["policy"])
+            uniform = out / "uniform_w8a8.npy"
+            np.save(uniform, np.full((layers, 2), 8, dtype=np.int64))
+            final = final_check(args, init, {"best_policy": str(uniform), "hardware_path": str(hardware)},
+                                out / f"final_{hardware.stem}_int8")
+            print(f"{hardware.stem:16s} INT8 after the same {args.final_epochs}-epoch finetune: test top-1 "
+                  f"{final['test_top1']:.2f}% (deployed bit-serial {final['deployed_top1']:.2f}%)", flush=True)
+            rows.append({"hardware": hardware.name, "strategy": "uniform-int8", "final": final})
+    for hardware in hardwares:
         for strategy in args.strategies:
-            ratios = [r["best"]["latency_ratio"] for r in rows
+            ratios = [r["best"]["latency_ratio"] for r in rows if "best" in r
                       if r["hardware"] == hardware.name and r["strategy"] == strategy]
             if ratios:
                 print(f"{hardware.stem:16s} {strategy:6s}: best latency ratio over seeds "

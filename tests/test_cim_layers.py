@@ -10,6 +10,7 @@ from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim.adc import adc_range
 from lib.cim.crossbar import CrossbarPlan, stored_slices
 from lib.cim.scratch import scratch_buffers
+from lib.cim.steps import lsq_init
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
 GRANULARITIES = ["layer", "channel", "array", "column"]
@@ -256,6 +257,54 @@ def test_set_bits_rederives_slices_and_grids_in_place():
     assert id(layer) == module_id and id(layer.weight) == weight_id
     with pytest.raises(ValueError, match="w_bit=0"):
         layer.set_bits(0, 4)
+
+
+def _quant_error(values, step, lo, hi):
+    return (torch.clamp(torch.round(values / step), lo, hi) * step - values).square().mean()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_bit_change_reinitialises_steps_to_the_least_quantization_error(granularity):
+    """After set_bits, the input step (on the calibration batch) and every weight step (on its
+    weights) quantize with no more error than LSQ's init or any nearby multiple of the chosen step."""
+    torch.manual_seed(0)
+    hw = _hw(psum_granularity="column", adc_bits=6, weight_granularity=granularity)
+    layer = CIMConv2d(12, 5, 3, padding=1, hw=hw, w_bit=5, a_bit=4, input_signed=False)
+    x = torch.randn(4, 12, 6, 6).relu() * torch.rand(4, 12, 1, 1) * 3
+    calibrate(layer, [x])
+    layer.set_bits(3, 2)
+    lsq_input_step = layer.input_step().clone()
+    calibrate(layer, [x])
+    step = layer.input_step()
+    fitted = _quant_error(x, step, 0, 3)
+    assert fitted < _quant_error(x, lsq_input_step, 0, 3)
+    for factor in (0.8, 0.95, 1.05, 1.25):
+        assert fitted <= _quant_error(x, step * factor, 0, 3) + 1e-12
+    module = layer.weight_step_module
+    w = layer.weight.detach()
+    chosen = module.step.detach().clone()
+    lsq = lsq_init(module._group_mean(w.abs()), 3)
+
+    def per_group(step):
+        s = module.expand_to_weight(step)
+        return module._group_mean((torch.clamp(torch.round(w / s), -3, 3) * s - w).square())
+    fitted = per_group(chosen)
+    assert (fitted <= per_group(lsq) + 1e-12).all() and (fitted < per_group(lsq)).any()
+    for factor in (0.9, 1.1):
+        assert (fitted <= per_group(chosen * factor) + 1e-12).all()
+
+
+def test_a_loaded_step_is_kept_although_the_bits_changed_on_load():
+    """Loading a checkpoint at other bits adopts its steps as they are (no error fit on the next batch)."""
+    layer = _adc_layer(adc_bits=5)
+    x = torch.rand(2, 12, 6, 6)
+    layer.set_bits(4, 3, 6)
+    calibrate(layer, [x])
+    fresh = _adc_layer(adc_bits=5)
+    fresh.load_state_dict(layer.state_dict())
+    calibrate(fresh, [x * 5])  # another batch: a pending error fit would move the input step
+    assert torch.equal(fresh.input_step(), layer.input_step())
+    assert torch.equal(fresh.weight_step_module.step, layer.weight_step_module.step)
 
 
 def test_state_dict_round_trip_restores_bits_and_outputs_exactly():

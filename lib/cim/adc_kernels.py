@@ -231,7 +231,7 @@ class _Kernels:
         return None if eager is None else eager(*args)
 
     def forward(self, p, step, coef, lo: int, hi: int):
-        bounds = _bounds(p, lo, hi)
+        bounds = grid_bounds(p, lo, hi)
         return self.run("forward", _forward_functional, forward_eager, p, p, step, coef, *bounds)
 
     def quant_forward(self, x, scale, lo, hi):
@@ -251,7 +251,7 @@ class _Kernels:
     def backward(self, grad_y, p, step, gamma, lo: int, hi: int, out=None):
         """(grad wrt p, Σ_m grad·level, Σ_m grad·v·on_grid); the gradient is written into `out`
         (same shape as p) when given and the fused kernel runs, else into a fresh tensor."""
-        bounds = _bounds(p, lo, hi)
+        bounds = grid_bounds(p, lo, hi)
         chunks = (_reduction_chunks(p.shape[0]),)
         if out is not None:  # None back: the fused kernel does not run here
             sums = self.run("backward_into", _backward_into_functional, None, p, out, grad_y, p, step, gamma,
@@ -265,7 +265,7 @@ class _Kernels:
 _BOUNDS: dict = {}
 
 
-def _bounds(p: torch.Tensor, lo: int, hi: int):
+def grid_bounds(p: torch.Tensor, lo: int, hi: int):
     """Grid bounds as 0-d tensors (a compiled kernel then serves every ADC width without
     recompiling), made once per value, dtype and device: no host-to-device copy per call."""
     key = (lo, hi, p.dtype, p.device)

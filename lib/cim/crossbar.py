@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -137,6 +137,12 @@ class CrossbarPlan:
         """2^(s·cell_bits) for every slice s."""
         return 2.0 ** (self.cell_bits * torch.arange(self.slices, device=device, dtype=dtype))
 
+    @property
+    def slicing(self) -> "CellSlicing":
+        """The slicing rule's parameters (see `stored_slices`)."""
+        offset = 0 if self.differential else 2 ** (self.w_bit - 1)
+        return CellSlicing(self.slices, self.cell_bits, offset, self.differential)
+
     def slice_max(self) -> list[int]:
         """The largest cell value (magnitude) slice s can hold, given the grid."""
         lo, hi = self.weight_range()
@@ -240,6 +246,16 @@ class CrossbarPlan:
                                                        self.input_signed)
 
 
+class CellSlicing(NamedTuple):
+    """How integer weights become cell values (`CrossbarPlan.slicing`): plain ints, so a compiled
+    kernel specialises on them and the rule itself stays in `cell_values`."""
+
+    slices: int
+    cell_bits: int
+    offset: int  # added before slicing: 2^(b-1) for the offset mapping, 0 for differential
+    differential: bool
+
+
 def stored_slices(q: torch.Tensor, plan: CrossbarPlan) -> torch.Tensor:
     """Integer cell values of the signed integer weights `q`, stacked on a new leading dim S.
 
@@ -248,12 +264,17 @@ def stored_slices(q: torch.Tensor, plan: CrossbarPlan) -> torch.Tensor:
     in [-(2^c - 1), 2^c - 1] — the pair's difference that the ADC reads.
     Either way Σ_s 2^(s·c) · slice_s recombines u (offset) or q (differential) exactly.
     """
-    slices, cell_bits = plan.slices, plan.cell_bits
+    return cell_values(q, plan.slicing)
+
+
+def cell_values(q: torch.Tensor, slicing: CellSlicing) -> torch.Tensor:
+    """`stored_slices` from the plan's `slicing` (what the fused weight kernel calls)."""
+    slices, cell_bits = slicing.slices, slicing.cell_bits
     ints = torch.round(q).to(torch.int32)
     shifts = (cell_bits * torch.arange(slices, device=q.device, dtype=torch.int32)).view((slices,) + (1,) * q.dim())
     mask = 2 ** cell_bits - 1
-    if not plan.differential:
-        return torch.bitwise_and(torch.bitwise_right_shift(ints + 2 ** (plan.w_bit - 1), shifts), mask).to(q.dtype)
+    if not slicing.differential:
+        return torch.bitwise_and(torch.bitwise_right_shift(ints + slicing.offset, shifts), mask).to(q.dtype)
     digits = torch.bitwise_and(torch.bitwise_right_shift(ints.abs(), shifts), mask)
     return (digits * torch.sign(ints)).to(q.dtype)
 

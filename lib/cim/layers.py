@@ -1,8 +1,8 @@
 """CIMConv2d / CIMLinear: Brevitas quantized layers whose forward is the tiled, bit-sliced
 crossbar MVM with ADC quantization of every row-tile × slice (× input plane) partial sum.
 
-Per forward: quantize the input (Brevitas, LSQ) and the weight (Brevitas, LSQ step per
-granularity); split the input into DAC planes (bit-serial mode) stacked along the batch;
+Per forward: quantize the input (Brevitas, LSQ) and the weight (LSQ step per granularity: in
+training by the fused kernels of lib.cim.fused_weight, else by Brevitas); split the input into DAC planes (bit-serial mode) stacked along the batch;
 split the integer weights into cell slices; compute every plane × row-tile × slice × column
 partial sum in ONE grouped conv (or batched matmul); convert them with the ADC while applying
 the digital shift (2^(s·c)) and weight step; sum over tiles and slices; shift-and-add the
@@ -30,6 +30,7 @@ from lib.cim.input_planes import join_planes, split_planes
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
 from lib.cim.steps import positive
 from lib.cim.eval_cache import EvalCache, tensor_versions
+from lib.cim.fused_weight import FusedWeights
 from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class CIMLayerMixin:
                                       adc_bits, plan.adc_signed, hw.n_sigma)
         self.force_crossbar = False  # take the crossbar path even with the ADC off (tests, studies)
         self.fused_adc = True  # crossbar MVM + ADC as one autograd node when the ADC allows
+        self.fused_weights = True  # weight path by lib.cim.fused_weight when not cached or traced
         self.register_buffer("first_channel_of_tile",
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
         self.eval_cache = EvalCache()  # the crossbar form between evaluation forwards
@@ -135,15 +137,32 @@ class CIMLayerMixin:
         compute = super().quant_weight
         return self.eval_cache.get(self._eval_cache_key, "quant_weight", lambda: compute(quant_input))
 
-    def _crossbar_weights(self, quant_weight: QuantTensor, tiles):
-        """(integer weights q, weight step per (group, tile, out), array weight w), see
-        `_integer_weights` and `tile_products.crossbar_weight`; kept in evaluation."""
-        def compute():
-            q, step_grid = self._integer_weights(quant_weight)
-            return q, step_grid, crossbar_weight(q, tiles, self.plan)
+    def _crossbar_weights(self, weights, tiles):
+        """(integer weights q, weight step per (group, tile, out), array weight w) of the weight
+        side (`ComposedWeights` or `FusedWeights`); kept in evaluation."""
         if not self._caches_crossbar_form():
-            return compute()
+            return weights.crossbar(tiles)
+
+        def compute():
+            q, step_grid, stored = weights.crossbar(tiles)
+            return q, step_grid, tiles.packed(stored)
         return self.eval_cache.get(self._eval_cache_key, "crossbar", compute)
+
+    def _fuses_weight_path(self) -> bool:
+        """Whether this forward takes the fused weight kernels (lib.cim.fused_weight): whenever the
+        crossbar form is not served from the eval cache, unless a graph is traced or exported
+        (it must contain Brevitas' quantizers) or `fused_weights` is off."""
+        return (self.fused_weights and not self._caches_crossbar_form() and not _tracing()
+                and not self.export_mode and self.weight_quant.is_quant_enabled)
+
+    def forward_impl(self, inp):
+        """Brevitas' forward, with the weight side from the fused kernels when `_fuses_weight_path`
+        (the bias is quantized by `quantized_bias`, no output quantizer: Brevitas' own steps that
+        this skips are no-ops for CIM layers)."""
+        if not self._fuses_weight_path():
+            return super().forward_impl(inp)
+        quant_input = self.input_quant(self.unpack_input(inp))
+        return self.pack_output(self.inner_forward_impl(quant_input, FusedWeights(self), None))
 
     # ------------------------------------------------------------ bits
     @property
@@ -186,8 +205,9 @@ class CIMLayerMixin:
     def set_bits(self, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> None:
         """Change bit widths in place: re-derive slices and grids, re-initialise affected steps.
 
-        Weight steps re-initialise from the weights (LSQ), input steps from the running |x|
-        statistics, ADC steps from the next training batch's partial sums.
+        Weight steps re-initialise to the least quantization error on the weights, input steps to
+        the least error on the next training batch (lib.cim.steps.mse_step), ADC steps from the
+        next training batch's partial sums.
         """
         check_bits("w_bit", w_bit)
         check_bits("a_bit", a_bit)
@@ -311,46 +331,67 @@ class CIMLayerMixin:
         return (self.input_step_module.initialized and self.weight_step_module.initialized
                 and (not self.psum_adc.enabled or self.psum_adc.initialized))
 
-    def _bias_for(self, x, quant_weight: QuantTensor) -> Optional[torch.Tensor]:
+    def _bias_for(self, x, weights) -> Optional[torch.Tensor]:
         if self.bias is None:
             return None
         scale = x.scale if isinstance(x, QuantTensor) else self.input_step()
-        return self.quantized_bias(self.bias_step(scale, self._step_grid(quant_weight.scale)))
+        return self.quantized_bias(self.bias_step(scale, weights.step_grid()))
 
-    def _integer_weights(self, quant_weight: QuantTensor):
-        """The integer weights (value / scale, with Brevitas' STE gradients) and the weight step
-        per (group, tile, out)."""
-        scale = quant_weight.scale
-        return quant_weight.value / scale, self._step_grid(scale)
-
-    def _converted_outputs(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles,
+    def _converted_outputs(self, x_tiled: torch.Tensor, weights, tiles,
                            ref: Optional[torch.Tensor]) -> torch.Tensor:
         """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
         One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC."""
         if self.psum_adc.fusable and self.fused_adc:
-            q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
+            q, step_grid, stored = self._crossbar_weights(weights, tiles)
             shifts, ref_shift = self._shifts(q)
             return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift)
         lay = self.layout
-        psums, step_grid = self._tile_products(x_tiled, quant_weight, tiles)
+        psums, step_grid = self._tile_products(x_tiled, weights, tiles)
         psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
         return self._convert(psums, step_grid, ref, self.adc_floor(x_tiled))
 
-    def _tile_products(self, x_tiled: torch.Tensor, quant_weight: QuantTensor, tiles):
+    def _tile_products(self, x_tiled: torch.Tensor, weights, tiles):
         """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
-        q, step_grid, stored = self._crossbar_weights(quant_weight, tiles)
+        q, step_grid, stored = self._crossbar_weights(weights, tiles)
         return tile_products(x_tiled, q, tiles, self.plan, stored), step_grid
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
         """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
         the bias on its int32 grid (`quantized_bias`), as the digital periphery adds it.
+        `quant_weight`: Brevitas' quantized weight, or the fused kernels' `FusedWeights`.
 
         With the ADC off the crossbar sum equals the plain layer on dequantized tensors exactly
         (an invariant the tests check), so that case takes the cheap path unless force_crossbar."""
-        bias = self._bias_for(x, quant_weight)
+        weights = quant_weight if isinstance(quant_weight, FusedWeights) else ComposedWeights(self, quant_weight)
+        bias = self._bias_for(x, weights)
         if self.psum_adc.enabled or self.force_crossbar:
-            return self.crossbar_forward(x, quant_weight, bias)
-        return self.dequantized_forward(_unwrap(x), quant_weight.value, bias)
+            return self.crossbar_forward(x, weights, bias)
+        return self.dequantized_forward(_unwrap(x), weights.value, bias)
+
+
+class ComposedWeights:
+    """A CIM layer's weight side from Brevitas' quantized weight (evaluation, export, tracing):
+    integer weights value / scale (Brevitas' STE gradients), their step grid and cell slices."""
+
+    def __init__(self, layer: CIMLayerMixin, quant_weight: QuantTensor) -> None:
+        self.layer = layer
+        self.quant_weight = quant_weight
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.quant_weight.value
+
+    def step_grid(self) -> torch.Tensor:
+        layer = self.layer
+        if not layer._caches_crossbar_form():
+            return layer._step_grid(self.quant_weight.scale)
+        return layer.eval_cache.get(layer._eval_cache_key, "step_grid",
+                                    lambda: layer._step_grid(self.quant_weight.scale))
+
+    def crossbar(self, tiles):
+        """(integer weights q, weight step per (group, tile, out), array weight)."""
+        q = self.quant_weight.value / self.quant_weight.scale
+        return q, self.step_grid(), crossbar_weight(q, tiles, self.layer.plan)
 
 
 def _grid_max(bits: int, signed: bool) -> int:
@@ -424,7 +465,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     def dequantized_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
 
-    def crossbar_forward(self, x, quant_weight, bias):
+    def crossbar_forward(self, x, weights, bias):
         lay = self.layout
         tiles = self.tiles()
         x_tiled = tiles.tile_input(self.pad_input(self._split_input(x)))
@@ -432,7 +473,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        y = self._converted_outputs(x_tiled, quant_weight, tiles, ref)
+        y = self._converted_outputs(x_tiled, weights, tiles, ref)
         y = self._join_planes(y).reshape(-1, h, w, self.out_channels)
         if bias is not None:
             y = y + bias
@@ -484,7 +525,7 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
     def dequantized_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
-    def crossbar_forward(self, x, quant_weight, bias):
+    def crossbar_forward(self, x, weights, bias):
         lead = _unwrap(x).shape[:-1]
         x2d = _unwrap(x).reshape(-1, self.in_features)
         if isinstance(x, QuantTensor):
@@ -496,7 +537,7 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = self._join_planes(self._converted_outputs(xt, quant_weight, tiles, ref).squeeze(1))
+        y = self._join_planes(self._converted_outputs(xt, weights, tiles, ref).squeeze(1))
         if bias is not None:
             y = y + bias
         return y.reshape(lead + (self.out_features,))

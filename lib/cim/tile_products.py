@@ -78,6 +78,10 @@ class ConvTiles:
         w = w.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh, kw)
         return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
 
+    def packed(self, w: torch.Tensor) -> torch.Tensor:
+        """`weight`'s result laid out for many reads (the eval cache keeps it): it already is."""
+        return w
+
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
         """Each group's input channels zero-padded to whole tiles, in channels_last memory format
         (oneDNN runs these odd group shapes about twice as fast in it)."""
@@ -138,6 +142,12 @@ class MatmulTiles:
             w = F.pad(w, (0, lay.pad))
         return w.view(w.shape[0], lay.tiles, lay.channels_per_tile).permute(1, 2, 0)
 
+    def packed(self, w: torch.Tensor) -> torch.Tensor:
+        """`weight`'s result laid out for many reads (the eval cache keeps it): each tile's block
+        contiguous (tiles, slices·out, rows_per_tile), read transposed — about 1.4x faster in the
+        small-batch matmul than the strided view, for one copy."""
+        return w.transpose(1, 2).contiguous().transpose(1, 2)
+
     def tile_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """(tokens, features) → (tiles, tokens, rows_per_tile), the ragged tile zero-padded."""
         lay = self.layout
@@ -166,8 +176,11 @@ class MatmulTiles:
         """Gradient of the integer weights (out, in) from the slice-weighted output gradient (tokens, tiles, out)."""
         lay = self.layout
         shared = grad_shared.reshape(xt.shape[1], lay.tiles, -1).transpose(0, 1)
-        dw = torch.bmm(xt.transpose(1, 2), shared)
-        return dw.reshape(lay.padded_channels, -1)[:lay.in_channels_per_group].t().reshape(grad_shape)
+        # each tile's (out, rows_per_tile) block written in place into an (out, in) row-major
+        # gradient: no transposed result for the weight's own backward to copy
+        dw = xt.new_empty((lay.out_channels_per_group, lay.tiles, lay.channels_per_tile))
+        torch.bmm(shared.transpose(1, 2), xt, out=dw.transpose(0, 1))
+        return dw.reshape(lay.out_channels_per_group, -1)[:, :lay.in_channels_per_group].reshape(grad_shape)
 
 
 def crossbar_weight(q: torch.Tensor, tiles, plan: CrossbarPlan) -> torch.Tensor:

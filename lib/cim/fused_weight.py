@@ -1,0 +1,136 @@
+"""A CIM layer's weight path in training as one fused kernel per direction.
+
+Forward: LSQ fake quantization of the weight to its integer levels (w / step, round half to
+even, clamp to the plan's grid) and, in the same pass, the levels' cell slices with their sign
+mapping (`crossbar.cell_values`, the plan's rule). Backward: from the gradient of the levels, the
+gradients of the weight (straight through where the rounded value is on the grid) and of the
+step grid (−Σ grad·v / step over the weights sharing a step, v = w / step), again one pass.
+Brevitas' weight quantizer followed by `value / scale` and the slicing compute the same values
+and gradients in a chain of full-size elementwise ops; `FusedWeights` is what the layers use
+instead in training (see `CIMLayerMixin.forward_impl`). The LSQ gradient scale 1/sqrt(n·Q_p)
+and the step's granularity stay with the step module (`WeightStep.scaled_step`): only the small
+step grid goes into the kernels, broadcast along each tile row of the weight.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lib.cim.adc_kernels import KERNELS, grid_bounds
+from lib.cim.crossbar import CellSlicing, cell_values
+
+
+def _forward_functional(w, step, lo, hi, slicing: Optional[CellSlicing]):
+    """(clamp(round(w / step), lo, hi), its cell slices or None without `slicing`) for w (rows,
+    tiles, weights per tile row) and one step per (row, tile): the step broadcasts along the
+    contiguous last dim."""
+    levels = torch.clamp(torch.round(w / step.unsqueeze(-1)), lo, hi)
+    return levels, None if slicing is None else cell_values(levels, slicing)
+
+
+def _forward_eager(w, step, lo, hi, slicing: Optional[CellSlicing]):
+    levels = torch.round(w / step.unsqueeze(-1)).clamp_(lo, hi)
+    return levels, None if slicing is None else cell_values(levels, slicing)
+
+
+def _backward_functional(grad, w, step, lo, hi):
+    """(grad wrt w, grad wrt step (rows, tiles)) from the levels' gradient: one pass."""
+    s = step.unsqueeze(-1)
+    v = w / s
+    rounded = torch.round(v)
+    g = torch.where((rounded >= lo) & (rounded <= hi), grad, 0.0)
+    return g / s, -(g * v).sum(dim=-1) / step
+
+
+def _backward_eager(grad, w, step, lo, hi):
+    s = step.unsqueeze(-1)
+    v = w / s
+    rounded = torch.round(v)
+    g = grad * (rounded >= lo).logical_and_(rounded <= hi)
+    sums = v.mul_(g).sum(dim=-1)
+    return g.div_(s), sums.div_(step).neg_()
+
+
+def _by_tile(x: torch.Tensor, tiles: int, pad: int) -> torch.Tensor:
+    """(rows, channels, kernel elems) → (rows, tiles, channels_per_tile·kernel elems), the ragged
+    tile zero-padded (a copy only then)."""
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(x.shape[0], tiles, -1)
+
+
+def _unpadded(x: torch.Tensor, shape, pad: int) -> torch.Tensor:
+    """Inverse of `_by_tile` for a tensor with leading dims, to `shape` (channels, kernel elems last)."""
+    x = x.reshape(x.shape[:-2] + (-1,) + tuple(shape[-1:]))
+    if pad:
+        x = x[..., :shape[-2], :].contiguous()
+    return x.reshape(shape)
+
+
+class _FusedWeight(torch.autograd.Function):
+    """(levels, cell slices) of a weight viewed (rows, channels, kernel elems) for a step per
+    (row, row-tile); gradients to the weight and the step, the slices carry none (the crossbar
+    nodes route their gradient to the levels, see lib.cim.tile_products)."""
+
+    @staticmethod
+    def forward(ctx, w, step, lo, hi, slicing: Optional[CellSlicing], pad: int):
+        tiled = _by_tile(w, step.shape[1], pad)
+        levels, slices = KERNELS.run("weight_forward", _forward_functional, _forward_eager, tiled,
+                                     tiled, step, lo, hi, slicing)
+        ctx.save_for_backward(tiled, step, lo, hi)
+        ctx.shape, ctx.pad = w.shape, pad
+        ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
+        if slices is None:
+            return _unpadded(levels, w.shape, pad), None
+        ctx.mark_non_differentiable(slices)
+        return _unpadded(levels, w.shape, pad), _unpadded(slices, (-1,) + tuple(w.shape), pad)
+
+    @staticmethod
+    def backward(ctx, grad_levels, _grad_slices):
+        tiled, step, lo, hi = ctx.saved_tensors
+        grad = _by_tile(grad_levels, step.shape[1], ctx.pad)
+        grad_w, grad_step = KERNELS.run("weight_backward", _backward_functional, _backward_eager, tiled,
+                                        grad, tiled, step, lo, hi)
+        return _unpadded(grad_w, ctx.shape, ctx.pad), grad_step, None, None, None, None
+
+
+class FusedWeights:
+    """A CIM layer's weight side for one training forward, from the fused kernels: the weight
+    step grid, the integer levels with the stored cell slices, and the dequantized weight. The
+    same values and gradients as Brevitas' quantized weight (`ComposedWeights`)."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        module = layer.weight_step_module
+        tensor_quant = layer.weight_quant.tensor_quant
+        threshold = tensor_quant.int_scaling_impl(tensor_quant.msb_clamp_bit_width_impl())
+        self.scaled_step = module.scaled_step(layer.weight, threshold)
+        self._grid = module.grid(self.scaled_step)  # (groups, tiles, out per group)
+
+    def step_grid(self) -> torch.Tensor:
+        return self._grid
+
+    def _levels_and_slices(self, sliced: bool = True):
+        """The integer levels (the weight's shape) and, when `sliced`, their cell slices (S, ...)."""
+        layer = self.layer
+        lay, weight = layer.layout, layer.weight
+        groups, tiles, out = self._grid.shape
+        step = self._grid.permute(0, 2, 1).reshape(groups * out, tiles)
+        w = weight.reshape(groups * out, lay.in_channels_per_group, -1)
+        lo, hi = grid_bounds(weight, *layer.plan.weight_range())
+        slicing = layer.plan.slicing if sliced else None
+        levels, slices = _FusedWeight.apply(w, step, lo, hi, slicing, lay.pad)
+        return levels.view(weight.shape), None if slices is None else slices.view((-1,) + tuple(weight.shape))
+
+    def crossbar(self, tiles):
+        """(integer weights q, weight step per (group, tile, out), array weight)."""
+        q, slices = self._levels_and_slices()
+        return q, self._grid, tiles.weight(slices)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The dequantized weight: levels · step."""
+        q, _ = self._levels_and_slices(sliced=False)
+        return q * self.layer.weight_step_module.expand_to_weight(self.scaled_step)
