@@ -3,7 +3,8 @@ r"""Search a mixed-precision policy (per-layer weight/input[/ADC] bits) for CIM 
 
 Example:
   python rl_quantize.py --arch resnet20 --dataset digits --input-size 32 \
-      --init runs/demo/pretrain_int8/model_best.pth.tar --hardware run/hardware/default.yaml \
+      --init runs/workflow/demo_resnet20_default/stage2_digits/int8/model_best.pth.tar \
+      --hardware run/hardware/default.yaml \
       --min-bit 2 --max-bit 8 --max-accuracy-drop 1.0 --episodes 60 --warmup 10 --finetune-steps 20 \
       --seed 0 --output-dir runs/search/digits_resnet20
 
