@@ -107,13 +107,13 @@ def _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x: bool, need_q: 
     grad_main, sum_levels, sum_v = KERNELS.backward(grad_y, main, step, gamma, lo, hi, out=scratch)
     rows = main.numel() // (main.shape[-1] * ctx.shares.numel())
     share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main)
-    p_shape = _products_shape(ctx.tiles, x, main)
+    p_shape = _products_shape(ctx.tiles, x)
     grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(p_shape), ctx.shares, ctx.q_shape,
                                        need_x, need_q, share_out=share_out)
     return grad_x, grad_q, sum_levels, sum_v
 
 
-def _products_shape(tiles, x, main) -> tuple:
+def _products_shape(tiles, x) -> tuple:
     """The layout `tiles.products` gives the partial sums of x: (N, H, W, columns) or (tokens, tiles, columns)."""
     if isinstance(tiles, MatmulTiles):
         return (x.shape[1], tiles.layout.tiles, -1)
