@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib.cim import calibrate
+from lib.cim import calibrate, crossbar_adc, tile_products
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.fused_weight import FusedWeights
 from lib.cim.hardware import HardwareConfig
@@ -67,10 +67,14 @@ def _outputs_and_grads(layer, x, fused: bool):
 def _assert_same(layer, x):
     """Crossbar form, outputs and every gradient equal with and without the fused weight path."""
     tiles = layer.tiles()
-    q_f, grid_f, stored_f = FusedWeights(layer).crossbar(tiles)
+    fused = FusedWeights(layer)
+    carrier, grid_f, stored_f = fused.crossbar(tiles)
     q_c, grid_c, stored_c = ComposedWeights(layer, layer.quant_weight()).crossbar(tiles)
+    q_f = fused.levels()
     assert torch.equal(q_f, q_f.round()) and torch.allclose(q_f, q_c, rtol=0, atol=1e-4)
-    assert torch.equal(stored_f, stored_c) and torch.equal(grid_f, grid_c)
+    assert carrier.shape == q_c.shape and carrier.requires_grad and carrier.stride() == (0,) * carrier.dim()
+    assert stored_f.dtype == layer.plan.slicing.storage_dtype
+    assert torch.equal(stored_f.to(stored_c.dtype), stored_c) and torch.equal(grid_f, grid_c)
     out_c, grads_c = _outputs_and_grads(layer, x, fused=False)
     out_f, grads_f = _outputs_and_grads(layer, x, fused=True)
     assert torch.allclose(out_f, out_c, rtol=1e-6, atol=1e-6 * out_c.abs().max().item())
@@ -177,3 +181,17 @@ def test_training_skips_brevitas_weight_quantizer_and_its_accessors_still_work()
         again = layer(x)
     assert torch.allclose(eval_out, train_out.detach(), rtol=1e-6, atol=1e-6 * eval_out.abs().max().item())
     assert torch.equal(again, eval_out) and layer.eval_cache.hits >= 1
+
+
+@pytest.mark.parametrize("mapping", ["offset", "differential-column"])
+def test_compact_array_weight_widened_tile_by_tile_gives_the_same_values(mapping, monkeypatch):
+    """The fused path stores cell values as small integers and widens them to float in blocks of
+    row-tiles for the linear products and their input gradient: with one tile per block, the same
+    outputs and gradients as the composed (float) path, kept and chunked partial sums alike."""
+    monkeypatch.setattr(tile_products, "FLOAT_BLOCK_BYTES", 1)
+    for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 64):
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
+        layer, x = _layer("linear", _hw(mapping=mapping, cell_bits=4), w_bit=6, seed=5)
+        assert len(tile_products.tile_blocks(FusedWeights(layer).crossbar(layer.tiles())[2], x)) == layer.layout.tiles
+        with scratch_buffers():
+            _assert_same(layer, x)

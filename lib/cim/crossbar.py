@@ -228,6 +228,22 @@ class CrossbarPlan:
         """2^(p·input_bits) for every input plane p (the digital shift-and-add)."""
         return 2.0 ** (self.hw.input_bits * torch.arange(planes, device=device, dtype=dtype))
 
+    def input_codes(self, planes: int) -> tuple[int, int]:
+        """The least and largest integer an array row receives: an a_bit input level (one plane),
+        or a DAC digit (see `input_digits`: lower digits unsigned, a signed input's top digit signed)."""
+        if planes == 1:
+            return (-(2 ** (self.a_bit - 1)), 2 ** (self.a_bit - 1) - 1) if self.input_signed else (0, 2 ** self.a_bit - 1)
+        bits = self.hw.input_bits
+        return (-(2 ** (bits - 1)) if self.input_signed else 0), 2 ** bits - 1
+
+    def input_zero_point(self, planes: int) -> Optional[int]:
+        """The offset that maps the array inputs into [0, 255] (0 or 128), or None when they span more than 8 bits."""
+        lo, hi = self.input_codes(planes)
+        for zero_point in (0, 128):
+            if 0 <= lo + zero_point and hi + zero_point <= 255:
+                return zero_point
+        return None
+
     @property
     def adc_signed(self) -> bool:
         """Partial sums are non-negative only for unsigned inputs on unsigned (offset) cells."""
@@ -254,6 +270,11 @@ class CellSlicing(NamedTuple):
     cell_bits: int
     offset: int  # added before slicing: 2^(b-1) for the offset mapping, 0 for differential
     differential: bool
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The narrowest integer dtype that holds every cell value: ±(2^c - 1) (differential), [0, 2^c - 1] (offset)."""
+        return torch.int8 if self.cell_bits <= 7 else torch.int16
 
 
 def stored_slices(q: torch.Tensor, plan: CrossbarPlan) -> torch.Tensor:

@@ -22,17 +22,24 @@ from lib.cim.adc_kernels import KERNELS, grid_bounds
 from lib.cim.crossbar import CellSlicing, cell_values
 
 
-def _forward_functional(w, step, lo, hi, slicing: Optional[CellSlicing]):
-    """(clamp(round(w / step), lo, hi), its cell slices or None without `slicing`) for w (rows,
-    tiles, weights per tile row) and one step per (row, tile): the step broadcasts along the
-    contiguous last dim."""
-    levels = torch.clamp(torch.round(w / step.unsqueeze(-1)), lo, hi)
-    return levels, None if slicing is None else cell_values(levels, slicing)
+def _levels_functional(w, step, lo, hi):
+    """clamp(round(w / step), lo, hi) for w (rows, tiles, weights per tile row) and one step per
+    (row, tile): the step broadcasts along the contiguous last dim."""
+    return torch.clamp(torch.round(w / step.unsqueeze(-1)), lo, hi)
 
 
-def _forward_eager(w, step, lo, hi, slicing: Optional[CellSlicing]):
-    levels = torch.round(w / step.unsqueeze(-1)).clamp_(lo, hi)
-    return levels, None if slicing is None else cell_values(levels, slicing)
+def _levels_eager(w, step, lo, hi):
+    return torch.round(w / step.unsqueeze(-1)).clamp_(lo, hi)
+
+
+def _slices_functional(w, step, lo, hi, slicing: CellSlicing):
+    """The cell slices of the levels, in the slicing's compact integer dtype (the levels
+    themselves are never written out)."""
+    return cell_values(_levels_functional(w, step, lo, hi), slicing).to(slicing.storage_dtype)
+
+
+def _slices_eager(w, step, lo, hi, slicing: CellSlicing):
+    return cell_values(_levels_eager(w, step, lo, hi), slicing).to(slicing.storage_dtype)
 
 
 def _backward_functional(grad, w, step, lo, hi):
@@ -70,22 +77,26 @@ def _unpadded(x: torch.Tensor, shape, pad: int) -> torch.Tensor:
 
 
 class _FusedWeight(torch.autograd.Function):
-    """(levels, cell slices) of a weight viewed (rows, channels, kernel elems) for a step per
-    (row, row-tile); gradients to the weight and the step, the slices carry none (the crossbar
-    nodes route their gradient to the levels, see lib.cim.tile_products)."""
+    """The integer levels of a weight viewed (rows, channels, kernel elems) for a step per (row,
+    row-tile), or, given a `slicing`, their cell slices in its compact integer dtype with a
+    gradient carrier in place of the levels: an expanded zero of the levels' shape, which the
+    crossbar nodes read only for its shape and route the levels' gradient to (see
+    lib.cim.tile_products). Either way the backward takes the levels' gradient to the weight and
+    the step."""
 
     @staticmethod
     def forward(ctx, w, step, lo, hi, slicing: Optional[CellSlicing], pad: int):
         tiled = _by_tile(w, step.shape[1], pad)
-        levels, slices = KERNELS.run("weight_forward", _forward_functional, _forward_eager, tiled,
-                                     tiled, step, lo, hi, slicing)
         ctx.save_for_backward(tiled, step, lo, hi)
         ctx.shape, ctx.pad = w.shape, pad
-        ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
-        if slices is None:
+        if slicing is None:
+            levels = KERNELS.run("weight_levels", _levels_functional, _levels_eager, tiled, tiled, step, lo, hi)
             return _unpadded(levels, w.shape, pad), None
+        ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
+        slices = KERNELS.run("weight_slices", _slices_functional, _slices_eager, tiled, tiled, step, lo, hi, slicing)
         ctx.mark_non_differentiable(slices)
-        return _unpadded(levels, w.shape, pad), _unpadded(slices, (-1,) + tuple(w.shape), pad)
+        carrier = w.new_zeros(()).expand(w.shape)
+        return carrier, _unpadded(slices, (-1,) + tuple(w.shape), pad)
 
     @staticmethod
     def backward(ctx, grad_levels, _grad_slices):
@@ -112,25 +123,29 @@ class FusedWeights:
     def step_grid(self) -> torch.Tensor:
         return self._grid
 
-    def _levels_and_slices(self, sliced: bool = True):
-        """The integer levels (the weight's shape) and, when `sliced`, their cell slices (S, ...)."""
+    def _fused(self, slicing: Optional[CellSlicing]):
         layer = self.layer
         lay, weight = layer.layout, layer.weight
         groups, tiles, out = self._grid.shape
         step = self._grid.permute(0, 2, 1).reshape(groups * out, tiles)
         w = weight.reshape(groups * out, lay.in_channels_per_group, -1)
         lo, hi = grid_bounds(weight, *layer.plan.weight_range())
-        slicing = layer.plan.slicing if sliced else None
-        levels, slices = _FusedWeight.apply(w, step, lo, hi, slicing, lay.pad)
-        return levels.view(weight.shape), None if slices is None else slices.view((-1,) + tuple(weight.shape))
+        return _FusedWeight.apply(w, step, lo, hi, slicing, lay.pad)
+
+    def levels(self) -> torch.Tensor:
+        """The integer levels, the weight's shape (differentiable in the weight and the step)."""
+        levels, _ = self._fused(None)
+        return levels.view(self.layer.weight.shape)
 
     def crossbar(self, tiles):
-        """(integer weights q, weight step per (group, tile, out), array weight)."""
-        q, slices = self._levels_and_slices()
-        return q, self._grid, tiles.weight(slices)
+        """(gradient carrier of the integer weights q, weight step per (group, tile, out), array
+        weight in the slicing's compact integer dtype): what the crossbar nodes need, without a
+        full-size float copy of the levels or slices."""
+        shape = self.layer.weight.shape
+        carrier, slices = self._fused(self.layer.plan.slicing)
+        return carrier.view(shape), self._grid, tiles.weight(slices.view((-1,) + tuple(shape)))
 
     @property
     def value(self) -> torch.Tensor:
         """The dequantized weight: levels · step."""
-        q, _ = self._levels_and_slices(sliced=False)
-        return q * self.layer.weight_step_module.expand_to_weight(self.scaled_step)
+        return self.levels() * self.layer.weight_step_module.expand_to_weight(self.scaled_step)

@@ -17,9 +17,29 @@ import torch.nn.functional as F
 
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
+from lib.cim.integer_products import InputGrid, integer_conv, pack_conv_weight
 
 
 _SHARES: dict = {}
+FLOAT_BLOCK_BYTES = 32 * 2**20  # a compact array weight is widened to float in blocks of about this size
+
+
+def as_float(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The array weight in `like`'s float dtype: the fused weight path stores cell values as
+    small integers (`CellSlicing.storage_dtype`), a quarter of their float size, until a product
+    needs them."""
+    return w if w.dtype == like.dtype else w.to(like.dtype)
+
+
+def tile_blocks(w: torch.Tensor, like: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, stop) blocks of the leading (tile) dim of a batched-matmul array weight, each about
+    FLOAT_BLOCK_BYTES when widened to float; one block when w already is `like`'s dtype."""
+    tiles = w.shape[0]
+    if w.dtype == like.dtype:
+        return [(0, tiles)]
+    per_tile = max(1, w[0].numel() * like.element_size())
+    size = max(1, FLOAT_BLOCK_BYTES // per_tile)
+    return [(start, min(start + size, tiles)) for start in range(0, tiles, size)]
 
 
 def slice_shares(plan: CrossbarPlan, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -61,10 +81,16 @@ class ConvTiles:
     stride: tuple
     padding: tuple
     dilation: tuple
+    input_grid: Optional[InputGrid] = None  # inputs on an 8-bit grid: products on int8 kernels
 
     @property
     def arrays(self) -> int:
         return self.layout.groups * self.layout.tiles
+
+    @property
+    def packed_form(self) -> str:
+        """What `packed` returns: oneDNN's int8 weight for integer products, else the float weight."""
+        return "int8" if self.input_grid is not None else "float"
 
     def weight(self, slices: torch.Tensor) -> torch.Tensor:
         """Grouped-conv weight (groups·tiles·slices·out, channels_per_tile, k_h, k_w), ordered
@@ -79,8 +105,11 @@ class ConvTiles:
         return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:
-        """`weight`'s result laid out for many reads (the eval cache keeps it): it already is."""
-        return w
+        """`weight`'s result laid out for many reads (the eval cache keeps it): prepacked for the
+        int8 kernels when the products are integer, else as it is."""
+        if self.input_grid is None:
+            return w
+        return pack_conv_weight(w, self.stride, self.padding, self.dilation, self.arrays)
 
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
         """Each group's input channels zero-padded to whole tiles, in channels_last memory format
@@ -101,8 +130,14 @@ class ConvTiles:
         return n, h_out, w_out
 
     def products(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """(N, H_out, W_out, groups·tiles·slices·out) partial sums of the tiled input x."""
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.arrays).permute(0, 2, 3, 1)
+        """(N, H_out, W_out, groups·tiles·slices·out) partial sums of the tiled input x: integer
+        inputs times cell values on int8 kernels when `input_grid` is set (lib.cim.integer_products),
+        else a float32 conv."""
+        if self.input_grid is not None:
+            p = integer_conv(x, w, self.input_grid, self.stride, self.padding, self.dilation, self.arrays)
+        else:
+            p = F.conv2d(x, as_float(w, x), None, self.stride, self.padding, self.dilation, self.arrays)
+        return p.permute(0, 2, 3, 1)
 
     def _backward(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list) -> tuple:
         n, h, wd = grad_out.shape[:3]
@@ -112,7 +147,7 @@ class ConvTiles:
             False, [0, 0], self.arrays, mask)
 
     def input_grad(self, grad_p: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self._backward(grad_p, x, w, [True, False, False])[0]
+        return self._backward(grad_p, x, as_float(w, x), [True, False, False])[0]
 
     def weight_grad(self, grad_shared: torch.Tensor, x: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
         """Gradient of the integer weights (groups·out, in/groups, k_h, k_w) from the slice-weighted
@@ -132,6 +167,7 @@ class MatmulTiles:
     Partial sums are laid out (tokens, tiles, slices·out): row by row, as the ADC reads them."""
 
     layout: TileLayout
+    packed_form = "float"  # what `packed` returns
 
     def weight(self, slices: torch.Tensor) -> torch.Tensor:
         """Batched-matmul weight (tiles, rows_per_tile, slices·out): a strided view of the slices
@@ -161,16 +197,26 @@ class MatmulTiles:
 
     def products(self, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(tokens, tiles, slices·out) partial sums: each tile's matmul writes its block of every
-        row in place (a strided output BLAS takes as is), so no transpose copy follows. Where autograd
-        records (inspection, tests) a transposed view of the plain product, with the same values."""
+        row in place (a strided output BLAS takes as is), so no transpose copy follows; a compact
+        integer w is widened block by block (`tile_blocks`). Where autograd records (inspection,
+        tests) a transposed view of the plain product, with the same values."""
         if torch.is_grad_enabled() and (xt.requires_grad or w.requires_grad):
-            return torch.bmm(xt, w).transpose(0, 1)
+            return torch.bmm(xt, as_float(w, xt)).transpose(0, 1)
         out = xt.new_empty((xt.shape[1], xt.shape[0], w.shape[2]))
-        torch.bmm(xt, w, out=out.transpose(0, 1))
+        by_tile = out.transpose(0, 1)
+        for start, stop in tile_blocks(w, xt):
+            torch.bmm(xt[start:stop], as_float(w[start:stop], xt), out=by_tile[start:stop])
         return out
 
     def input_grad(self, grad_p: torch.Tensor, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(grad_p.transpose(0, 1), w.transpose(1, 2))
+        grad_by_tile = grad_p.transpose(0, 1)
+        blocks = tile_blocks(w, xt)
+        if len(blocks) == 1:
+            return torch.bmm(grad_by_tile, as_float(w, xt).transpose(1, 2))
+        grad_x = torch.empty_like(xt)
+        for start, stop in blocks:
+            torch.bmm(grad_by_tile[start:stop], as_float(w[start:stop], xt).transpose(1, 2), out=grad_x[start:stop])
+        return grad_x
 
     def weight_grad(self, grad_shared: torch.Tensor, xt: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
         """Gradient of the integer weights (out, in) from the slice-weighted output gradient (tokens, tiles, out)."""
