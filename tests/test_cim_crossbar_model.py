@@ -129,7 +129,8 @@ def test_bit_serial_with_the_adc_off_equals_multi_bit(mapping):
         params = [x, tokens, conv.weight, conv.input_step_module.step, linear.weight, linear.input_step_module.step]
         results.append((out.detach(), torch.autograd.grad(out, params)))
     (out_s, grads_s), (out_m, grads_m) = results
-    assert torch.allclose(out_s, out_m, rtol=1e-5)
+    # float32: the offset mapping subtracts its reference column from large sums (about 5e-5 relative per output)
+    assert torch.allclose(out_s, out_m, rtol=1e-4)
     for got, want in zip(grads_s, grads_m):
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
 

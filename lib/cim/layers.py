@@ -32,6 +32,7 @@ from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeight
 from lib.cim.steps import positive
 from lib.cim.eval_cache import EvalCache, tensor_versions
 from lib.cim.fused_weight import FusedWeights
+from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid
 from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class CIMLayerMixin:
         def compute():
             q, step_grid, stored = weights.crossbar(tiles)
             return q, step_grid, tiles.packed(stored)
-        return self.eval_cache.get(self._eval_cache_key, "crossbar", compute)
+        return self.eval_cache.get(self._eval_cache_key, f"crossbar-{tiles.packed_form}", compute)
 
     def _fuses_weight_path(self) -> bool:
         """Whether this forward takes the fused weight kernels (lib.cim.fused_weight): whenever the
@@ -434,11 +435,24 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         layer._copy_float_parameters(conv)
         return layer
 
-    def tiles(self) -> ConvTiles:
+    def tiles(self, input_grid: Optional[InputGrid] = None) -> ConvTiles:
         """The grouped-conv view of this layer's arrays (padding already applied for non-zero
-        padding modes, see `pad_input`)."""
+        padding modes, see `pad_input`), with integer products for inputs on `input_grid`."""
         padding = self.padding if self.padding_mode == "zeros" else (0, 0)
-        return ConvTiles(self.layout, tuple(self.kernel_size), tuple(self.stride), tuple(padding), tuple(self.dilation))
+        return ConvTiles(self.layout, tuple(self.kernel_size), tuple(self.stride), tuple(padding),
+                         tuple(self.dilation), input_grid)
+
+    def input_grid(self, x) -> Optional[InputGrid]:
+        """The crossbar input's 8-bit integer grid when partial sums can be integer products
+        (lib.cim.integer_products): a quantized input whose array codes fit in 8 bits, cell values
+        in int8, a CPU with int8 kernels, nothing traced; else None (float32 products)."""
+        if not (isinstance(x, QuantTensor) and INTEGER_PRODUCTS.available_for(x.value)) or _tracing():
+            return None
+        plan = self.plan
+        zero_point = plan.input_zero_point(self.input_planes)
+        if zero_point is None or plan.slicing.storage_dtype != torch.int8:
+            return None
+        return InputGrid(float(x.scale.detach().reshape(())), zero_point)
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode == "zeros":
@@ -468,7 +482,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
 
     def crossbar_forward(self, x, weights, bias):
         lay = self.layout
-        tiles = self.tiles()
+        tiles = self.tiles(self.input_grid(x))
         x_tiled = tiles.tile_input(self.pad_input(self._split_input(x)))
         n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)

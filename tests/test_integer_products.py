@@ -1,0 +1,127 @@
+"""Conv partial sums on int8 kernels (lib.cim.integer_products) against the float32 conv: the
+same partial sums (exact integers times the step), the same layer outputs and gradients for every
+mapping, input signedness, input mode and conv shape; chosen only when the codes fit in 8 bits;
+kept prepacked in evaluation without mixing with the float form."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib.cim import calibrate
+from lib.cim.crossbar import CrossbarPlan
+from lib.cim.hardware import HardwareConfig
+from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid
+from lib.cim.layers import CIMConv2d
+from lib.cim.scratch import scratch_buffers
+from lib.cim.tile_products import crossbar_weight
+
+pytestmark = pytest.mark.skipif(not INTEGER_PRODUCTS._supported(),
+                                reason="this CPU has no VNNI/AMX int8 convolution")
+
+MAPPINGS = ["offset", "differential-column", "differential-row"]
+
+
+def _hw(**kw) -> HardwareConfig:
+    base = dict(rows=40, cols=64, cell_bits=2, input_bits=2, adc_bits=5, mapping="differential-column",
+                weight_granularity="column", psum_granularity="column", input_mode="multi-bit")
+    base.update(kw)
+    return HardwareConfig(**base)
+
+
+def _conv(hw, signed: bool, shape: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = CIMConv2d(12, 6, 3, hw=hw, w_bit=5, a_bit=6, input_signed=signed, **shape)
+    x = torch.randn(3, 12, 7, 7) if signed else torch.rand(3, 12, 7, 7)
+    calibrate(layer, [x])
+    return layer, x
+
+
+SHAPES = [dict(padding=1), dict(stride=2, padding=1, groups=2), dict(dilation=2, padding=2),
+          dict(padding=1, padding_mode="reflect")]
+
+
+def test_integer_partial_sums_are_the_exact_integers_times_the_step():
+    """tiles.products on int8 kernels = float64 conv of the integer codes, times the step, to one
+    float32 rounding; the float32 conv is no closer."""
+    layer, x = _conv(_hw(), signed=True, shape=dict(padding=1, groups=2))
+    quant = layer.input_quant(x)
+    grid = layer.input_grid(quant)
+    assert grid == InputGrid(float(quant.scale.detach()), 128)
+    tiles = layer.tiles(grid)
+    x_tiled = tiles.tile_input(quant.value)
+    q = torch.round(layer.quant_weight().value / layer.quant_weight().scale)
+    w = crossbar_weight(q, tiles, layer.plan)
+    got = tiles.products(x_tiled, w)
+    float_path = layer.tiles().products(x_tiled, w)
+    codes = torch.round(x_tiled / grid.step).double()
+    exact = F.conv2d(codes, w.double(), None, tiles.stride, tiles.padding, tiles.dilation, tiles.arrays)
+    exact = (exact * grid.step).permute(0, 2, 3, 1)
+    ulp = torch.finfo(torch.float32).eps * exact.abs().max().item()
+    assert (got.double() - exact).abs().max() <= ulp
+    assert (got.double() - exact).abs().max() <= (float_path.double() - exact).abs().max()
+
+
+@pytest.mark.parametrize("mapping,signed,mode", list(itertools.product(MAPPINGS, [True, False],
+                                                                      ["multi-bit", "bit-serial"])))
+def test_layer_outputs_and_gradients_match_the_float_products(mapping, signed, mode):
+    """Training-mode forward and backward with integer products on and off, for every conv shape
+    (padding, stride, groups, dilation, a padding mode): the same outputs and gradients."""
+    for index, shape in enumerate(SHAPES):
+        layer, x = _conv(_hw(mapping=mapping, input_mode=mode), signed, shape, seed=index)
+        layer.train()
+        assert layer.input_grid(layer.input_quant(x)) is not None
+        params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
+                  layer.psum_adc.step]
+        results = []
+        for enabled in (True, False):
+            with INTEGER_PRODUCTS.use(enabled), scratch_buffers():
+                xg = x.clone().requires_grad_()
+                out = layer(xg)
+                weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+                results.append((out.detach(), torch.autograd.grad((out * weights).sum(), [xg] + params)))
+        (out_i, grads_i), (out_f, grads_f) = results
+        scale = out_f.abs().max().item()
+        assert torch.allclose(out_i, out_f, rtol=0, atol=1e-5 * scale), (out_i - out_f).abs().max()
+        for got, want in zip(grads_i, grads_f):
+            assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+
+
+def test_integer_products_only_where_the_codes_fit_in_8_bits():
+    """9-bit multi-bit inputs, 8-bit signed DAC digits and 8-bit cells take the float32 conv."""
+    plan = CrossbarPlan(_hw(), 1, 8, 4, 9, w_bit=5, a_bit=8, input_signed=True)
+    assert plan.input_codes(1) == (-128, 127) and plan.input_zero_point(1) == 128
+    unsigned = CrossbarPlan(_hw(), 1, 8, 4, 9, w_bit=5, a_bit=8, input_signed=False)
+    assert unsigned.input_codes(1) == (0, 255) and unsigned.input_zero_point(1) == 0
+    assert CrossbarPlan(_hw(), 1, 8, 4, 9, w_bit=5, a_bit=9, input_signed=False).input_zero_point(1) is None
+    serial = CrossbarPlan(_hw(input_bits=8), 1, 8, 4, 9, w_bit=5, a_bit=16, input_signed=True)
+    assert serial.input_codes(2) == (-128, 255) and serial.input_zero_point(2) is None
+    cases = [(_hw(), dict(a_bit=9, input_signed=False)), (_hw(cell_bits=8), dict(w_bit=9)),
+             (_hw(input_mode="bit-serial", input_bits=8), dict(a_bit=12))]
+    for hw, bits in cases:
+        layer = CIMConv2d(4, 4, 3, hw=hw, **bits)
+        x = torch.rand(1, 4, 5, 5)
+        calibrate(layer, [x])
+        assert layer.input_grid(layer.input_quant(x)) is None
+    layer, x = _conv(_hw(), signed=True, shape={})
+    with INTEGER_PRODUCTS.use(False):
+        assert layer.input_grid(layer.input_quant(x)) is None
+    assert layer.input_grid(layer.input_quant(x)) is not None
+
+
+def test_eval_keeps_the_prepacked_weight_apart_from_the_float_form():
+    """In evaluation the int8-packed array weight is kept; switching integer products off and on
+    between forwards serves each path its own form, with the same outputs."""
+    layer, x = _conv(_hw(), signed=False, shape=dict(padding=1))
+    layer.eval()
+    with torch.no_grad():
+        first = layer(x)
+        misses = layer.eval_cache.misses
+        assert torch.equal(layer(x), first) and layer.eval_cache.misses == misses
+        with INTEGER_PRODUCTS.use(False):
+            float_out = layer(x)
+        again = layer(x)
+    assert torch.equal(again, first)
+    assert torch.allclose(float_out, first, rtol=0, atol=1e-5 * first.abs().max().item())
