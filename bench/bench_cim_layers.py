@@ -4,7 +4,9 @@ Run by hand: `.venv/bin/python bench/bench_cim_layers.py`. Prints medians and ra
 (absolute times depend on the machine). Configuration: Conv 64→64 3×3 on 32×32,
 batch 32, 256×256 arrays (3 row-tiles), 4-bit weights on 2-bit cells (2 slices), 4-bit ADC,
 column granularity; Linear 512→512, batch 256. The ADC-on layers run in both input modes:
-multi-bit (one partial sum of the whole 4-bit input) and bit-serial (4 planes of a 1-bit DAC).
+multi-bit (one partial sum of the whole 4-bit input) and bit-serial (4 planes of a 1-bit DAC);
+"float products" is the same conv with its partial sums computed in float32 instead of on the
+CPU's int8 kernels (lib.cim.integer_products).
 The eval section (`--only eval`) times eval-mode forwards with the crossbar form kept between
 forwards (the default) and recomputed each time: the conv above, and Linear 4096→4096, batch 16,
 w8a8 on run/hardware/default.yaml. The large-linear section (`--only large-linear`) times VGG16's
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.cim import calibrate  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
+from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
@@ -34,17 +38,29 @@ from lib.model_spec import DEFAULT_HARDWARE  # noqa: E402
 CIM_AQ_HARDWARE = DEFAULT_HARDWARE.parent / "cim_aq_default.yaml"
 
 
+def float_products(layer):
+    """The same layer computing its conv partial sums in float32 (integer products off)."""
+    layer.bench_float_products = True
+    return layer
+
+
+def products_mode(layer):
+    """The integer-products setting a layer is timed under."""
+    return INTEGER_PRODUCTS.use(False) if getattr(layer, "bench_float_products", False) else nullcontext()
+
+
 def forward_only(layer, x):
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), products_mode(layer):
             layer(x)
     return run
 
 
 def forward_backward(layer, x):
     def run():
-        layer.zero_grad(set_to_none=True)
-        layer(x).sum().backward()
+        with products_mode(layer):
+            layer.zero_grad(set_to_none=True)
+            layer(x).sum().backward()
     return run
 
 
@@ -118,6 +134,7 @@ def eval_mode(hw: HardwareConfig, hw_serial: HardwareConfig, repeats: int) -> No
         "torch": conv,
         "CIMConv2d recomputed": uncached(CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False)),
         "CIMConv2d cached": CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False),
+        "  cached, float products": float_products(CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False)),
         "  bit-serial, recomputed": uncached(CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False)),
         "  bit-serial, cached": CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False),
     }
@@ -168,6 +185,7 @@ def train_mode(hw: HardwareConfig, hw_off: HardwareConfig, hw_serial: HardwareCo
         "CIMConv2d ADC off": CIMConv2d.from_float(conv, hw_off, 4, 4, input_signed=False),
         "  same, crossbar path": forced(CIMConv2d.from_float(conv, hw_off, 4, 4, input_signed=False)),
         "CIMConv2d ADC on": CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False),
+        "  same, float products": float_products(CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False)),
         "  same, bit-serial": CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False),
     }
     print(f"conv row-tiles: {layers['CIMConv2d ADC on'].layout.tiles}, slices: {layers['CIMConv2d ADC on'].slices}")

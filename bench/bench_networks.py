@@ -20,6 +20,7 @@ calibrated on one batch first, on one of these crossbars:
     cim_aq              run/hardware/cim_aq_default.yaml (CIM-AQ's file: multi-bit inputs)
     default             run/hardware/default.yaml, bit-serial inputs (the project default)
     default-multibit    run/hardware/default.yaml with input_mode=multi-bit
+    cim_aq-float        cim_aq with conv partial sums in float32 (integer products off, for comparison)
 
 A training step is forward + cross-entropy + backward + SGD step (train mode, within
 `scratch_buffers()` as in training); an eval batch is a forward in eval mode under no_grad.
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib.cim import HardwareConfig, calibrate, quantize_model  # noqa: E402
 from lib.cim.adc_kernels import configure_compile  # noqa: E402
+from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cli import FlagError, check_minimums, run  # noqa: E402
 from models import create_model  # noqa: E402
@@ -77,6 +79,7 @@ class Crossbar:
 
     yaml_name: str
     overrides: tuple = ()
+    integer_products: bool = True  # False: conv partial sums in float32 even on an int8-capable CPU
 
     def hardware(self) -> HardwareConfig:
         return HardwareConfig.from_yaml(HARDWARE_DIR / self.yaml_name).with_overrides(**dict(self.overrides))
@@ -88,6 +91,7 @@ CROSSBARS = {
     "cim_aq": Crossbar("cim_aq_default.yaml"),
     "default": Crossbar("default.yaml"),
     "default-multibit": Crossbar("default.yaml", (("input_mode", "multi-bit"),)),
+    "cim_aq-float": Crossbar("cim_aq_default.yaml", integer_products=False),
 }
 FP32 = "fp32"
 BITS = (8, 8)
@@ -140,6 +144,17 @@ def eval_batch(model: nn.Module, x: torch.Tensor, device: torch.device):
     return run
 
 
+def with_products_of(config: str, step):
+    """`step` run with integer partial sums on or off as the configuration says (FP32: as is)."""
+    if config == FP32 or CROSSBARS[config].integer_products:
+        return step
+
+    def run():
+        with INTEGER_PRODUCTS.use(False):
+            step()
+    return run
+
+
 # ------------------------------------------------------------------------------------------ timing
 def time_network(network: Network, configs: list[str], batch: int, repeats: int, warmup: int,
                  device: torch.device) -> dict[str, tuple[float, float]]:
@@ -147,8 +162,10 @@ def time_network(network: Network, configs: list[str], batch: int, repeats: int,
     x, y = random_batch(network, batch, device)
     models = {name: build(network, name, x, device) for name in [FP32] + configs}
     with scratch_buffers():  # as in training: the fused backwards reuse their temporaries
-        train = round_robin_medians({k: training_step(m, x, y, device) for k, m in models.items()}, repeats, warmup)
-    evals = round_robin_medians({k: eval_batch(m, x, device) for k, m in models.items()}, repeats, warmup)
+        train = round_robin_medians({k: with_products_of(k, training_step(m, x, y, device))
+                                     for k, m in models.items()}, repeats, warmup)
+    evals = round_robin_medians({k: with_products_of(k, eval_batch(m, x, device)) for k, m in models.items()},
+                                repeats, warmup)
     print(f"\n{network.arch} @{network.input_size}, {network.num_classes} classes, batch {batch} "
           f"(median of {repeats}, round-robin; FP32: train step {train[FP32]:.3g} s, eval {evals[FP32]:.3g} s)")
     ratios = {}
@@ -216,7 +233,7 @@ def probe_memory(network: Network, config: str, batch: int, device: torch.device
     calibration, _ = random_batch(network, 2, device, seed=2)  # small: its peak stays below the step's
     model = build(network, config, calibration, device)
     x, y = random_batch(network, batch, device)
-    step = training_step(model, x, y, device)
+    step = with_products_of(config, training_step(model, x, y, device))
     with scratch_buffers():
         step()
     for parameter in model.parameters():

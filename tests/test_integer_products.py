@@ -1,7 +1,8 @@
-"""Conv partial sums on int8 kernels (lib.cim.integer_products) against the float32 conv: the
+"""Partial sums on int8 kernels (lib.cim.integer_products) against the float32 products: the
 same partial sums (exact integers times the step), the same layer outputs and gradients for every
-mapping, input signedness, input mode and conv shape; chosen only when the codes fit in 8 bits;
-kept prepacked in evaluation without mixing with the float form."""
+mapping, input signedness, input mode, conv shape and linear tiling (kept and chunked partial
+sums); chosen only when the codes fit in 8 bits; kept prepacked in evaluation without mixing with
+the float form."""
 from __future__ import annotations
 
 import itertools
@@ -10,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.cim import calibrate
+from lib.cim import calibrate, crossbar_adc
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.hardware import HardwareConfig
 from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid
-from lib.cim.layers import CIMConv2d
+from lib.cim.layers import CIMConv2d, CIMLinear
 from lib.cim.scratch import scratch_buffers
 from lib.cim.tile_products import crossbar_weight
 
@@ -41,6 +42,36 @@ def _conv(hw, signed: bool, shape: dict, seed: int = 0):
 
 SHAPES = [dict(padding=1), dict(stride=2, padding=1, groups=2), dict(dilation=2, padding=2),
           dict(padding=1, padding_mode="reflect")]
+
+
+def _linear(hw, signed: bool, seed: int = 0):
+    """A linear layer with a ragged last row-tile, on tokens with a leading dim."""
+    torch.manual_seed(seed)
+    layer = CIMLinear(70, 5, hw=hw, w_bit=5, a_bit=6, input_signed=signed)
+    x = torch.randn(3, 2, 70) if signed else torch.rand(3, 2, 70)
+    calibrate(layer, [x])
+    assert layer.layout.pad > 0
+    return layer, x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_integer_linear_partial_sums_are_the_exact_integers_times_the_step(signed):
+    """Per-tile int8 matmuls (codes shifted into int8, the shift added back through column sums)
+    = float64 products of the integer codes, times the step, to one float32 rounding."""
+    layer, x = _linear(_hw(), signed)
+    quant = layer.input_quant(x.reshape(-1, 70))
+    grid = layer.input_grid(quant)
+    assert grid is not None and grid.zero_point == (128 if signed else 0)
+    tiles = layer.tiles(grid)
+    xt = tiles.tile_input(quant.value)
+    q = torch.round(layer.quant_weight().value / layer.quant_weight().scale)
+    w = crossbar_weight(q, tiles, layer.plan)
+    codes = torch.round(xt / grid.step).double()
+    exact = (torch.bmm(codes, w.double()) * grid.step).transpose(0, 1)
+    ulp = torch.finfo(torch.float32).eps * exact.abs().max().item()
+    for weight in (w, tiles.packed(w)):
+        got = tiles.products(xt, weight)
+        assert got.shape == exact.shape and (got.double() - exact).abs().max() <= ulp
 
 
 def test_integer_partial_sums_are_the_exact_integers_times_the_step():
@@ -89,6 +120,30 @@ def test_layer_outputs_and_gradients_match_the_float_products(mapping, signed, m
             assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("mapping,signed,mode", list(itertools.product(MAPPINGS, [True, False],
+                                                                      ["multi-bit", "bit-serial"])))
+def test_linear_outputs_and_gradients_match_the_float_products(mapping, signed, mode, monkeypatch):
+    """The same for a linear layer, with partial sums kept for the backward and made in chunks
+    (recomputed in the backward on the same int8 kernels)."""
+    for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 256):
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
+        layer, x = _linear(_hw(mapping=mapping, input_mode=mode), signed)
+        layer.train()
+        params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
+                  layer.psum_adc.step]
+        results = []
+        for enabled in (True, False):
+            with INTEGER_PRODUCTS.use(enabled), scratch_buffers():
+                xg = x.clone().requires_grad_()
+                out = layer(xg)
+                weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+                results.append((out.detach(), torch.autograd.grad((out * weights).sum(), [xg] + params)))
+        (out_i, grads_i), (out_f, grads_f) = results
+        assert torch.allclose(out_i, out_f, rtol=0, atol=1e-5 * out_f.abs().max().item()), (out_i - out_f).abs().max()
+        for got, want in zip(grads_i, grads_f):
+            assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+
+
 def test_integer_products_only_where_the_codes_fit_in_8_bits():
     """9-bit multi-bit inputs, 8-bit signed DAC digits and 8-bit cells take the float32 conv."""
     plan = CrossbarPlan(_hw(), 1, 8, 4, 9, w_bit=5, a_bit=8, input_signed=True)
@@ -111,10 +166,11 @@ def test_integer_products_only_where_the_codes_fit_in_8_bits():
     assert layer.input_grid(layer.input_quant(x)) is not None
 
 
-def test_eval_keeps_the_prepacked_weight_apart_from_the_float_form():
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_eval_keeps_the_prepacked_weight_apart_from_the_float_form(kind):
     """In evaluation the int8-packed array weight is kept; switching integer products off and on
     between forwards serves each path its own form, with the same outputs."""
-    layer, x = _conv(_hw(), signed=False, shape=dict(padding=1))
+    layer, x = _conv(_hw(), signed=False, shape=dict(padding=1)) if kind == "conv" else _linear(_hw(), False)
     layer.eval()
     with torch.no_grad():
         first = layer(x)

@@ -1,11 +1,12 @@
-"""A conv layer's partial sums computed as the arrays compute them: integer inputs times integer
+"""A layer's partial sums computed as the arrays compute them: integer inputs times integer
 cell values, on the CPU's int8 instructions (VNNI, AMX) through oneDNN.
 
 The crossbar input is an integer grid times the input step and the array weight holds small
 integer cell values, so every partial sum is an integer times the step. oneDNN's int8 convolution
-accumulates those integers exactly in int32 and returns them scaled by the step in float32: the
-same partial sums as the float32 convolution (closer to the exact value, which the float path
-reaches only up to its accumulation rounding), 2-2.5x faster on a CPU with VNNI or AMX.
+(convs) and int8 matmuls (linear layers, one per row-tile) accumulate those integers exactly in
+int32, and the result is scaled by the step in float32: the same partial sums as the float32
+products (closer to the exact value, which the float path reaches only up to its accumulation
+rounding), 2-2.5x faster on a CPU with VNNI or AMX.
 
 Used for the forward products (and their recomputation in the backward) when the inputs fit in
 8 bits (`CrossbarPlan.input_zero_point`), cell values fit in int8, and the CPU has the
@@ -42,7 +43,8 @@ class _IntegerProducts:
     @staticmethod
     def _supported() -> bool:
         ops = getattr(torch.ops, "onednn", None)
-        if not torch.backends.mkldnn.is_available() or ops is None or not hasattr(ops, "qconv2d_pointwise"):
+        if (not torch.backends.mkldnn.is_available() or ops is None or not hasattr(ops, "qconv2d_pointwise")
+                or not hasattr(torch, "_int_mm")):
             return False
         cpu = torch.cpu
         return bool(getattr(cpu, "_is_vnni_supported", lambda: False)()
@@ -78,13 +80,54 @@ class _IntegerProducts:
 INTEGER_PRODUCTS = _IntegerProducts()
 
 
-def _codes_functional(x, step: float, zero_point: int):
-    """The input's grid codes, round(x / step) + zero_point, as uint8: one fused pass."""
-    return (torch.round(x / step) + zero_point).to(torch.uint8)
+def _codes_functional(x, step: float, offset: int, dtype: torch.dtype):
+    """The input's grid codes plus `offset`, round(x / step) + offset, as `dtype`: one fused pass."""
+    return (torch.round(x / step) + offset).to(dtype)
 
 
-def _codes_eager(x, step: float, zero_point: int):
-    return torch.round(x / step).add_(zero_point).to(torch.uint8)
+def _codes_eager(x, step: float, offset: int, dtype: torch.dtype):
+    return torch.round(x / step).add_(offset).to(dtype)
+
+
+def input_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
+    """x's codes on `grid`: uint8 (code + zero_point), or int8 (code + zero_point - 128) when `signed`."""
+    offset, dtype = (grid.zero_point - 128, torch.int8) if signed else (grid.zero_point, torch.uint8)
+    return KERNELS.run(f"input_codes_{str(dtype).rsplit('.', 1)[-1]}", _codes_functional, _codes_eager, x, x, grid.step, offset, dtype)
+
+
+class IntegerMatmulWeight(NamedTuple):
+    """A linear layer's array weight prepared for `integer_matmul` (what the eval cache keeps):
+    int8 cell values (tiles, rows, columns) and their sums over each tile's rows (tiles, columns)."""
+
+    weight: torch.Tensor
+    column_sums: torch.Tensor
+
+
+def pack_matmul_weight(w: torch.Tensor) -> IntegerMatmulWeight:
+    """The array weight (tiles, rows, columns) of integer cell values as `IntegerMatmulWeight`."""
+    if isinstance(w, IntegerMatmulWeight):
+        return w
+    wq = w if w.dtype == torch.int8 else w.to(torch.int8)
+    return IntegerMatmulWeight(wq, wq.sum(dim=1, dtype=torch.int32).to(torch.float32))
+
+
+def integer_matmul(xt: torch.Tensor, w, grid: InputGrid) -> torch.Tensor:
+    """(tokens, tiles, columns) partial sums of the tiled input xt (tiles, tokens, rows) on `grid`
+    and the integer array weight w (tiles, rows, columns, or its `pack_matmul_weight`): one int8
+    matmul per tile with exact int32 sums. Codes are shifted into int8 (c = code + zero_point - 128),
+    so Σ code·w = Σ c·w + (128 - zero_point)·Σ w, added back exactly before the step."""
+    offset = 128 - grid.zero_point
+    packed = pack_matmul_weight(w) if offset or not isinstance(w, torch.Tensor) else None
+    weight = packed.weight if packed is not None else (w if w.dtype == torch.int8 else w.to(torch.int8))
+    codes = input_codes(xt, grid, signed=True)
+    tiles, tokens, columns = weight.shape[0], xt.shape[1], weight.shape[2]
+    sums = torch.empty((tiles, tokens, columns), dtype=torch.int32, device=xt.device)
+    for tile in range(tiles):
+        torch._int_mm(codes[tile], weight[tile], out=sums[tile])
+    out = sums.transpose(0, 1).to(xt.dtype)
+    if offset:
+        out.add_(packed.column_sums, alpha=offset)
+    return out.mul_(grid.step)
 
 
 def pack_conv_weight(w: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -103,7 +146,7 @@ def integer_conv(x: torch.Tensor, w: torch.Tensor, grid: InputGrid, stride, padd
     """F.conv2d(x, w) for x on `grid` and integer-valued w (or its `pack_conv_weight`), on int8
     kernels: float32 (N, C_out, H_out, W_out) in channels_last memory."""
     packed = pack_conv_weight(w, stride, padding, dilation, groups)
-    codes = KERNELS.run("input_codes", _codes_functional, _codes_eager, x, x, grid.step, grid.zero_point)
+    codes = input_codes(x, grid, signed=False)
     scales, zero_points = INTEGER_PRODUCTS.scales(packed.shape[0])
     return torch.ops.onednn.qconv2d_pointwise(
         codes, grid.step, grid.zero_point, packed, scales, zero_points, None, list(stride), list(padding),

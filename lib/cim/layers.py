@@ -288,6 +288,18 @@ class CIMLayerMixin:
     def _join_planes(self, y: torch.Tensor) -> torch.Tensor:
         return join_planes(y, self.plan.plane_significance(self.input_planes, y.device, y.dtype))
 
+    def input_grid(self, x) -> Optional[InputGrid]:
+        """The crossbar input's 8-bit integer grid when partial sums can be integer products
+        (lib.cim.integer_products): a quantized input whose array codes fit in 8 bits, cell values
+        in int8, a CPU with int8 kernels, nothing traced; else None (float32 products)."""
+        if not (isinstance(x, QuantTensor) and INTEGER_PRODUCTS.available_for(x.value)) or _tracing():
+            return None
+        plan = self.plan
+        zero_point = plan.input_zero_point(self.input_planes)
+        if zero_point is None or plan.slicing.storage_dtype != torch.int8:
+            return None
+        return InputGrid(float(x.scale.detach().reshape(())), zero_point)
+
     def adc_floor(self, crossbar_input: torch.Tensor) -> Optional[torch.Tensor]:
         """Least mean |partial sum| per (array, read-out column) an ADC step may be initialised from:
         the column's largest cell value (its slice's; the reference cell's) times the mean |input|
@@ -442,17 +454,6 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         return ConvTiles(self.layout, tuple(self.kernel_size), tuple(self.stride), tuple(padding),
                          tuple(self.dilation), input_grid)
 
-    def input_grid(self, x) -> Optional[InputGrid]:
-        """The crossbar input's 8-bit integer grid when partial sums can be integer products
-        (lib.cim.integer_products): a quantized input whose array codes fit in 8 bits, cell values
-        in int8, a CPU with int8 kernels, nothing traced; else None (float32 products)."""
-        if not (isinstance(x, QuantTensor) and INTEGER_PRODUCTS.available_for(x.value)) or _tracing():
-            return None
-        plan = self.plan
-        zero_point = plan.input_zero_point(self.input_planes)
-        if zero_point is None or plan.slicing.storage_dtype != torch.int8:
-            return None
-        return InputGrid(float(x.scale.detach().reshape(())), zero_point)
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode == "zeros":
@@ -518,8 +519,9 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         layer._copy_float_parameters(linear)
         return layer
 
-    def tiles(self) -> MatmulTiles:
-        return MatmulTiles(self.layout)
+    def tiles(self, input_grid: Optional[InputGrid] = None) -> MatmulTiles:
+        """The batched-matmul view of this layer's arrays, with integer products for inputs on `input_grid`."""
+        return MatmulTiles(self.layout, input_grid)
 
     def reference_sums(self, xt: torch.Tensor) -> Optional[torch.Tensor]:
         """The offset mapping's reference column per tile (tiles, tokens): the cell value times the
@@ -547,7 +549,7 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
             x = IntQuantTensor(x2d, x.scale, x.zero_point, x.bit_width, x.signed, x.training)
         else:
             x = x2d
-        tiles = self.tiles()
+        tiles = self.tiles(self.input_grid(x))
         xt = tiles.tile_input(self._split_input(x))
         ref = self.reference_sums(xt)
         if ref is not None:

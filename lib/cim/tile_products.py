@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
-from lib.cim.integer_products import InputGrid, integer_conv, pack_conv_weight
+from lib.cim.integer_products import InputGrid, integer_conv, integer_matmul, pack_conv_weight, pack_matmul_weight
 
 
 _SHARES: dict = {}
@@ -167,7 +167,13 @@ class MatmulTiles:
     Partial sums are laid out (tokens, tiles, slices·out): row by row, as the ADC reads them."""
 
     layout: TileLayout
-    packed_form = "float"  # what `packed` returns
+    input_grid: Optional[InputGrid] = None  # inputs on an 8-bit grid: products on int8 kernels
+
+    @property
+    def packed_form(self) -> str:
+        """What `packed` returns: int8 cell values with their column sums for integer products,
+        else the float weight."""
+        return "int8" if self.input_grid is not None else "float"
 
     def weight(self, slices: torch.Tensor) -> torch.Tensor:
         """Batched-matmul weight (tiles, rows_per_tile, slices·out): a strided view of the slices
@@ -178,11 +184,13 @@ class MatmulTiles:
             w = F.pad(w, (0, lay.pad))
         return w.view(w.shape[0], lay.tiles, lay.channels_per_tile).permute(1, 2, 0)
 
-    def packed(self, w: torch.Tensor) -> torch.Tensor:
+    def packed(self, w: torch.Tensor):
         """`weight`'s result laid out for many reads (the eval cache keeps it): each tile's block
         contiguous (tiles, slices·out, rows_per_tile), read transposed — about 1.4x faster in the
-        small-batch matmul than the strided view, for one copy."""
-        return w.transpose(1, 2).contiguous().transpose(1, 2)
+        small-batch matmul than the strided view, for one copy; in int8 with its column sums for
+        integer products."""
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+        return w if self.input_grid is None else pack_matmul_weight(w)
 
     def tile_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """(tokens, features) → (tiles, tokens, rows_per_tile), the ragged tile zero-padded."""
@@ -199,7 +207,10 @@ class MatmulTiles:
         """(tokens, tiles, slices·out) partial sums: each tile's matmul writes its block of every
         row in place (a strided output BLAS takes as is), so no transpose copy follows; a compact
         integer w is widened block by block (`tile_blocks`). Where autograd records (inspection,
-        tests) a transposed view of the plain product, with the same values."""
+        tests) a transposed view of the plain product, with the same values. Integer products
+        (`input_grid` set) come from lib.cim.integer_products."""
+        if self.input_grid is not None:
+            return integer_matmul(xt, w, self.input_grid)
         if torch.is_grad_enabled() and (xt.requires_grad or w.requires_grad):
             return torch.bmm(xt, as_float(w, xt)).transpose(0, 1)
         out = xt.new_empty((xt.shape[1], xt.shape[0], w.shape[2]))
