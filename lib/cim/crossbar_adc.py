@@ -62,7 +62,8 @@ class _CrossbarADC(torch.autograd.Function):
             return KERNELS.forward(main, step, coef, lo, hi)
         ctx.save_for_backward(x, w, None, step, gamma)
         dim = _row_dim(tiles)
-        return torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w, gamma),
+        w_products = tiles.for_products(w, x)
+        return torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w_products, gamma),
                                           step, coef, lo, hi) for start, length in chunks])
 
     @staticmethod
@@ -78,9 +79,10 @@ class _CrossbarADC(torch.autograd.Function):
             rows_per_item = grad_y.shape[0] // x.shape[dim]
             grad_x = torch.empty_like(x) if need_x else None
             grad_q = sum_levels = sum_v = None
+            w_products = ctx.tiles.for_products(w, x)
             for start, length in ctx.chunks:
                 x_chunk = x.narrow(dim, start, length)
-                main = _products(ctx.tiles, x_chunk, w, gamma)
+                main = _products(ctx.tiles, x_chunk, w_products, gamma)
                 grad_y_chunk = grad_y.narrow(0, start * rows_per_item, length * rows_per_item)
                 gx, gq, levels, v = _chunk_backward(ctx, grad_y_chunk, x_chunk, w, main, step, gamma, need_x, need_q)
                 if need_x:

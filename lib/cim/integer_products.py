@@ -38,7 +38,7 @@ class _IntegerProducts:
 
     def __init__(self) -> None:
         self._enabled: bool | None = None
-        self._ones: dict = {}
+        self._unit: tuple | None = None
 
     @staticmethod
     def _supported() -> bool:
@@ -70,11 +70,12 @@ class _IntegerProducts:
     def available_for(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype == torch.float32 and self.enabled
 
-    def scales(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit weight scales and zero zero-points per output channel, made once per width."""
-        if channels not in self._ones:
-            self._ones[channels] = (torch.ones(channels), torch.zeros(channels, dtype=torch.int64))
-        return self._ones[channels]
+    def unit_weight_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One weight scale of 1 and zero point of 0 for the whole weight (the cells are the
+        integers themselves), made once: oneDNN reads a per-channel list element by element."""
+        if self._unit is None:
+            self._unit = (torch.ones(1), torch.zeros(1, dtype=torch.int64))
+        return self._unit
 
 
 INTEGER_PRODUCTS = _IntegerProducts()
@@ -95,38 +96,29 @@ def input_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
     return KERNELS.run(f"input_codes_{str(dtype).rsplit('.', 1)[-1]}", _codes_functional, _codes_eager, x, x, grid.step, offset, dtype)
 
 
-class IntegerMatmulWeight(NamedTuple):
-    """A linear layer's array weight prepared for `integer_matmul` (what the eval cache keeps):
-    int8 cell values (tiles, rows, columns) and their sums over each tile's rows (tiles, columns)."""
-
-    weight: torch.Tensor
-    column_sums: torch.Tensor
+def pack_matmul_weight(w: torch.Tensor) -> torch.Tensor:
+    """The array weight (tiles, rows, columns) of integer cell values in int8, for `integer_matmul`."""
+    return w if w.dtype == torch.int8 else w.to(torch.int8)
 
 
-def pack_matmul_weight(w: torch.Tensor) -> IntegerMatmulWeight:
-    """The array weight (tiles, rows, columns) of integer cell values as `IntegerMatmulWeight`."""
-    if isinstance(w, IntegerMatmulWeight):
-        return w
-    wq = w if w.dtype == torch.int8 else w.to(torch.int8)
-    return IntegerMatmulWeight(wq, wq.sum(dim=1, dtype=torch.int32).to(torch.float32))
-
-
-def integer_matmul(xt: torch.Tensor, w, grid: InputGrid) -> torch.Tensor:
+def integer_matmul(xt: torch.Tensor, w: torch.Tensor, grid: InputGrid) -> torch.Tensor:
     """(tokens, tiles, columns) partial sums of the tiled input xt (tiles, tokens, rows) on `grid`
-    and the integer array weight w (tiles, rows, columns, or its `pack_matmul_weight`): one int8
-    matmul per tile with exact int32 sums. Codes are shifted into int8 (c = code + zero_point - 128),
-    so Σ code·w = Σ c·w + (128 - zero_point)·Σ w, added back exactly before the step."""
+    and the integer array weight w (tiles, rows, columns): one int8 matmul per tile with exact
+    int32 sums. Codes are shifted into int8 (c = code + zero_point - 128), so Σ code·w =
+    Σ c·w + (128 - zero_point)·Σ w; the column sums Σ w come from one more row of ones in the
+    same matmul, and are added back exactly before the step."""
     offset = 128 - grid.zero_point
-    packed = pack_matmul_weight(w) if offset or not isinstance(w, torch.Tensor) else None
-    weight = packed.weight if packed is not None else (w if w.dtype == torch.int8 else w.to(torch.int8))
+    weight = pack_matmul_weight(w)
     codes = input_codes(xt, grid, signed=True)
     tiles, tokens, columns = weight.shape[0], xt.shape[1], weight.shape[2]
-    sums = torch.empty((tiles, tokens, columns), dtype=torch.int32, device=xt.device)
+    if offset:
+        codes = torch.cat([codes, codes.new_ones((tiles, 1, codes.shape[2]))], dim=1)
+    sums = torch.empty((tiles, codes.shape[1], columns), dtype=torch.int32, device=xt.device)
     for tile in range(tiles):
         torch._int_mm(codes[tile], weight[tile], out=sums[tile])
-    out = sums.transpose(0, 1).to(xt.dtype)
+    out = sums[:, :tokens].transpose(0, 1).to(xt.dtype)
     if offset:
-        out.add_(packed.column_sums, alpha=offset)
+        out.add_(sums[:, tokens].to(xt.dtype), alpha=offset)
     return out.mul_(grid.step)
 
 
@@ -136,8 +128,8 @@ def pack_conv_weight(w: torch.Tensor, stride, padding, dilation, groups: int) ->
     if w.is_mkldnn:
         return w
     wq = w if w.dtype == torch.int8 else w.to(torch.int8)
-    scales, _ = INTEGER_PRODUCTS.scales(w.shape[0])
-    return torch.ops.onednn.qconv_prepack(wq, scales, 1.0, 0, list(stride), list(padding), list(dilation),
+    scale, _ = INTEGER_PRODUCTS.unit_weight_scale()
+    return torch.ops.onednn.qconv_prepack(wq, scale, 1.0, 0, list(stride), list(padding), list(dilation),
                                           groups, None)
 
 
@@ -147,7 +139,7 @@ def integer_conv(x: torch.Tensor, w: torch.Tensor, grid: InputGrid, stride, padd
     kernels: float32 (N, C_out, H_out, W_out) in channels_last memory."""
     packed = pack_conv_weight(w, stride, padding, dilation, groups)
     codes = input_codes(x, grid, signed=False)
-    scales, zero_points = INTEGER_PRODUCTS.scales(packed.shape[0])
+    scale, zero_point = INTEGER_PRODUCTS.unit_weight_scale()
     return torch.ops.onednn.qconv2d_pointwise(
-        codes, grid.step, grid.zero_point, packed, scales, zero_points, None, list(stride), list(padding),
+        codes, grid.step, grid.zero_point, packed, scale, zero_point, None, list(stride), list(padding),
         list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")

@@ -111,6 +111,13 @@ class ConvTiles:
             return w
         return pack_conv_weight(w, self.stride, self.padding, self.dilation, self.arrays)
 
+    def for_products(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The array weight as `products` takes it fastest when it reads it several times (chunks):
+        prepacked for int8 kernels, else in x's float dtype (a conv's weights are small)."""
+        if self.input_grid is not None:
+            return pack_conv_weight(w, self.stride, self.padding, self.dilation, self.arrays)
+        return as_float(w, x)
+
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
         """Each group's input channels zero-padded to whole tiles, in channels_last memory format
         (oneDNN runs these odd group shapes about twice as fast in it)."""
@@ -171,8 +178,7 @@ class MatmulTiles:
 
     @property
     def packed_form(self) -> str:
-        """What `packed` returns: int8 cell values with their column sums for integer products,
-        else the float weight."""
+        """What `packed` returns: int8 cell values for integer products, else the float weight."""
         return "int8" if self.input_grid is not None else "float"
 
     def weight(self, slices: torch.Tensor) -> torch.Tensor:
@@ -187,10 +193,13 @@ class MatmulTiles:
     def packed(self, w: torch.Tensor):
         """`weight`'s result laid out for many reads (the eval cache keeps it): each tile's block
         contiguous (tiles, slices·out, rows_per_tile), read transposed — about 1.4x faster in the
-        small-batch matmul than the strided view, for one copy; in int8 with its column sums for
-        integer products."""
+        small-batch matmul than the strided view, for one copy; in int8 for integer products."""
         w = w.transpose(1, 2).contiguous().transpose(1, 2)
         return w if self.input_grid is None else pack_matmul_weight(w)
+
+    def for_products(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The array weight for repeated `products`: as it is (a compact one is widened block by block)."""
+        return w
 
     def tile_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """(tokens, features) → (tiles, tokens, rows_per_tile), the ragged tile zero-padded."""
