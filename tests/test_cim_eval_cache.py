@@ -149,3 +149,15 @@ def test_no_cache_where_autograd_reaches_the_weights():
     layer(x).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     assert layer.eval_cache.hits == 0 and layer.eval_cache.misses == 0
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_a_copied_layer_starts_with_an_empty_cache(name):
+    """deepcopy drops the kept form (it may hold oneDNN's prepacked int8 weight, which cannot be
+    copied); the copy recomputes it and gives the same outputs."""
+    layer, x = _ready(LAYERS[name])
+    first = _cached(layer, x)
+    assert len(layer.eval_cache) > 0
+    twin = copy.deepcopy(layer)
+    assert len(twin.eval_cache) == 0 and len(layer.eval_cache) > 0
+    assert torch.equal(_cached(twin, x), first) and len(twin.eval_cache) > 0

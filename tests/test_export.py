@@ -14,6 +14,7 @@ from torch import nn
 
 import lib.export.exporter as exporter
 from lib.cim import HardwareConfig, quantizable_layers, quantize_model
+from lib.cim.integer_products import INTEGER_PRODUCTS
 from lib.export import ExportCIMLayer, ExportError, export_model, layer_qdq, ort_logits
 from lib.export.__main__ import main as export_main
 from lib.policy import Policy
@@ -87,13 +88,15 @@ def _check_bits(onnx_model, model):
 def _assert_layers_reproduced(model, images) -> None:
     """Each CIM layer's export form gives the layer's own output on the layer's own input (up to
     float order). End to end, float-order differences can flip an ADC rounding in a later layer
-    (a partial sum exactly on a rounding tie), so the whole-model comparison is by agreement, not by a tight bound."""
+    (a partial sum exactly on a rounding tie), so the whole-model comparison is by agreement, not by a tight bound.
+    The layers run their float32 products here, as the export form does (integer products are
+    exact and can round a tie the other way; tests/test_integer_products.py covers them)."""
     captured = {}
     layers = quantizable_layers(model)
     hooks = [layer.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, (i[0], o)))
              for name, layer in layers]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), INTEGER_PRODUCTS.use(False):
             model.eval()(images)
     finally:
         for hook in hooks:

@@ -41,7 +41,7 @@ def _conv(hw, signed: bool, shape: dict, seed: int = 0):
 
 
 SHAPES = [dict(padding=1), dict(stride=2, padding=1, groups=2), dict(dilation=2, padding=2),
-          dict(padding=1, padding_mode="reflect")]
+          dict(padding=1, padding_mode="reflect"), dict(padding=1, groups=6), dict(stride=2, groups=3)]
 
 
 def _linear(hw, signed: bool, seed: int = 0):
@@ -74,13 +74,16 @@ def test_integer_linear_partial_sums_are_the_exact_integers_times_the_step(signe
         assert got.shape == exact.shape and (got.double() - exact).abs().max() <= ulp
 
 
-def test_integer_partial_sums_are_the_exact_integers_times_the_step():
+@pytest.mark.parametrize("rows,signed", list(itertools.product([40, 20, 9], [True, False])))
+def test_integer_partial_sums_are_the_exact_integers_times_the_step(rows, signed):
     """tiles.products on int8 kernels = float64 conv of the integer codes, times the step, to one
-    float32 rounding; the float32 conv is no closer."""
-    layer, x = _conv(_hw(), signed=True, shape=dict(padding=1, groups=2))
+    float32 rounding; the float32 conv is no closer. Arrays of 4, 2 and 1 input channels (narrow
+    conv groups, where oneDNN mishandles an input zero point), signed and unsigned inputs."""
+    layer, x = _conv(_hw(rows=rows), signed=signed, shape=dict(padding=1, groups=2))
+    assert layer.layout.channels_per_tile == rows // 9
     quant = layer.input_quant(x)
     grid = layer.input_grid(quant)
-    assert grid == InputGrid(float(quant.scale.detach()), 128)
+    assert grid == InputGrid(float(quant.scale.detach()), 128 if signed else 0)
     tiles = layer.tiles(grid)
     x_tiled = tiles.tile_input(quant.value)
     q = torch.round(layer.quant_weight().value / layer.quant_weight().scale)

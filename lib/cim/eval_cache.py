@@ -28,6 +28,11 @@ class EvalCache:
         self.hits = 0
         self.misses = 0
 
+    def __deepcopy__(self, memo) -> "EvalCache":
+        """A copied layer starts with an empty cache: its values are derived data (some, like
+        oneDNN's prepacked weights, cannot be copied) and are recomputed on first use."""
+        return EvalCache()
+
     def clear(self) -> None:
         """Drop every value (frees the memory they hold)."""
         self._key, self._values = None, {}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from lib.cim.adc_kernels import KERNELS
 
@@ -122,24 +123,50 @@ def integer_matmul(xt: torch.Tensor, w: torch.Tensor, grid: InputGrid) -> torch.
     return out.mul_(grid.step)
 
 
-def pack_conv_weight(w: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """The array weight (integer cell values, any dtype) as oneDNN's prepacked int8 weight; it
-    serves any input step and zero point."""
-    if w.is_mkldnn:
+class PackedConvWeight(NamedTuple):
+    """A conv's array weight prepared for `integer_conv` (what the eval cache keeps): oneDNN's
+    prepacked int8 weight and, for shifted codes, the shift's contribution per output channel."""
+
+    weight: torch.Tensor
+    shift_bias: Optional[torch.Tensor]  # -zero_point · Σ w per output channel (float32), or None
+
+
+def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int) -> PackedConvWeight:
+    """The array weight (integer cell values, any dtype) as `PackedConvWeight` for inputs on `grid`."""
+    if isinstance(w, PackedConvWeight):
         return w
     wq = w if w.dtype == torch.int8 else w.to(torch.int8)
     scale, _ = INTEGER_PRODUCTS.unit_weight_scale()
-    return torch.ops.onednn.qconv_prepack(wq, scale, 1.0, 0, list(stride), list(padding), list(dilation),
-                                          groups, None)
+    shifted = grid.zero_point != 0
+    packed = torch.ops.onednn.qconv_prepack(wq, scale, 1.0, 0, list(stride), [0, 0] if shifted else list(padding),
+                                            list(dilation), groups, None)
+    shift_bias = None
+    if shifted:
+        shift_bias = wq.sum(dim=(1, 2, 3), dtype=torch.int32).to(torch.float32).mul_(-grid.zero_point)
+    return PackedConvWeight(packed, shift_bias)
 
 
-def integer_conv(x: torch.Tensor, w: torch.Tensor, grid: InputGrid, stride, padding, dilation,
-                 groups: int) -> torch.Tensor:
+def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation, groups: int) -> torch.Tensor:
     """F.conv2d(x, w) for x on `grid` and integer-valued w (or its `pack_conv_weight`), on int8
-    kernels: float32 (N, C_out, H_out, W_out) in channels_last memory."""
-    packed = pack_conv_weight(w, stride, padding, dilation, groups)
+    kernels: float32 (N, C_out, H_out, W_out).
+
+    oneDNN is given unsigned codes and no zero point (its int8 conv mishandles a non-zero input
+    zero point for groups of fewer than 4 channels). Signed inputs are therefore shifted into
+    [0, 255] by the grid's zero point z, zero-padded with z themselves (a padded input is 0), and
+    the shift's contribution z · Σ w, the same at every output position, is taken off through the
+    conv's bias while the sums are still exact integers; the step is applied after."""
+    packed = pack_conv_weight(w, grid, stride, padding, dilation, groups)
     codes = input_codes(x, grid, signed=False)
     scale, zero_point = INTEGER_PRODUCTS.unit_weight_scale()
-    return torch.ops.onednn.qconv2d_pointwise(
-        codes, grid.step, grid.zero_point, packed, scale, zero_point, None, list(stride), list(padding),
+    if not grid.zero_point:
+        return torch.ops.onednn.qconv2d_pointwise(
+            codes, grid.step, 0, packed.weight, scale, zero_point, None, list(stride), list(padding),
+            list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+    pad_h, pad_w = padding
+    if pad_h or pad_w:
+        codes = F.pad(codes, (pad_w, pad_w, pad_h, pad_h), value=grid.zero_point)
+        codes = codes.contiguous(memory_format=torch.channels_last)
+    sums = torch.ops.onednn.qconv2d_pointwise(
+        codes, 1.0, 0, packed.weight, scale, zero_point, packed.shift_bias, list(stride), [0, 0],
         list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+    return sums.mul_(grid.step)

@@ -109,13 +109,13 @@ class ConvTiles:
         int8 kernels when the products are integer, else as it is."""
         if self.input_grid is None:
             return w
-        return pack_conv_weight(w, self.stride, self.padding, self.dilation, self.arrays)
+        return pack_conv_weight(w, self.input_grid, self.stride, self.padding, self.dilation, self.arrays)
 
     def for_products(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The array weight as `products` takes it fastest when it reads it several times (chunks):
         prepacked for int8 kernels, else in x's float dtype (a conv's weights are small)."""
         if self.input_grid is not None:
-            return pack_conv_weight(w, self.stride, self.padding, self.dilation, self.arrays)
+            return pack_conv_weight(w, self.input_grid, self.stride, self.padding, self.dilation, self.arrays)
         return as_float(w, x)
 
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,9 @@ class ConvTiles:
         if not lay.pad:
             return x.contiguous(memory_format=torch.channels_last)
         n, _, h, w = x.shape
-        tiled = x.new_zeros((n, h, w, lay.groups, lay.padded_channels))
-        tiled[..., :lay.in_channels_per_group] = x.reshape(n, lay.groups, lay.in_channels_per_group, h, w).permute(0, 3, 4, 1, 2)
-        return tiled.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+        by_group = x.permute(0, 2, 3, 1).reshape(n, h, w, lay.groups, lay.in_channels_per_group)
+        # a pad (its backward is a slice), not a write into zeros (whose backward clones the whole gradient)
+        return F.pad(by_group, (0, lay.pad)).reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int, int]:
         """(N, H_out, W_out) of the conv over the tiled input x."""
