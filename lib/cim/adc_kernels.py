@@ -11,6 +11,7 @@ same values; the other kernels stay fused.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -199,9 +200,10 @@ class _Kernels:
         mode = self.mode
         if mode == "0" or name in self._failed:
             return False
-        if mode == "auto" and tensor.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        device = tensor.device.type
+        if mode == "auto" and device == "cpu" and not _has_cxx():
             return False
-        return tensor.device.type in ("cpu", "cuda")
+        return device in ("cpu", "cuda")
 
     def _get(self, name: str, fn):
         if name not in self._compiled:
@@ -218,7 +220,8 @@ class _Kernels:
         and it compiles, else `eager(*args)` (None: return None instead)."""
         if self._use_compiled(name, tensor):
             try:  # detached and dense: no autograd state or overlapping layout to guard on
-                plain = [dense(a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
+                plain = [dense(a.detach() if a.requires_grad else a) if isinstance(a, torch.Tensor) else a
+                         for a in args]
                 if eager is None:  # an out= variant: the first argument is written, keep it as given
                     plain[0] = args[0]
                 return self._get(name, functional)(*plain, *compiled_extra)
@@ -262,17 +265,41 @@ class _Kernels:
                          compiled_extra=chunks)
 
 
-_BOUNDS: dict = {}
+@functools.lru_cache(maxsize=None)
+def _has_cxx() -> bool:
+    """Whether a C++ compiler (which Inductor's CPU kernels need) is on PATH: looked up once per
+    process, not on every kernel call."""
+    return bool(shutil.which("c++") or shutil.which("g++"))
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(key: tuple, make):
+    """`make()` made once per key and kept: constants every forward reads, made outside inference
+    mode (an inference tensor could not be saved for a later backward)."""
+    value = _CONSTANTS.get(key)
+    if value is None:
+        with torch.inference_mode(False):
+            value = _CONSTANTS[key] = make()
+    return value
 
 
 def grid_bounds(p: torch.Tensor, lo: int, hi: int):
     """Grid bounds as 0-d tensors (a compiled kernel then serves every ADC width without
     recompiling), made once per value, dtype and device: no host-to-device copy per call."""
-    key = (lo, hi, p.dtype, p.device)
-    if key not in _BOUNDS:
-        _BOUNDS[key] = (torch.tensor(float(lo), dtype=p.dtype, device=p.device),
-                        torch.tensor(float(hi), dtype=p.dtype, device=p.device))
-    return _BOUNDS[key]
+    dtype, device = p.dtype, p.device
+    return _constant(("bounds", lo, hi, dtype, device),
+                     lambda: (torch.tensor(float(lo), dtype=dtype, device=device),
+                              torch.tensor(float(hi), dtype=dtype, device=device)))
+
+
+def powers_of_two(bits: int, count: int, like: torch.Tensor) -> torch.Tensor:
+    """2^(bits·i) for i < count in like's dtype and device (the slices' or input planes'
+    significance), made once per setting."""
+    dtype, device = like.dtype, like.device
+    return _constant(("powers", bits, count, dtype, device),
+                     lambda: 2.0 ** (bits * torch.arange(count, device=device, dtype=dtype)))
 
 
 KERNELS = _Kernels()

@@ -14,6 +14,20 @@ from __future__ import annotations
 from typing import Callable, Hashable
 
 
+def module_tensors(module) -> list:
+    """Every parameter and buffer of `module` and its submodules, read straight from their dicts:
+    what `parameters()` and `buffers()` yield (duplicates kept), without their generator
+    machinery, since a layer's key reads them on every evaluation forward."""
+    tensors: list = []
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        tensors.extend(t for t in current._parameters.values() if t is not None)
+        tensors.extend(t for t in current._buffers.values() if t is not None)
+        stack.extend(m for m in current._modules.values() if m is not None)
+    return tensors
+
+
 def tensor_versions(tensors) -> tuple:
     """(identity, storage, dtype, version) of each tensor: changes whenever its values may have."""
     return tuple((id(t), t.data_ptr(), t.dtype, t._version) for t in tensors)

@@ -50,4 +50,9 @@ class FusedIntQuant(nn.Module):
             raise ValueError(f"FusedIntQuant quantizes with one step per tensor; got a scale of shape "
                              f"{tuple(scale.shape)}")
         lo, hi = self.min_int(bit_width).to(x.dtype), self.max_int(bit_width).to(x.dtype)
-        return _FakeQuant.apply(x, scale.to(x.dtype), lo, hi)
+        return fake_quant(x, scale, lo, hi)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x / scale), lo, hi) · scale with LSQ's gradients (one step; lo, hi: 0-d tensors of x's dtype)."""
+    return _FakeQuant.apply(x, scale.to(x.dtype), lo, hi)
