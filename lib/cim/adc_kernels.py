@@ -152,6 +152,16 @@ def dense(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     return x.contiguous(memory_format=memory_format_of(x if like is None else like))
 
 
+def _plain(a):
+    """A kernel argument detached and dense: no autograd state or overlapping layout to guard on
+    (tensors already so pass as they are)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    if a.requires_grad:
+        a = a.detach()
+    return a if a.is_contiguous() else dense(a)
+
+
 def _parse_mode(mode: str, source: str) -> str:
     value = str(mode).strip().lower()
     if value not in COMPILE_MODES:
@@ -219,9 +229,8 @@ class _Kernels:
         """`functional(*args)` compiled as kernel `name` when the mode and `tensor`'s device allow
         and it compiles, else `eager(*args)` (None: return None instead)."""
         if self._use_compiled(name, tensor):
-            try:  # detached and dense: no autograd state or overlapping layout to guard on
-                plain = [dense(a.detach() if a.requires_grad else a) if isinstance(a, torch.Tensor) else a
-                         for a in args]
+            try:
+                plain = [_plain(a) for a in args]
                 if eager is None:  # an out= variant: the first argument is written, keep it as given
                     plain[0] = args[0]
                 return self._get(name, functional)(*plain, *compiled_extra)

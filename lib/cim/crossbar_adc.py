@@ -121,13 +121,15 @@ def _products_shape(tiles, x) -> tuple:
 
 
 def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch.Tensor, tiles,
-                         step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None) -> torch.Tensor:
+                         step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None,
+                         constants=None) -> torch.Tensor:
     """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM layer whose ADC is `fusable`
     (tiles: its ConvTiles or MatmulTiles),
-    from the integer weights q stored as w (`tile_products.crossbar_weight`)."""
+    from the integer weights q stored as w (`tile_products.crossbar_weight`); `constants`: the
+    ADC's `PartialSumADC.constants` when the layer keeps them."""
     plan = layer.plan
 
     def convert(step, gamma, lo, hi, factor):
         return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
     rows = math.prod(tiles.output_size(x_tiled))
-    return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift)
+    return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift, constants)

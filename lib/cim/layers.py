@@ -129,20 +129,21 @@ class CIMLayerMixin:
         _set_training(self._modules.values(), mode)
         return self
 
-    def _weight_side_tensors(self) -> list:
-        """Everything the crossbar form is computed from: the weight and the weight quantizer's state."""
-        return [self.weight, *module_tensors(self.weight_quant)]
+    def _cached_side_tensors(self) -> list:
+        """Everything the eval cache's values are computed from: the weight, the weight quantizer's
+        state and the ADC's (its steps, for the conversion constants)."""
+        return [self.weight, *module_tensors(self._modules["weight_quant"]), *module_tensors(self.psum_adc)]
 
     def _caches_crossbar_form(self) -> bool:
-        """In eval mode, unless autograd must reach the weight side (then every forward recomputes)
-        or a graph is being traced or exported (it must contain the quantizers, not constants)."""
+        """In eval mode, unless autograd must reach the weight or ADC side (then every forward
+        recomputes) or a graph is being traced or exported (it must contain the quantizers, not constants)."""
         if self.training or not self.cache_eval or _tracing() or getattr(self.weight_quant, "export_mode", False):
             return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._weight_side_tensors()))
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._cached_side_tensors()))
 
     def _eval_cache_key(self) -> tuple:
-        return (self.plan, self.input_mode, self.weight_step_module.initialized,
-                tensor_versions(self._weight_side_tensors()))
+        return (self.plan, self.input_mode, self.weight_step_module.initialized, self.psum_adc.initialized,
+                tensor_versions(self._cached_side_tensors()))
 
     def quant_weight(self, quant_input=None, subtensor_slice_list=None):
         """Brevitas' quantized weight; in evaluation the kept one while the weight side is unchanged."""
@@ -380,13 +381,25 @@ class CIMLayerMixin:
         """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
         One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC."""
         if self.psum_adc.fusable and self.fused_adc:
-            q, step_grid, stored = weights.crossbar(tiles)
-            shifts, ref_shift = self._shifts(q)
-            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift)
+            q, step_grid, stored, shifts, ref_shift, constants = self._fused_form(weights, tiles, ref is not None)
+            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift,
+                                        constants)
         lay = self.layout
         psums, step_grid = self._tile_products(x_tiled, weights, tiles)
         psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
         return self._convert(psums, step_grid, ref, self.adc_floor(x_tiled))
+
+    def _fused_form(self, weights, tiles, has_ref: bool) -> tuple:
+        """What the fused crossbar + ADC node reads besides the input: (q, step grid, array weight,
+        2^(s·c) per slice, the reference column's significance, `PartialSumADC.constants`); kept
+        as one eval-cache value when the weights are (one key per forward)."""
+        def compute():
+            q, step_grid, stored = weights.crossbar(tiles)
+            shifts, ref_shift = self._shifts(q)
+            return q, step_grid, stored, shifts, ref_shift, self.psum_adc.constants(step_grid, shifts, has_ref)
+        if not weights.cached:
+            return compute()
+        return self.eval_cache.get(self._eval_cache_key, "fused_form", compute)
 
     def _tile_products(self, x_tiled: torch.Tensor, weights, tiles):
         """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
