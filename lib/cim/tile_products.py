@@ -79,8 +79,9 @@ class ConvTiles:
         return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:
-        """`weight`'s result laid out for many reads (the eval cache keeps it): it already is."""
-        return w
+        """`weight`'s result laid out for many reads (the eval cache keeps it): channels_last, as
+        the conv reads it with the channels_last tiled input (else it converts it on every call)."""
+        return w.contiguous(memory_format=torch.channels_last)
 
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
         """Each group's input channels zero-padded to whole tiles, in channels_last memory format
