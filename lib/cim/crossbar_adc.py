@@ -55,15 +55,9 @@ class _CrossbarADC(torch.autograd.Function):
         ctx.tiles, ctx.q_shape, ctx.chunks = tiles, q.shape, chunks
         ctx.shares = slice_shares(plan, q.dtype, q.device)
         ctx.bounds = (lo, hi, grad_factor)
-        coef = step * gamma
-        if chunks is None:
-            main = _products(tiles, x, w, gamma)
-            ctx.save_for_backward(x, w, main, step, gamma)
-            return KERNELS.forward(main, step, coef, lo, hi)
-        ctx.save_for_backward(x, w, None, step, gamma)
-        dim = _row_dim(tiles)
-        return torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w, gamma),
-                                          step, coef, lo, hi) for start, length in chunks])
+        main, y = _convert(tiles, x, w, step, gamma, lo, hi, chunks)
+        ctx.save_for_backward(x, w, main, step, gamma)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -91,6 +85,18 @@ class _CrossbarADC(torch.autograd.Function):
                 sum_v = v if sum_v is None else sum_v.add_(v)
         grad_step, grad_gamma = step_and_gamma_grads(step, gamma, sum_levels, sum_v, grad_factor)
         return grad_x, grad_q, None, grad_step, grad_gamma, None, None, None, None, None
+
+
+def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
+    """`_CrossbarADC`'s forward: (the partial sums it keeps for the backward, None when made in
+    `chunks`; the converted outputs). Also what a forward where autograd records nothing runs."""
+    coef = step * gamma
+    if chunks is None:
+        main = _products(tiles, x, w, gamma)
+        return main, KERNELS.forward(main, step, coef, lo, hi)
+    dim = _row_dim(tiles)
+    return None, torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w, gamma),
+                                            step, coef, lo, hi) for start, length in chunks])
 
 
 def _products(tiles, x, w, gamma):
@@ -130,6 +136,9 @@ def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch
     plan = layer.plan
 
     def convert(step, gamma, lo, hi, factor):
-        return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_tiled, q, step, gamma)):
+            return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
+        # nothing to differentiate (evaluation): the same forward without an autograd node
+        return _convert(tiles, x_tiled, w, step, gamma, lo, hi, row_chunks(tiles, x_tiled, gamma.numel()))[1]
     rows = math.prod(tiles.output_size(x_tiled))
     return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift, constants)
