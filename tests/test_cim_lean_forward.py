@@ -122,3 +122,21 @@ def test_positive_step_node_gives_the_chain_gradient(factor):
     assert torch.equal(node.detach(), chain.detach()) and torch.equal(node_step.grad, step.grad)
     with torch.no_grad():
         assert torch.equal(positive(node_step), chain)
+
+
+def test_hooks_on_the_input_quantizer_still_run():
+    """A forward hook on the input quantizer (e.g. to record activations) sends the layer through
+    Brevitas' proxy, so the hook sees every forward, with the same output."""
+    layer, x = _layers()[1]
+    calibrate(layer, [x])
+    layer.eval()
+    with torch.no_grad():
+        plain = layer(x)
+    seen = []
+    handle = layer.input_quant.register_forward_hook(lambda module, args, out: seen.append(out.value))
+    assert layer._plain_input_quant() is None
+    with torch.no_grad():
+        hooked = layer(x)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(hooked, plain)
+    assert torch.equal(seen[0], layer._quantize_input(x)[0])

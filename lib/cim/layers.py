@@ -23,6 +23,7 @@ from brevitas.core.scaling import IntScaling
 from brevitas.nn import QuantConv2d, QuantLinear
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.utils import _pair
 
 from lib.bit_limits import check_bits
@@ -181,7 +182,8 @@ class CIMLayerMixin:
 
     def _plain_input_quant(self):
         """The input quantizer's RescalingIntQuant when it is the CIM one (lib.cim.quantizers:
-        ActStep, MutableBitWidth, FusedIntQuant, no activation, no caching, not exporting), else None."""
+        ActStep, MutableBitWidth, FusedIntQuant, no activation, no caching, not exporting, no
+        forward hooks that its calls would run), else None."""
         proxy = self.input_quant
         if not proxy.is_quant_enabled or proxy.export_mode or proxy.cache_inference_quant_act:
             return None
@@ -189,6 +191,8 @@ class CIMLayerMixin:
         if fused is None or type(fused.activation_impl) not in _IDENTITIES:
             return None
         tensor_quant = fused.tensor_quant
+        if _hooked(proxy, fused, tensor_quant, tensor_quant.scaling_impl):
+            return None
         if (type(tensor_quant) is not RescalingIntQuant or tensor_quant.observer_only
                 or type(tensor_quant.int_quant) is not FusedIntQuant
                 or type(tensor_quant.int_quant.input_view_impl) not in _IDENTITIES
@@ -482,6 +486,13 @@ def _set_training(modules, mode: bool) -> None:
             continue
         module.__dict__["training"] = mode  # what nn.Module.__setattr__ does for a plain attribute
         _set_training(module._modules.values(), mode)
+
+
+def _hooked(*modules) -> bool:
+    """Whether calling any of `modules` would run a forward hook (its own or a global one)."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _input_grid(tensor_quant) -> tuple[int, int, torch.Tensor]:
