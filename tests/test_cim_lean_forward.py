@@ -10,7 +10,6 @@ from torch import nn
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim.adc_kernels import grid_bounds, powers_of_two
 from lib.cim.fused_quant import fake_quant
-from lib.cim.steps import MIN_STEP, positive, scale_grad
 
 
 def _hw(**kw):
@@ -102,26 +101,6 @@ def test_constants_made_in_inference_mode_serve_a_later_backward():
     scale = torch.tensor([0.25], dtype=torch.float64, requires_grad=True)
     (fake_quant(x, scale, lo, hi).sum() + (x[:3] * powers).sum()).backward()
     assert x.grad is not None and scale.grad is not None
-
-
-@pytest.mark.parametrize("factor", [None, 0.37])
-def test_positive_step_node_gives_the_chain_gradient(factor):
-    """positive(step, factor) as one node: the values and gradients of
-    scale_grad(step.abs().clamp_min(MIN_STEP), factor), bit for bit, through zero and the floor."""
-    raw = torch.tensor([0.5, -0.25, 0.0, 1e-9, -3e-9, 2.0, -7.5])
-    out_grad = torch.randn(raw.shape, generator=torch.Generator().manual_seed(3))
-    factor_t = None if factor is None else torch.tensor(factor)
-    step = raw.clone().requires_grad_(True)
-    chain = step.abs().clamp_min(MIN_STEP)
-    if factor_t is not None:
-        chain = scale_grad(chain, factor_t)
-    (chain * out_grad).sum().backward()
-    node_step = raw.clone().requires_grad_(True)
-    node = positive(node_step, factor_t)
-    (node * out_grad).sum().backward()
-    assert torch.equal(node.detach(), chain.detach()) and torch.equal(node_step.grad, step.grad)
-    with torch.no_grad():
-        assert torch.equal(positive(node_step), chain)
 
 
 def test_hooks_on_the_input_quantizer_still_run():

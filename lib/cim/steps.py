@@ -47,33 +47,10 @@ def _records_grad(x: torch.Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
-def positive(step: torch.Tensor, grad_factor=None) -> torch.Tensor:
+def positive(step: torch.Tensor) -> torch.Tensor:
     """The step a quantizer uses: |learned value|, floored. LSQ's gradient can push a raw step
-    through zero; the magnitude keeps the grid valid (and what the export writes).
-    `grad_factor`: LSQ's gradient scale, applied on the way back (as `scale_grad` would)."""
-    if not _records_grad(step):
-        return step.abs().clamp_min(MIN_STEP)
-    return _PositiveStep.apply(step, grad_factor)
-
-
-class _PositiveStep(torch.autograd.Function):
-    """scale_grad(step.abs().clamp_min(MIN_STEP), factor) as one autograd node, with the gradient
-    autograd gives that chain (each step of it, in order): a CIM layer has three such steps, and
-    on a small network the nodes cost more than their arithmetic."""
-
-    @staticmethod
-    def forward(ctx, step, factor):
-        ctx.save_for_backward(step)
-        ctx.factor = factor
-        return step.abs().clamp_min(MIN_STEP)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (step,) = ctx.saved_tensors
-        if ctx.factor is not None:
-            grad = grad * ctx.factor  # scale_grad
-        grad = torch.where(step.abs() >= MIN_STEP, grad, 0.0)  # clamp_min
-        return grad * step.sgn(), None  # abs
+    through zero; the magnitude keeps the grid valid (and what the export writes)."""
+    return step.abs().clamp_min(MIN_STEP)
 
 
 def lsq_init(abs_mean: torch.Tensor, qp: float) -> torch.Tensor:
@@ -233,9 +210,11 @@ class WeightStep(_LazyStep):
         `weight` first if not yet initialised."""
         if not self._initialized:
             self.initialize(weight, float(threshold))
-        if not _records_grad(self.step):
-            return positive(self.step)
-        return positive(self.step, torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step()))
+        step = positive(self.step)
+        if not _records_grad(step):
+            return step
+        factor = torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step())
+        return scale_grad(step, factor)
 
     def forward(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         return self.expand_to_weight(self.scaled_step(weight, threshold))
@@ -310,7 +289,8 @@ class ActStep(_LazyStep):
             with torch.no_grad():  # one fused pass: Σ|x| / n
                 abs_mean = torch.linalg.vector_norm(x.detach(), ord=1) / max(1, x.numel())
                 self.running_abs_mean.lerp_(abs_mean.view(1), self.momentum)
-        if not _records_grad(self.step):
-            return positive(self.step)
+        step = positive(self.step)
+        if not _records_grad(step):
+            return step
         numel_per_sample = max(1, x[0].numel()) if x.dim() > 1 else x.numel()
-        return positive(self.step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
+        return scale_grad(step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
