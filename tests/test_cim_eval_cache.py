@@ -161,3 +161,45 @@ def test_a_copied_layer_starts_with_an_empty_cache(name):
     twin = copy.deepcopy(layer)
     assert len(twin.eval_cache) == 0 and len(layer.eval_cache) > 0
     assert torch.equal(_cached(twin, x), first) and len(twin.eval_cache) > 0
+
+
+FUSED_ADC = ["conv fused ADC", "conv bit-serial offset", "linear ADC", "linear bit-serial"]
+
+
+@pytest.mark.parametrize("name", FUSED_ADC)
+def test_adc_step_change_is_seen(name):
+    """The conversion constants (gamma, the ADC steps) are kept with the crossbar form: an in-place
+    change of the ADC step recomputes them."""
+    layer, x = _ready(LAYERS[name])
+    before = _cached(layer, x)
+    assert any(name.startswith("fused_form") for name in layer.eval_cache._values)
+    with torch.no_grad():
+        layer.psum_adc.step.mul_(1.7)
+    assert not torch.equal(_check_fresh(layer, x), before)
+
+
+def test_adc_bits_and_loaded_adc_state_are_seen():
+    layer, x = _ready(LAYERS["conv fused ADC"])
+    before = _cached(layer, x)
+    layer.set_bits(layer.w_bit, layer.a_bit, adc_bits=3)
+    layer.train()
+    calibrate(layer, [x])
+    layer.eval()
+    after_bits = _check_fresh(layer, x)
+    assert not torch.equal(after_bits, before)
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        other.psum_adc.step.mul_(0.6)
+    layer.load_state_dict(other.state_dict())
+    out = _check_fresh(layer, x)
+    assert not torch.equal(out, after_bits) and torch.equal(out, _cached(other, x))
+
+
+def test_no_cache_where_autograd_reaches_only_the_adc_step():
+    """Weights frozen, the ADC step still learning: eval forwards with gradients on recompute."""
+    layer, x = _ready(LAYERS["conv fused ADC"])
+    layer.weight.requires_grad_(False)
+    layer.weight_step_module.step.requires_grad_(False)
+    layer(x).sum().backward()
+    assert layer.psum_adc.step.grad is not None and layer.psum_adc.step.grad.abs().sum() > 0
+    assert layer.eval_cache.hits == 0 and layer.eval_cache.misses == 0

@@ -32,6 +32,11 @@ def _hw(**kw) -> HardwareConfig:
     return HardwareConfig(**base)
 
 
+def _grid(layer, quant):
+    """The layer's integer input grid for a quantized input (Brevitas' QuantTensor)."""
+    return layer.input_grid(quant.value, quant.scale, layer.input_planes)
+
+
 def _conv(hw, signed: bool, shape: dict, seed: int = 0):
     torch.manual_seed(seed)
     layer = CIMConv2d(12, 6, 3, hw=hw, w_bit=5, a_bit=6, input_signed=signed, **shape)
@@ -60,7 +65,7 @@ def test_integer_linear_partial_sums_are_the_exact_integers_times_the_step(signe
     = float64 products of the integer codes, times the step, to one float32 rounding."""
     layer, x = _linear(_hw(), signed)
     quant = layer.input_quant(x.reshape(-1, 70))
-    grid = layer.input_grid(quant)
+    grid = _grid(layer, quant)
     assert grid is not None and grid.zero_point == (128 if signed else 0)
     tiles = layer.tiles(grid)
     xt = tiles.tile_input(quant.value)
@@ -82,7 +87,7 @@ def test_integer_partial_sums_are_the_exact_integers_times_the_step(rows, signed
     layer, x = _conv(_hw(rows=rows), signed=signed, shape=dict(padding=1, groups=2))
     assert layer.layout.channels_per_tile == rows // 9
     quant = layer.input_quant(x)
-    grid = layer.input_grid(quant)
+    grid = _grid(layer, quant)
     assert grid == InputGrid(float(quant.scale.detach()), 128 if signed else 0)
     tiles = layer.tiles(grid)
     x_tiled = tiles.tile_input(quant.value)
@@ -106,7 +111,7 @@ def test_layer_outputs_and_gradients_match_the_float_products(mapping, signed, m
     for index, shape in enumerate(SHAPES):
         layer, x = _conv(_hw(mapping=mapping, input_mode=mode), signed, shape, seed=index)
         layer.train()
-        assert layer.input_grid(layer.input_quant(x)) is not None
+        assert _grid(layer, layer.input_quant(x)) is not None
         params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
                   layer.psum_adc.step]
         results = []
@@ -162,11 +167,11 @@ def test_integer_products_only_where_the_codes_fit_in_8_bits():
         layer = CIMConv2d(4, 4, 3, hw=hw, **bits)
         x = torch.rand(1, 4, 5, 5)
         calibrate(layer, [x])
-        assert layer.input_grid(layer.input_quant(x)) is None
+        assert _grid(layer, layer.input_quant(x)) is None
     layer, x = _conv(_hw(), signed=True, shape={})
     with INTEGER_PRODUCTS.use(False):
-        assert layer.input_grid(layer.input_quant(x)) is None
-    assert layer.input_grid(layer.input_quant(x)) is not None
+        assert _grid(layer, layer.input_quant(x)) is None
+    assert _grid(layer, layer.input_quant(x)) is not None
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])

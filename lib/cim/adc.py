@@ -277,23 +277,39 @@ class PartialSumADC(nn.Module):
 
         def convert(step, gamma_, lo, hi, factor):
             return _ConvertAccumulate.apply(main, step, gamma_, lo, hi, factor)
-        return self._accumulate(convert, p.shape[0], gamma, step_grid, ref, ref_shift)
+        constants = (gamma,) + self._steps(gamma.shape, ref is not None)
+        return self._accumulate(convert, p.shape[0], constants, step_grid, ref, ref_shift)
+
+    def constants(self, step_grid: torch.Tensor, shifts: torch.Tensor, has_ref: bool) -> tuple:
+        """What a conversion reads besides the partial sums, from the weight step grid and the
+        slices' 2^(s·c): (gamma, the ADC step laid out like gamma, the reference column's step
+        or None). A caller may keep them while neither side changes (see `fused_forward`)."""
+        gamma = self._gamma(step_grid, shifts)
+        return (gamma,) + self._steps(gamma.shape, has_ref)
+
+    def _steps(self, shape, has_ref: bool) -> tuple:
+        step_main, step_ref = self._split(self.full_step(), has_ref)
+        return step_main.reshape(shape), step_ref
 
     def fused_forward(self, convert: Converter, rows: int, shifts: torch.Tensor, step_grid: torch.Tensor,
-                      ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None) -> torch.Tensor:
+                      ref: Optional[torch.Tensor] = None, ref_shift: Optional[float] = None,
+                      constants: Optional[tuple] = None) -> torch.Tensor:
         """`forward` for a caller whose `Converter` computes the partial sums itself
-        (lib.cim.crossbar_adc); only when `fusable`."""
+        (lib.cim.crossbar_adc); only when `fusable`. `constants`: `constants(step_grid, shifts, ...)`
+        when the caller keeps them (None: computed here)."""
         if not self.fusable:
             raise RuntimeError("PartialSumADC.fused_forward needs an initialised ADC without clipping")
-        return self._accumulate(convert, rows, self._gamma(step_grid, shifts), step_grid, ref, ref_shift)
+        if constants is None:
+            constants = self.constants(step_grid, shifts, ref is not None)
+        return self._accumulate(convert, rows, constants, step_grid, ref, ref_shift)
 
-    def _accumulate(self, convert: Converter, rows: int, gamma, step_grid, ref, ref_shift) -> torch.Tensor:
+    def _accumulate(self, convert: Converter, rows: int, constants: tuple, step_grid, ref, ref_shift) -> torch.Tensor:
         """Convert the weight columns (via `convert`) and the offset reference column, shift-and-add."""
+        gamma, step_main, step_ref = constants
         lo, hi = self.grid_range()
         factor = self.grad_factor(rows)
         self.last_conversions = rows * self.arrays * self.columns
-        step_main, step_ref = self._split(self.full_step(), ref is not None)
-        y = convert(step_main.reshape(gamma.shape), gamma, lo, hi, factor)
+        y = convert(step_main, gamma, lo, hi, factor)
         if ref is not None:
             converted = _quantize(ref, step_ref, lo, hi, factor)
             y = y - torch.einsum("mgt,gto->mgo", converted * ref_shift, step_grid)

@@ -11,6 +11,7 @@ same values; the other kernels stay fused.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -151,6 +152,16 @@ def dense(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     return x.contiguous(memory_format=memory_format_of(x if like is None else like))
 
 
+def _plain(a):
+    """A kernel argument detached and dense: no autograd state or overlapping layout to guard on
+    (tensors already so pass as they are)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    if a.requires_grad:
+        a = a.detach()
+    return a if a.is_contiguous() else dense(a)
+
+
 def _parse_mode(mode: str, source: str) -> str:
     value = str(mode).strip().lower()
     if value not in COMPILE_MODES:
@@ -199,9 +210,10 @@ class _Kernels:
         mode = self.mode
         if mode == "0" or name in self._failed:
             return False
-        if mode == "auto" and tensor.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        device = tensor.device.type
+        if mode == "auto" and device == "cpu" and not _has_cxx():
             return False
-        return tensor.device.type in ("cpu", "cuda")
+        return device in ("cpu", "cuda")
 
     def _get(self, name: str, fn):
         if name not in self._compiled:
@@ -217,8 +229,8 @@ class _Kernels:
         """`functional(*args)` compiled as kernel `name` when the mode and `tensor`'s device allow
         and it compiles, else `eager(*args)` (None: return None instead)."""
         if self._use_compiled(name, tensor):
-            try:  # detached and dense: no autograd state or overlapping layout to guard on
-                plain = [dense(a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
+            try:
+                plain = [_plain(a) for a in args]
                 if eager is None:  # an out= variant: the first argument is written, keep it as given
                     plain[0] = args[0]
                 return self._get(name, functional)(*plain, *compiled_extra)
@@ -262,17 +274,41 @@ class _Kernels:
                          compiled_extra=chunks)
 
 
-_BOUNDS: dict = {}
+@functools.lru_cache(maxsize=None)
+def _has_cxx() -> bool:
+    """Whether a C++ compiler (which Inductor's CPU kernels need) is on PATH: looked up once per
+    process, not on every kernel call."""
+    return bool(shutil.which("c++") or shutil.which("g++"))
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(key: tuple, make):
+    """`make()` made once per key and kept: constants every forward reads, made outside inference
+    mode (an inference tensor could not be saved for a later backward)."""
+    value = _CONSTANTS.get(key)
+    if value is None:
+        with torch.inference_mode(False):
+            value = _CONSTANTS[key] = make()
+    return value
 
 
 def grid_bounds(p: torch.Tensor, lo: int, hi: int):
     """Grid bounds as 0-d tensors (a compiled kernel then serves every ADC width without
     recompiling), made once per value, dtype and device: no host-to-device copy per call."""
-    key = (lo, hi, p.dtype, p.device)
-    if key not in _BOUNDS:
-        _BOUNDS[key] = (torch.tensor(float(lo), dtype=p.dtype, device=p.device),
-                        torch.tensor(float(hi), dtype=p.dtype, device=p.device))
-    return _BOUNDS[key]
+    dtype, device = p.dtype, p.device
+    return _constant(("bounds", lo, hi, dtype, device),
+                     lambda: (torch.tensor(float(lo), dtype=dtype, device=device),
+                              torch.tensor(float(hi), dtype=dtype, device=device)))
+
+
+def powers_of_two(bits: int, count: int, like: torch.Tensor) -> torch.Tensor:
+    """2^(bits·i) for i < count in like's dtype and device (the slices' or input planes'
+    significance), made once per setting."""
+    dtype, device = like.dtype, like.device
+    return _constant(("powers", bits, count, dtype, device),
+                     lambda: 2.0 ** (bits * torch.arange(count, device=device, dtype=dtype)))
 
 
 KERNELS = _Kernels()

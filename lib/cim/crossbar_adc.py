@@ -55,16 +55,9 @@ class _CrossbarADC(torch.autograd.Function):
         ctx.tiles, ctx.q_shape, ctx.chunks = tiles, q.shape, chunks
         ctx.shares = slice_shares(plan, q.dtype, q.device)
         ctx.bounds = (lo, hi, grad_factor)
-        coef = step * gamma
-        if chunks is None:
-            main = _products(tiles, x, w, gamma)
-            ctx.save_for_backward(x, w, main, step, gamma)
-            return KERNELS.forward(main, step, coef, lo, hi)
-        ctx.save_for_backward(x, w, None, step, gamma)
-        dim = _row_dim(tiles)
-        w_products = tiles.for_products(w, x)
-        return torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w_products, gamma),
-                                          step, coef, lo, hi) for start, length in chunks])
+        main, y = _convert(tiles, x, w, step, gamma, lo, hi, chunks)
+        ctx.save_for_backward(x, w, main, step, gamma)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -95,6 +88,19 @@ class _CrossbarADC(torch.autograd.Function):
         return grad_x, grad_q, None, grad_step, grad_gamma, None, None, None, None, None
 
 
+def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
+    """`_CrossbarADC`'s forward: (the partial sums it keeps for the backward, None when made in
+    `chunks`; the converted outputs). Also what a forward where autograd records nothing runs."""
+    coef = step * gamma
+    if chunks is None:
+        main = _products(tiles, x, w, gamma)
+        return main, KERNELS.forward(main, step, coef, lo, hi)
+    dim = _row_dim(tiles)
+    w_products = tiles.for_products(w, x)
+    return None, torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w_products, gamma),
+                                            step, coef, lo, hi) for start, length in chunks])
+
+
 def _products(tiles, x, w, gamma):
     """The partial sums of x viewed (M, groups, tiles·slices, out) (`tiles.products` lays them out
     (N, H, W, groups·tiles·slices·out) for a conv, (tokens, tiles, slices·out) for a linear layer)."""
@@ -123,13 +129,18 @@ def _products_shape(tiles, x) -> tuple:
 
 
 def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch.Tensor, tiles,
-                         step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None) -> torch.Tensor:
+                         step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None,
+                         constants=None) -> torch.Tensor:
     """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM layer whose ADC is `fusable`
     (tiles: its ConvTiles or MatmulTiles),
-    from the integer weights q stored as w (`tile_products.crossbar_weight`)."""
+    from the integer weights q stored as w (`tile_products.crossbar_weight`); `constants`: the
+    ADC's `PartialSumADC.constants` when the layer keeps them."""
     plan = layer.plan
 
     def convert(step, gamma, lo, hi, factor):
-        return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_tiled, q, step, gamma)):
+            return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
+        # nothing to differentiate (evaluation): the same forward without an autograd node
+        return _convert(tiles, x_tiled, w, step, gamma, lo, hi, row_chunks(tiles, x_tiled, gamma.numel()))[1]
     rows = math.prod(tiles.output_size(x_tiled))
-    return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift)
+    return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift, constants)

@@ -1,17 +1,34 @@
 """The crossbar form of a CIM layer (quantized weights, integer weights, cell slices with their
-sign mapping, weight step grid), kept between evaluation forwards while nothing it depends on
+sign mapping, weight step grid, and the ADC's conversion constants: gamma = weight step · 2^(s·c)
+and the ADC steps laid out like it), kept between evaluation forwards while nothing it depends on
 changes.
 
 In evaluation the weights are fixed, yet quantizing, slicing and laying them out costs as much as
-the MVM for a large layer. The cache is keyed by everything the form is computed from: the
-layer's plan (bits, grid), its input mode, and for every weight-side tensor its identity, storage
-and autograd version counter (`Tensor._version`, which every in-place change bumps: an optimizer
-step, `load_state_dict`, `copy_`). A key that differs empties the cache, so a value is never
-served after its inputs changed, whoever changed them.
+the MVM for a large layer, and on a small network each of the small tensors derived per forward
+costs more than its arithmetic. The cache is keyed by everything the form is computed from: the
+layer's plan (bits, grid), its input mode, whether its weight and ADC steps are initialised, and
+for every tensor of the weight side and of the ADC its identity, storage and autograd version
+counter (`Tensor._version`, which every in-place change bumps: an optimizer step,
+`load_state_dict`, `copy_`). A key that differs empties the cache, so a value is never served
+after its inputs changed, whoever changed them.
 """
 from __future__ import annotations
 
 from typing import Callable, Hashable
+
+
+def module_tensors(module) -> list:
+    """Every parameter and buffer of `module` and its submodules, read straight from their dicts:
+    what `parameters()` and `buffers()` yield (duplicates kept), without their generator
+    machinery, since a layer's key reads them on every evaluation forward."""
+    tensors: list = []
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        tensors.extend(t for t in current._parameters.values() if t is not None)
+        tensors.extend(t for t in current._buffers.values() if t is not None)
+        stack.extend(m for m in current._modules.values() if m is not None)
+    return tensors
 
 
 def tensor_versions(tensors) -> tuple:

@@ -50,4 +50,13 @@ class FusedIntQuant(nn.Module):
             raise ValueError(f"FusedIntQuant quantizes with one step per tensor; got a scale of shape "
                              f"{tuple(scale.shape)}")
         lo, hi = self.min_int(bit_width).to(x.dtype), self.max_int(bit_width).to(x.dtype)
-        return _FakeQuant.apply(x, scale.to(x.dtype), lo, hi)
+        return fake_quant(x, scale, lo, hi)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x / scale), lo, hi) · scale with LSQ's gradients (one step; lo, hi: 0-d tensors
+    of x's dtype); the kernel alone where autograd records nothing (evaluation)."""
+    scale = scale.to(x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _FakeQuant.apply(x, scale, lo, hi)
+    return KERNELS.quant_forward(x, scale, lo, hi)

@@ -112,6 +112,8 @@ class FusedWeights:
     step grid, the integer levels with the stored cell slices, and the dequantized weight. The
     same values and gradients as Brevitas' quantized weight (`ComposedWeights`)."""
 
+    cached = False  # never served from the layer's eval cache
+
     def __init__(self, layer) -> None:
         self.layer = layer
         module = layer.weight_step_module

@@ -17,25 +17,33 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from brevitas.core.function_wrapper import Identity as BrevitasIdentity
+from brevitas.core.quant import RescalingIntQuant
+from brevitas.core.scaling import IntScaling
 from brevitas.nn import QuantConv2d, QuantLinear
-from brevitas.quant_tensor import IntQuantTensor, QuantTensor
+from brevitas.quant_tensor import QuantTensor
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.utils import _pair
 
 from lib.bit_limits import check_bits
 from lib.cim.adc import PartialSumADC
+from lib.cim.adc_kernels import grid_bounds, powers_of_two
 from lib.cim.crossbar_adc import crossbar_adc_forward
 from lib.cim.crossbar import CrossbarPlan, TileLayout
 from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
-from lib.cim.steps import positive
-from lib.cim.eval_cache import EvalCache, tensor_versions
+from lib.cim.fused_quant import FusedIntQuant, fake_quant
+from lib.cim.steps import ActStep, MutableBitWidth, positive
+from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
 from lib.cim.fused_weight import FusedWeights
 from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid
 from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 
 log = logging.getLogger(__name__)
+
+_IDENTITIES = (nn.Identity, BrevitasIdentity)  # the no-op activation / input view of a plain quantizer
 
 
 class CIMLayerMixin:
@@ -113,24 +121,31 @@ class CIMLayerMixin:
 
     # ------------------------------------------------------------ eval cache
     def train(self, mode: bool = True):
+        """nn.Module.train, walking the ~30 Brevitas submodules without its per-module generators
+        (loops switch modes every step); training empties the eval cache."""
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode={mode!r} is not allowed: expected a bool")
         if mode:
             self.eval_cache.clear()  # training changes the weights every step: free the memory
-        return super().train(mode)
+        self.training = mode
+        _set_training(self._modules.values(), mode)
+        return self
 
-    def _weight_side_tensors(self) -> list:
-        """Everything the crossbar form is computed from: the weight and the weight quantizer's state."""
-        return [self.weight, *self.weight_quant.parameters(), *self.weight_quant.buffers()]
+    def _cached_side_tensors(self) -> list:
+        """Everything the eval cache's values are computed from: the weight, the weight quantizer's
+        state and the ADC's (its steps, for the conversion constants)."""
+        return [self.weight, *module_tensors(self._modules["weight_quant"]), *module_tensors(self.psum_adc)]
 
     def _caches_crossbar_form(self) -> bool:
-        """In eval mode, unless autograd must reach the weight side (then every forward recomputes)
-        or a graph is being traced or exported (it must contain the quantizers, not constants)."""
+        """In eval mode, unless autograd must reach the weight or ADC side (then every forward
+        recomputes) or a graph is being traced or exported (it must contain the quantizers, not constants)."""
         if self.training or not self.cache_eval or _tracing() or getattr(self.weight_quant, "export_mode", False):
             return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._weight_side_tensors()))
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._cached_side_tensors()))
 
     def _eval_cache_key(self) -> tuple:
-        return (self.plan, self.input_mode, self.weight_step_module.initialized,
-                tensor_versions(self._weight_side_tensors()))
+        return (self.plan, self.input_mode, self.weight_step_module.initialized, self.psum_adc.initialized,
+                tensor_versions(self._cached_side_tensors()))
 
     def quant_weight(self, quant_input=None, subtensor_slice_list=None):
         """Brevitas' quantized weight; in evaluation the kept one while the weight side is unchanged."""
@@ -139,45 +154,70 @@ class CIMLayerMixin:
         compute = super().quant_weight
         return self.eval_cache.get(self._eval_cache_key, "quant_weight", lambda: compute(quant_input))
 
-    def _crossbar_weights(self, weights, tiles):
-        """(integer weights q, weight step per (group, tile, out), array weight w) of the weight
-        side (`ComposedWeights` or `FusedWeights`); kept in evaluation."""
-        if not self._caches_crossbar_form():
-            return weights.crossbar(tiles)
-
-        def compute():
-            q, step_grid, stored = weights.crossbar(tiles)
-            return q, step_grid, tiles.packed(stored)
-        return self.eval_cache.get(self._eval_cache_key, f"crossbar-{tiles.packed_form}", compute)
-
-    def _fuses_weight_path(self) -> bool:
-        """Whether this forward takes the fused weight kernels (lib.cim.fused_weight): whenever the
-        crossbar form is not served from the eval cache, unless a graph is traced or exported
-        (it must contain Brevitas' quantizers) or `fused_weights` is off."""
-        return (self.fused_weights and not self._caches_crossbar_form() and not _tracing()
-                and not self.export_mode and self.weight_quant.is_quant_enabled)
-
     def forward_impl(self, inp):
-        """Brevitas' forward, with the weight side from the fused kernels when `_fuses_weight_path`
-        (the bias is quantized by `quantized_bias`, no output quantizer: Brevitas' own steps that
-        this skips are no-ops for CIM layers)."""
-        if not self._fuses_weight_path():
+        """Brevitas' forward without its proxy chain: the input quantized by `_quantize_input`, the
+        weight side from the fused kernels (lib.cim.fused_weight) when the crossbar form is not
+        served from the eval cache and `fused_weights` is on, else Brevitas' quantized weight
+        (`ComposedWeights`, kept in evaluation). The bias is quantized by `quantized_bias` and
+        there is no output quantizer: Brevitas' own steps that this skips are no-ops for CIM
+        layers. Traced or exported graphs take Brevitas' forward (they must contain its quantizers)."""
+        if self.export_mode or _tracing() or not self.weight_quant.is_quant_enabled:
             return super().forward_impl(inp)
-        quant_input = self.input_quant(self.unpack_input(inp))
-        return self.pack_output(self.inner_forward_impl(quant_input, FusedWeights(self), None))
+        value, scale = self._quantize_input(self.unpack_input(inp))
+        cached = self._caches_crossbar_form()
+        weights = FusedWeights(self) if self.fused_weights and not cached else ComposedWeights(self, None, cached)
+        return self.pack_output(self._forward_quantized(value, scale, weights))
+
+    def _quantize_input(self, x):
+        """(quantized input, its step or None) as the input quantizer computes them: called
+        directly when it is the plain CIM one (`_plain_input_quant`: step module, then one fused
+        fake-quant kernel, the same values and gradients), else through Brevitas' proxy."""
+        tensor_quant = self._plain_input_quant()
+        if tensor_quant is None:
+            out = self.input_quant(x)
+            return (out.value, out.scale) if isinstance(out, QuantTensor) else (out, None)
+        x = _unwrap(x)
+        lo, hi, threshold = _input_grid(tensor_quant)
+        scale = tensor_quant.scaling_impl(x, threshold)
+        return fake_quant(x, scale, *grid_bounds(x, lo, hi)), scale
+
+    def _plain_input_quant(self):
+        """The input quantizer's RescalingIntQuant when it is the CIM one (lib.cim.quantizers:
+        ActStep, MutableBitWidth, FusedIntQuant, no activation, no caching, not exporting, no
+        forward hooks that its calls would run), else None."""
+        proxy = self.input_quant
+        if not proxy.is_quant_enabled or proxy.export_mode or proxy.cache_inference_quant_act:
+            return None
+        fused = proxy.fused_activation_quant_proxy
+        if fused is None or type(fused.activation_impl) not in _IDENTITIES:
+            return None
+        tensor_quant = fused.tensor_quant
+        if _hooked(proxy, fused, tensor_quant, tensor_quant.scaling_impl):
+            return None
+        if (type(tensor_quant) is not RescalingIntQuant or tensor_quant.observer_only
+                or type(tensor_quant.int_quant) is not FusedIntQuant
+                or type(tensor_quant.int_quant.input_view_impl) not in _IDENTITIES
+                or type(tensor_quant.int_scaling_impl) is not IntScaling
+                or type(tensor_quant.msb_clamp_bit_width_impl) is not MutableBitWidth
+                or not isinstance(tensor_quant.scaling_impl, ActStep)):
+            return None
+        return tensor_quant
 
     # ------------------------------------------------------------ bits
+    # submodules read from the _modules dicts (what nn.Module.__getattr__ returns, without its
+    # lookups): `plan` reads both bit widths several times per forward
     @property
     def _weight_bits_module(self):
-        return self.weight_quant.tensor_quant.msb_clamp_bit_width_impl
+        return self._modules["weight_quant"]._modules["tensor_quant"]._modules["msb_clamp_bit_width_impl"]
 
     @property
     def _input_bits_module(self):
-        return self.input_quant.fused_activation_quant_proxy.tensor_quant.msb_clamp_bit_width_impl
+        proxy = self._modules["input_quant"]._modules["fused_activation_quant_proxy"]
+        return proxy._modules["tensor_quant"]._modules["msb_clamp_bit_width_impl"]
 
     @property
     def weight_step_module(self):
-        return self.weight_quant.tensor_quant.scaling_impl
+        return self._modules["weight_quant"]._modules["tensor_quant"]._modules["scaling_impl"]
 
     @property
     def input_step_module(self):
@@ -265,10 +305,10 @@ class CIMLayerMixin:
         return scale.reshape(lay.groups, lay.out_channels_per_group, lay.tiles).permute(0, 2, 1)
 
     def _shifts(self, like: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """2^(s·c) per weight slice, and the offset reference column's significance."""
+        """2^(s·c) per weight slice (`CrossbarPlan.significance`), and the offset reference column's significance."""
         plan = self.plan
         ref_slice, _ = plan.offset_reference()
-        return plan.significance(like.device, like.dtype), 2.0 ** (ref_slice * plan.cell_bits)
+        return powers_of_two(plan.cell_bits, plan.slices, like), 2.0 ** (ref_slice * plan.cell_bits)
 
     def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor, ref: Optional[torch.Tensor],
                  floor: Optional[torch.Tensor]) -> torch.Tensor:
@@ -277,28 +317,32 @@ class CIMLayerMixin:
         shifts, ref_shift = self._shifts(psums)
         return self.psum_adc(psums, shifts, step_grid, ref, ref_shift if ref is not None else None, floor)
 
-    def _split_input(self, x) -> torch.Tensor:
-        """The quantized input's values, split into DAC planes stacked along dim 0 in bit-serial mode."""
-        planes = self.input_planes
+    def _split_input(self, x: torch.Tensor, scale: Optional[torch.Tensor], planes: int) -> torch.Tensor:
+        """The quantized input's values (step `scale`, None: `input_step`), split into `planes` DAC
+        planes stacked along dim 0 (bit-serial mode)."""
         if planes == 1:
-            return _unwrap(x)
-        step = x.scale if isinstance(x, QuantTensor) else self.input_step()
-        return split_planes(_unwrap(x), step.reshape(()), planes, self.hw.input_bits)
+            return x
+        step = self.input_step() if scale is None else scale
+        return split_planes(x, step.reshape(()), planes, self.hw.input_bits)
 
-    def _join_planes(self, y: torch.Tensor) -> torch.Tensor:
-        return join_planes(y, self.plan.plane_significance(self.input_planes, y.device, y.dtype))
+    def _join_planes(self, y: torch.Tensor, planes: int) -> torch.Tensor:
+        """Shift-and-add of the planes' outputs, 2^(p·input_bits) each (`CrossbarPlan.plane_significance`)."""
+        if planes == 1:
+            return y
+        return join_planes(y, powers_of_two(self.hw.input_bits, planes, y))
 
-    def input_grid(self, x) -> Optional[InputGrid]:
+    def input_grid(self, x: torch.Tensor, scale: Optional[torch.Tensor], planes: int) -> Optional[InputGrid]:
         """The crossbar input's 8-bit integer grid when partial sums can be integer products
-        (lib.cim.integer_products): a quantized input whose array codes fit in 8 bits, cell values
-        in int8, a CPU with int8 kernels, nothing traced; else None (float32 products)."""
-        if not (isinstance(x, QuantTensor) and INTEGER_PRODUCTS.available_for(x.value)) or _tracing():
+        (lib.cim.integer_products): a quantized input (`scale` its step) whose array codes in
+        `planes` fit in 8 bits, cell values in int8, a CPU with int8 kernels, nothing traced; else
+        None (float32 products)."""
+        if scale is None or not INTEGER_PRODUCTS.available_for(x) or _tracing():
             return None
         plan = self.plan
-        zero_point = plan.input_zero_point(self.input_planes)
+        zero_point = plan.input_zero_point(planes)
         if zero_point is None or plan.slicing.storage_dtype != torch.int8:
             return None
-        return InputGrid(float(x.scale.detach().reshape(())), zero_point)
+        return InputGrid(float(scale.detach().reshape(())), zero_point)
 
     def adc_floor(self, crossbar_input: torch.Tensor) -> Optional[torch.Tensor]:
         """Least mean |partial sum| per (array, read-out column) an ADC step may be initialised from:
@@ -345,10 +389,9 @@ class CIMLayerMixin:
         return (self.input_step_module.initialized and self.weight_step_module.initialized
                 and (not self.psum_adc.enabled or self.psum_adc.initialized))
 
-    def _bias_for(self, x, weights) -> Optional[torch.Tensor]:
+    def _bias_for(self, scale: Optional[torch.Tensor], weights) -> Optional[torch.Tensor]:
         if self.bias is None:
             return None
-        scale = x.scale if isinstance(x, QuantTensor) else self.input_step()
         return self.quantized_bias(self.bias_step(scale, weights.step_grid()))
 
     def _converted_outputs(self, x_tiled: torch.Tensor, weights, tiles,
@@ -356,40 +399,69 @@ class CIMLayerMixin:
         """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
         One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC."""
         if self.psum_adc.fusable and self.fused_adc:
-            q, step_grid, stored = self._crossbar_weights(weights, tiles)
-            shifts, ref_shift = self._shifts(q)
-            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift)
+            q, step_grid, stored, shifts, ref_shift, constants = self._fused_form(weights, tiles, ref is not None)
+            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift,
+                                        constants)
         lay = self.layout
         psums, step_grid = self._tile_products(x_tiled, weights, tiles)
         psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
         return self._convert(psums, step_grid, ref, self.adc_floor(x_tiled))
 
+    def _fused_form(self, weights, tiles, has_ref: bool) -> tuple:
+        """What the fused crossbar + ADC node reads besides the input: (q, step grid, array weight,
+        2^(s·c) per slice, the reference column's significance, `PartialSumADC.constants`); kept
+        as one eval-cache value per packed form of the array weight when the weights are (one key
+        per forward)."""
+        def compute():
+            q, step_grid, stored = weights.crossbar(tiles)
+            shifts, ref_shift = self._shifts(q)
+            return q, step_grid, stored, shifts, ref_shift, self.psum_adc.constants(step_grid, shifts, has_ref)
+        if not weights.cached:
+            return compute()
+        return self.eval_cache.get(self._eval_cache_key, f"fused_form-{tiles.packed_form}", compute)
+
     def _tile_products(self, x_tiled: torch.Tensor, weights, tiles):
         """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
-        q, step_grid, stored = self._crossbar_weights(weights, tiles)
+        q, step_grid, stored = weights.crossbar(tiles)
         return tile_products(x_tiled, q, tiles, self.plan, stored), step_grid
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
-        """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum), plus
-        the bias on its int32 grid (`quantized_bias`), as the digital periphery adds it.
-        `quant_weight`: Brevitas' quantized weight, or the fused kernels' `FusedWeights`.
+        """Brevitas' hook (traced or exported forwards): `_forward_quantized` of its quantized input
+        and weight; `quant_bias` is unused (the bias goes on its int32 grid, see `quantized_bias`)."""
+        scale = x.scale if isinstance(x, QuantTensor) else None
+        return self._forward_quantized(_unwrap(x), scale, ComposedWeights(self, quant_weight,
+                                                                          self._caches_crossbar_form()))
+
+    def _forward_quantized(self, x: torch.Tensor, scale: Optional[torch.Tensor], weights) -> torch.Tensor:
+        """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum) of the
+        quantized input x (step `scale`, None: `input_step`), plus the bias on its int32 grid
+        (`quantized_bias`), as the digital periphery adds it. `weights`: `ComposedWeights` or
+        the fused kernels' `FusedWeights`.
 
         With the ADC off the crossbar sum equals the plain layer on dequantized tensors exactly
         (an invariant the tests check), so that case takes the cheap path unless force_crossbar."""
-        weights = quant_weight if isinstance(quant_weight, FusedWeights) else ComposedWeights(self, quant_weight)
-        bias = self._bias_for(x, weights)
+        bias = self._bias_for(scale, weights)
         if self.psum_adc.enabled or self.force_crossbar:
-            return self.crossbar_forward(x, weights, bias)
-        return self.dequantized_forward(_unwrap(x), weights.value, bias)
+            return self.crossbar_forward(x, scale, weights, bias)
+        return self.dequantized_forward(x, weights.value, bias)
 
 
 class ComposedWeights:
     """A CIM layer's weight side from Brevitas' quantized weight (evaluation, export, tracing):
-    integer weights value / scale (Brevitas' STE gradients), their step grid and cell slices."""
+    integer weights value / scale (Brevitas' STE gradients), their step grid and cell slices.
+    `cached`: served from the layer's eval cache (`_caches_crossbar_form`); Brevitas' weight
+    (None: `layer.quant_weight()`) is then only computed when the cache misses."""
 
-    def __init__(self, layer: CIMLayerMixin, quant_weight: QuantTensor) -> None:
+    def __init__(self, layer: CIMLayerMixin, quant_weight: Optional[QuantTensor], cached: bool = False) -> None:
         self.layer = layer
-        self.quant_weight = quant_weight
+        self._quant_weight = quant_weight
+        self.cached = cached
+
+    @property
+    def quant_weight(self) -> QuantTensor:
+        if self._quant_weight is None:
+            self._quant_weight = self.layer.quant_weight()
+        return self._quant_weight
 
     @property
     def value(self) -> torch.Tensor:
@@ -397,15 +469,64 @@ class ComposedWeights:
 
     def step_grid(self) -> torch.Tensor:
         layer = self.layer
-        if not layer._caches_crossbar_form():
+        if not self.cached:
             return layer._step_grid(self.quant_weight.scale)
         return layer.eval_cache.get(layer._eval_cache_key, "step_grid",
                                     lambda: layer._step_grid(self.quant_weight.scale))
 
     def crossbar(self, tiles):
-        """(integer weights q, weight step per (group, tile, out), array weight)."""
+        """(integer weights q, weight step per (group, tile, out), array weight); kept in the
+        eval cache (the array weight laid out for many reads) when `cached`."""
+        if not self.cached:
+            return self._crossbar(tiles)
+
+        def compute():
+            q, step_grid, stored = self._crossbar(tiles)
+            return q, step_grid, tiles.packed(stored)
+        return self.layer.eval_cache.get(self.layer._eval_cache_key, f"crossbar-{tiles.packed_form}", compute)
+
+    def _crossbar(self, tiles):
         q = self.quant_weight.value / self.quant_weight.scale
         return q, self.step_grid(), crossbar_weight(q, tiles, self.layer.plan)
+
+
+def _set_training(modules, mode: bool) -> None:
+    """nn.Module.train(mode) on each module and its submodules, in the same order; a module whose
+    class overrides train() is called as such."""
+    for module in modules:
+        if module is None:
+            continue
+        if type(module).train is not nn.Module.train:
+            module.train(mode)
+            continue
+        module.__dict__["training"] = mode  # what nn.Module.__setattr__ does for a plain attribute
+        _set_training(module._modules.values(), mode)
+
+
+def _hooked(*modules) -> bool:
+    """Whether calling any of `modules` would run a forward hook (its own or a global one)."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _input_grid(tensor_quant) -> tuple[int, int, torch.Tensor]:
+    """(lo, hi) of the input grid at the quantizer's bit width, as FusedIntQuant computes them,
+    and the threshold its scaling module receives (Brevitas' IntScaling: -lo signed, hi
+    unsigned) as a cached 0-d tensor of the bit width's dtype and device."""
+    bits = tensor_quant.msb_clamp_bit_width_impl
+    int_quant, scaling = tensor_quant.int_quant, tensor_quant.int_scaling_impl
+    lo, hi = _int_range(bits.value, int_quant.signed, int_quant.narrow_range)
+    s_lo, s_hi = _int_range(bits.value, scaling.signed, scaling.narrow_range)
+    threshold = -s_lo if scaling.signed else s_hi
+    return lo, hi, grid_bounds(bits.bits, threshold, threshold)[0]
+
+
+def _int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    """Brevitas' min_int / max_int of a `bits`-bit grid."""
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1 - int(narrow)
 
 
 def _grid_max(bits: int, signed: bool) -> int:
@@ -481,16 +602,17 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     def dequantized_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
 
-    def crossbar_forward(self, x, weights, bias):
+    def crossbar_forward(self, x, scale, weights, bias):
         lay = self.layout
-        tiles = self.tiles(self.input_grid(x))
-        x_tiled = tiles.tile_input(self.pad_input(self._split_input(x)))
+        planes = self.input_planes
+        tiles = self.tiles(self.input_grid(x, scale, planes))
+        x_tiled = tiles.tile_input(self.pad_input(self._split_input(x, scale, planes)))
         n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
         y = self._converted_outputs(x_tiled, weights, tiles, ref)
-        y = self._join_planes(y).reshape(-1, h, w, self.out_channels)
+        y = self._join_planes(y, planes).reshape(-1, h, w, self.out_channels)
         if bias is not None:
             y = y + bias
         # channels_last (NHWC memory), as computed: the BatchNorm/ReLU/residual ops that follow keep
@@ -542,19 +664,15 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
     def dequantized_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
-    def crossbar_forward(self, x, weights, bias):
-        lead = _unwrap(x).shape[:-1]
-        x2d = _unwrap(x).reshape(-1, self.in_features)
-        if isinstance(x, QuantTensor):
-            x = IntQuantTensor(x2d, x.scale, x.zero_point, x.bit_width, x.signed, x.training)
-        else:
-            x = x2d
-        tiles = self.tiles(self.input_grid(x))
-        xt = tiles.tile_input(self._split_input(x))
+    def crossbar_forward(self, x, scale, weights, bias):
+        lead = x.shape[:-1]
+        planes = self.input_planes
+        tiles = self.tiles(self.input_grid(x, scale, planes))
+        xt = tiles.tile_input(self._split_input(x.reshape(-1, self.in_features), scale, planes))
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = self._join_planes(self._converted_outputs(xt, weights, tiles, ref).squeeze(1))
+        y = self._join_planes(self._converted_outputs(xt, weights, tiles, ref).squeeze(1), planes)
         if bias is not None:
             y = y + bias
         return y.reshape(lead + (self.out_features,))

@@ -42,6 +42,11 @@ def scale_grad(x: torch.Tensor, factor) -> torch.Tensor:
     return _ScaleGrad.apply(x, factor)
 
 
+def _records_grad(x: torch.Tensor) -> bool:
+    """Whether autograd records an op on x now: else a gradient scale has nothing to act on."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def positive(step: torch.Tensor) -> torch.Tensor:
     """The step a quantizer uses: |learned value|, floored. LSQ's gradient can push a raw step
     through zero; the magnitude keeps the grid valid (and what the export writes)."""
@@ -205,8 +210,11 @@ class WeightStep(_LazyStep):
         `weight` first if not yet initialised."""
         if not self._initialized:
             self.initialize(weight, float(threshold))
+        step = positive(self.step)
+        if not _records_grad(step):
+            return step
         factor = torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step())
-        return scale_grad(positive(self.step), factor)
+        return scale_grad(step, factor)
 
     def forward(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         return self.expand_to_weight(self.scaled_step(weight, threshold))
@@ -281,5 +289,8 @@ class ActStep(_LazyStep):
             with torch.no_grad():  # one fused pass: Σ|x| / n
                 abs_mean = torch.linalg.vector_norm(x.detach(), ord=1) / max(1, x.numel())
                 self.running_abs_mean.lerp_(abs_mean.view(1), self.momentum)
+        step = positive(self.step)
+        if not _records_grad(step):
+            return step
         numel_per_sample = max(1, x[0].numel()) if x.dim() > 1 else x.numel()
-        return scale_grad(positive(self.step), torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
+        return scale_grad(step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))

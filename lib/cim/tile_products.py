@@ -106,9 +106,10 @@ class ConvTiles:
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:
         """`weight`'s result laid out for many reads (the eval cache keeps it): prepacked for the
-        int8 kernels when the products are integer, else as it is."""
+        int8 kernels when the products are integer, else channels_last, as the float conv reads it
+        with the channels_last tiled input (else it converts it on every call)."""
         if self.input_grid is None:
-            return w
+            return w.contiguous(memory_format=torch.channels_last)
         return pack_conv_weight(w, self.input_grid, self.stride, self.padding, self.dilation, self.arrays)
 
     def for_products(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

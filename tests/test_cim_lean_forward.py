@@ -1,0 +1,121 @@
+"""The CIM layers' lean forward on real Brevitas layers: the input quantizer called directly equals
+Brevitas' proxy chain (values, gradients, step statistics), train()/eval() set every submodule as
+nn.Module does, and the constants made once per setting survive inference mode."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
+from lib.cim.adc_kernels import grid_bounds, powers_of_two
+from lib.cim.fused_quant import fake_quant
+
+
+def _hw(**kw):
+    base = dict(rows=40, cols=64, cell_bits=2, adc_bits=5, mapping="differential-column",
+                weight_granularity="column", psum_granularity="column", input_mode="multi-bit")
+    base.update(kw)
+    return HardwareConfig(**base)
+
+
+def _layers():
+    """A signed conv (bit-serial, offset mapping, bias), an unsigned conv, a signed linear layer."""
+    torch.manual_seed(0)
+    return [
+        (CIMConv2d(10, 6, 3, padding=1, groups=2, hw=_hw(mapping="offset", input_mode="bit-serial", input_bits=2),
+                   w_bit=5, a_bit=4), torch.randn(2, 10, 6, 6)),
+        (CIMConv2d(10, 6, 3, padding=1, bias=False, hw=_hw(), w_bit=4, a_bit=3, input_signed=False),
+         torch.randn(2, 10, 6, 6).relu()),
+        (CIMLinear(37, 5, hw=_hw(mapping="differential-row"), w_bit=6, a_bit=4), torch.randn(7, 37)),
+    ]
+
+
+def _through_proxy(layer):
+    """The same layer, made to quantize its input through Brevitas' proxy chain (a quantizer that
+    keeps its evaluation output is not the plain one, so the layer takes the proxy)."""
+    other = copy.deepcopy(layer)
+    other.input_quant.cache_inference_quant_act = True
+    assert other._plain_input_quant() is None and layer._plain_input_quant() is not None
+    return other
+
+
+def _run(layer, x):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    params = [x, layer.weight, layer.input_step_module.step, layer.weight_step_module.step, layer.psum_adc.step]
+    return out.detach(), torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_direct_input_quantizer_equals_brevitas_proxy_chain(index):
+    """Training forwards (the step's running statistic too), after a change of input bits, and in
+    evaluation: the same outputs and gradients bit for bit."""
+    layer, x = _layers()[index]
+    calibrate(layer, [x])
+    layer.train()
+    proxy = _through_proxy(layer)
+    for step in range(3):
+        if step == 2:  # a new input grid: both re-derive it from the bits
+            layer.set_bits(layer.w_bit, 2)
+            proxy.set_bits(proxy.w_bit, 2)
+        out, grads = _run(layer, x)
+        out_p, grads_p = _run(proxy, x)
+        assert torch.equal(out, out_p)
+        for g, g_p in zip(grads, grads_p):
+            assert torch.equal(g, g_p)
+        assert torch.equal(layer.input_step_module.running_abs_mean, proxy.input_step_module.running_abs_mean)
+    layer.eval()
+    proxy.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), proxy(x))
+    value, scale = layer._quantize_input(x)
+    reference = proxy.input_quant(x)
+    assert torch.equal(value, reference.value) and torch.equal(scale, reference.scale)
+
+
+def test_train_and_eval_set_every_submodule_as_nn_module_does():
+    layer, _ = _layers()[0]
+    model = nn.Sequential(layer, nn.ReLU())
+    for mode in (False, True, False):
+        reference = copy.deepcopy(model)
+        nn.Module.train(reference, mode)  # the generic walk, every module by its own train()
+        assert model.train(mode) is model
+        flags = [m.training for m in model.modules()]
+        assert flags == [m.training for m in reference.modules()] and set(flags) == {mode}
+    with pytest.raises(ValueError, match="training mode='yes' is not allowed: expected a bool"):
+        layer.train("yes")
+
+
+def test_constants_made_in_inference_mode_serve_a_later_backward():
+    """Grid bounds and powers of two are made once per setting, possibly first under
+    inference_mode; a training graph must still be able to save them for its backward."""
+    x = torch.randn(5, dtype=torch.float64)
+    with torch.inference_mode():
+        lo, hi = grid_bounds(x, -3, 1234)
+        powers = powers_of_two(7, 3, x)
+    assert not lo.is_inference() and not powers.is_inference()
+    assert torch.equal(powers, torch.tensor([1.0, 2.0 ** 7, 2.0 ** 14], dtype=torch.float64))
+    x.requires_grad_(True)
+    scale = torch.tensor([0.25], dtype=torch.float64, requires_grad=True)
+    (fake_quant(x, scale, lo, hi).sum() + (x[:3] * powers).sum()).backward()
+    assert x.grad is not None and scale.grad is not None
+
+
+def test_hooks_on_the_input_quantizer_still_run():
+    """A forward hook on the input quantizer (e.g. to record activations) sends the layer through
+    Brevitas' proxy, so the hook sees every forward, with the same output."""
+    layer, x = _layers()[1]
+    calibrate(layer, [x])
+    layer.eval()
+    with torch.no_grad():
+        plain = layer(x)
+    seen = []
+    handle = layer.input_quant.register_forward_hook(lambda module, args, out: seen.append(out.value))
+    assert layer._plain_input_quant() is None
+    with torch.no_grad():
+        hooked = layer(x)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(hooked, plain)
+    assert torch.equal(seen[0], layer._quantize_input(x)[0])
