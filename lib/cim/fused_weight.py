@@ -2,7 +2,9 @@
 
 Forward: LSQ fake quantization of the weight to its integer levels (w / step, round half to
 even, clamp to the plan's grid) and, in the same pass, the levels' cell slices with their sign
-mapping (`crossbar.cell_values`, the plan's rule). Backward: from the gradient of the levels, the
+mapping (`crossbar.cell_values`, the plan's rule), written as small integers
+(`CellSlicing.storage_dtype`) without a float copy of the levels (the crossbar nodes only route the
+levels' gradient); or the levels alone where a dequantized weight is needed. Backward: from the gradient of the levels, the
 gradients of the weight (straight through where the rounded value is on the grid) and of the
 step grid (−Σ grad·v / step over the weights sharing a step, v = w / step), again one pass.
 Brevitas' weight quantizer followed by `value / scale` and the slicing compute the same values

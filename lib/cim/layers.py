@@ -5,7 +5,8 @@ Per forward: quantize the input (Brevitas, LSQ) and the weight (LSQ step per gra
 training by the fused kernels of lib.cim.fused_weight, else by Brevitas); split the input into
 DAC planes (bit-serial mode) stacked along the batch; split the integer weights into cell
 slices; compute every plane × row-tile × slice × column partial sum in ONE grouped conv (or
-batched matmul); convert them with the ADC while applying the digital shift (2^(s·c)) and
+batched matmul), as integer products on int8 kernels where the CPU has them
+(lib.cim.integer_products); convert them with the ADC while applying the digital shift (2^(s·c)) and
 weight step; sum over tiles and slices; shift-and-add the planes (2^(p·input_bits)); add bias.
 What is stored where is the layer's `plan` (lib.cim.crossbar.CrossbarPlan), the same description
 the export form and the cost model read.
