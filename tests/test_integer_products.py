@@ -6,6 +6,10 @@ the float form."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from lib.cim import calibrate, crossbar_adc
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.hardware import HardwareConfig
-from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid
+from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, sums_stay_exact
 from lib.cim.layers import CIMConv2d, CIMLinear
 from lib.cim.scratch import scratch_buffers
 from lib.cim.tile_products import crossbar_weight
@@ -189,3 +193,52 @@ def test_eval_keeps_the_prepacked_weight_apart_from_the_float_form(kind):
         again = layer(x)
     assert torch.equal(again, first)
     assert torch.allclose(float_out, first, rtol=0, atol=1e-5 * first.abs().max().item())
+
+
+def test_arrays_too_tall_for_exact_sums_keep_the_float_products():
+    """Codes are shifted into 8 bits, so a kernel sums up to 255 · cell · rows: arrays where that
+    could reach 2^24 (here 1100 rows of 7-bit cells) take the float32 products."""
+    tall = _hw(rows=1100, cols=256, cell_bits=7)
+    cases = [(CIMConv2d(64, 4, 3, padding=1, hw=tall, w_bit=8, a_bit=8), torch.randn(1, 64, 4, 4)),
+             (CIMLinear(600, 4, hw=tall, w_bit=8, a_bit=8, input_signed=False), torch.rand(2, 600))]
+    for layer, x in cases:
+        calibrate(layer, [x])
+        assert not sums_stay_exact(layer.layout.channels_per_tile * layer.layout.kernel_elems, 127)
+        assert _grid(layer, layer.input_quant(x)) is None
+    short = CIMLinear(600, 4, hw=_hw(rows=400, cols=256, cell_bits=7), w_bit=8, a_bit=8, input_signed=False)
+    calibrate(short, [cases[1][1]])
+    assert _grid(short, short.input_quant(cases[1][1])) is not None
+    assert sums_stay_exact(256, 15) and not sums_stay_exact(4400, 15)
+
+
+def test_input_gradient_through_a_frozen_layer_in_eval():
+    """Eval mode, every parameter frozen, an input that needs its gradient (saliency, attacks):
+    the kept prepacked form serves the forward and its int8 cells the backward, with the same
+    input gradient as float32 products."""
+    layer, x = _conv(_hw(), signed=True, shape=dict(padding=1))
+    layer.eval()
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    grads = []
+    for enabled in (True, False):
+        with INTEGER_PRODUCTS.use(enabled):
+            xg = x.clone().requires_grad_()
+            layer(xg).square().sum().backward()
+            grads.append(xg.grad)
+    assert len(layer.eval_cache) > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4 * grads[1].abs().max().item())
+
+
+def test_kernels_that_saturate_turn_integer_products_off():
+    """oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA=AVX2) saturates 8-bit × 7-bit products: the
+    one-time check at start-up sees it and the process keeps float32 products (a real process)."""
+    code = ("import torch; from lib.cim.integer_products import INTEGER_PRODUCTS; "
+            "print(INTEGER_PRODUCTS.enabled)")
+    outputs = {}
+    for isa in ("AVX2", "ALL"):
+        env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, CIM_AQ_COMPILE="0")
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert done.returncode == 0, done.stderr[-500:]
+        outputs[isa] = done.stdout.strip().splitlines()[-1]
+    assert outputs == {"AVX2": "False", "ALL": "True"}

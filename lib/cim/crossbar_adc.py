@@ -56,7 +56,7 @@ class _CrossbarADC(torch.autograd.Function):
         ctx.shares = slice_shares(plan, q.dtype, q.device)
         ctx.bounds = (lo, hi, grad_factor)
         main, y = _convert(tiles, x, w, step, gamma, lo, hi, chunks)
-        ctx.save_for_backward(x, w, main, step, gamma)
+        ctx.save_for_backward(x, tiles.saved(w), main, step, gamma)
         return y
 
     @staticmethod

@@ -6,7 +6,9 @@ integer cell values, so every partial sum is an integer times the step. oneDNN's
 (convs) and int8 matmuls (linear layers, one per row-tile) accumulate those integers exactly in
 int32, and the result is scaled by the step in float32: the same partial sums as the float32
 products (closer to the exact value, which the float path reaches only up to its accumulation
-rounding), 2-2.5x faster on a CPU with VNNI or AMX.
+rounding), 2-2.5x faster on a CPU with VNNI or AMX. Codes are shifted into 8 bits, so a kernel's
+sum can exceed the partial sum; arrays whose shifted sums could reach 2^24 (`sums_stay_exact`)
+keep the float32 products.
 
 Used for the forward products (and their recomputation in the backward) when the inputs fit in
 8 bits (`CrossbarPlan.input_zero_point`), cell values fit in int8, and the CPU has the
@@ -33,16 +35,50 @@ class InputGrid(NamedTuple):
     zero_point: int
 
 
+EXACT_LIMIT = 2 ** 24  # float32 holds every integer below this exactly
+
+
+def sums_stay_exact(rows_per_array: int, cell_max: int) -> bool:
+    """Whether every int32 sum the kernels form for an array of `rows_per_array` rows of cells up
+    to `cell_max` converts to float32 exactly: codes are shifted into 8 bits, so a sum is bounded
+    by 255 · cell_max · rows whatever the true partial sum (which may be far smaller)."""
+    return 255 * cell_max * rows_per_array < EXACT_LIMIT
+
+
+def _sums_exact() -> bool:
+    """One conv and one matmul at the largest codes and cells (255 × 127 over 64 rows), against
+    the exact sums: False where the kernels saturate."""
+    try:
+        codes = torch.full((1, 64, 1, 1), 255, dtype=torch.uint8)
+        cells = torch.full((1, 64, 1, 1), 127, dtype=torch.int8)
+        grid = InputGrid(1.0, 0)
+        conv = integer_conv(codes.float(), cells, grid, (1, 1), (0, 0), (1, 1), 1)
+        matmul = integer_matmul(torch.full((1, 1, 64), 255.0), cells.reshape(1, 64, 1), grid)
+    except RuntimeError as err:
+        log.debug("int8 kernels unavailable: %s", err)
+        return False
+    exact = 255.0 * 127 * 64
+    return float(conv.reshape(())) == exact and float(matmul.reshape(())) == exact
+
+
 class _IntegerProducts:
-    """Owns whether this process computes conv partial sums on int8 kernels: on when the CPU has
-    VNNI or AMX and oneDNN's quantized conv is present, unless switched off (`use`)."""
+    """Owns whether this process computes partial sums on int8 kernels: on when the CPU has VNNI
+    or AMX, oneDNN's quantized conv and int8 matmuls are present and both return exact sums for
+    the largest products we give them (a one-time check: oneDNN capped below VNNI, e.g. by
+    ONEDNN_MAX_CPU_ISA, saturates them), unless switched off (`use`)."""
 
     def __init__(self) -> None:
         self._enabled: bool | None = None
+        self._supported_here: bool | None = None
         self._unit: tuple | None = None
 
+    def _supported(self) -> bool:
+        if self._supported_here is None:
+            self._supported_here = self._kernels_present() and _sums_exact()
+        return self._supported_here
+
     @staticmethod
-    def _supported() -> bool:
+    def _kernels_present() -> bool:
         ops = getattr(torch.ops, "onednn", None)
         if (not torch.backends.mkldnn.is_available() or ops is None or not hasattr(ops, "qconv2d_pointwise")
                 or not hasattr(torch, "_int_mm")):
@@ -55,7 +91,7 @@ class _IntegerProducts:
     def enabled(self) -> bool:
         if self._enabled is None:
             self._enabled = self._supported()
-            log.debug("integer partial sums %s", "on" if self._enabled else "off (no VNNI/AMX int8 conv)")
+            log.debug("integer partial sums %s", "on" if self._enabled else "off (no exact int8 kernels here)")
         return self._enabled
 
     @contextmanager
@@ -91,10 +127,11 @@ def _codes_eager(x, step: float, offset: int, dtype: torch.dtype):
     return torch.round(x / step).add_(offset).to(dtype)
 
 
-def input_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
+def grid_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
     """x's codes on `grid`: uint8 (code + zero_point), or int8 (code + zero_point - 128) when `signed`."""
     offset, dtype = (grid.zero_point - 128, torch.int8) if signed else (grid.zero_point, torch.uint8)
-    return KERNELS.run(f"input_codes_{str(dtype).rsplit('.', 1)[-1]}", _codes_functional, _codes_eager, x, x, grid.step, offset, dtype)
+    name = f"grid_codes_{str(dtype).rsplit('.', 1)[-1]}"
+    return KERNELS.run(name, _codes_functional, _codes_eager, x, x, grid.step, offset, dtype)
 
 
 def pack_matmul_weight(w: torch.Tensor) -> torch.Tensor:
@@ -107,17 +144,18 @@ def integer_matmul(xt: torch.Tensor, w: torch.Tensor, grid: InputGrid) -> torch.
     and the integer array weight w (tiles, rows, columns): one int8 matmul per tile with exact
     int32 sums. Codes are shifted into int8 (c = code + zero_point - 128), so Σ code·w =
     Σ c·w + (128 - zero_point)·Σ w; the column sums Σ w come from one more row of ones in the
-    same matmul, and are added back exactly before the step."""
+    same matmul, and are added back before the step (exact within `sums_stay_exact`)."""
     offset = 128 - grid.zero_point
     weight = pack_matmul_weight(w)
-    codes = input_codes(xt, grid, signed=True)
+    codes = grid_codes(xt, grid, signed=True)
     tiles, tokens, columns = weight.shape[0], xt.shape[1], weight.shape[2]
     if offset:
         codes = torch.cat([codes, codes.new_ones((tiles, 1, codes.shape[2]))], dim=1)
     sums = torch.empty((tiles, codes.shape[1], columns), dtype=torch.int32, device=xt.device)
     for tile in range(tiles):
         torch._int_mm(codes[tile], weight[tile], out=sums[tile])
-    out = sums[:, :tokens].transpose(0, 1).to(xt.dtype)
+    out = torch.empty((tokens, tiles, columns), dtype=xt.dtype, device=xt.device)
+    out.copy_(sums[:, :tokens].transpose(0, 1))  # token-major, as the ADC reads the partial sums
     if offset:
         out.add_(sums[:, tokens].to(xt.dtype), alpha=offset)
     return out.mul_(grid.step)
@@ -125,10 +163,12 @@ def integer_matmul(xt: torch.Tensor, w: torch.Tensor, grid: InputGrid) -> torch.
 
 class PackedConvWeight(NamedTuple):
     """A conv's array weight prepared for `integer_conv` (what the eval cache keeps): oneDNN's
-    prepacked int8 weight and, for shifted codes, the shift's contribution per output channel."""
+    prepacked int8 weight, for shifted codes the shift's contribution per output channel, and the
+    int8 cells themselves (what a backward through the layer reads)."""
 
     weight: torch.Tensor
     shift_bias: Optional[torch.Tensor]  # -zero_point · Σ w per output channel (float32), or None
+    cells: torch.Tensor
 
 
 def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int) -> PackedConvWeight:
@@ -143,7 +183,7 @@ def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int)
     shift_bias = None
     if shifted:
         shift_bias = wq.sum(dim=(1, 2, 3), dtype=torch.int32).to(torch.float32).mul_(-grid.zero_point)
-    return PackedConvWeight(packed, shift_bias)
+    return PackedConvWeight(packed, shift_bias, wq)
 
 
 def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -154,9 +194,10 @@ def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation,
     zero point for groups of fewer than 4 channels). Signed inputs are therefore shifted into
     [0, 255] by the grid's zero point z, zero-padded with z themselves (a padded input is 0), and
     the shift's contribution z · Σ w, the same at every output position, is taken off through the
-    conv's bias while the sums are still exact integers; the step is applied after."""
+    conv's bias while the sums are still integers (exact within `sums_stay_exact`); the step is
+    applied after."""
     packed = pack_conv_weight(w, grid, stride, padding, dilation, groups)
-    codes = input_codes(x, grid, signed=False)
+    codes = grid_codes(x, grid, signed=False)
     scale, zero_point = INTEGER_PRODUCTS.unit_weight_scale()
     if not grid.zero_point:
         return torch.ops.onednn.qconv2d_pointwise(

@@ -39,7 +39,7 @@ from lib.cim.fused_quant import FusedIntQuant, fake_quant
 from lib.cim.steps import ActStep, MutableBitWidth, positive
 from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
 from lib.cim.fused_weight import FusedWeights
-from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid
+from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, sums_stay_exact
 from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 
 log = logging.getLogger(__name__)
@@ -335,13 +335,15 @@ class CIMLayerMixin:
     def input_grid(self, x: torch.Tensor, scale: Optional[torch.Tensor], planes: int) -> Optional[InputGrid]:
         """The crossbar input's 8-bit integer grid when partial sums can be integer products
         (lib.cim.integer_products): a quantized input (`scale` its step) whose array codes in
-        `planes` fit in 8 bits, cell values in int8, a CPU with int8 kernels, nothing traced; else
-        None (float32 products)."""
+        `planes` fit in 8 bits, cell values in int8, arrays small enough for exact sums, a CPU
+        with int8 kernels, nothing traced; else None (float32 products)."""
         if scale is None or not INTEGER_PRODUCTS.available_for(x) or _tracing():
             return None
         plan = self.plan
         zero_point = plan.input_zero_point(planes)
-        if zero_point is None or plan.slicing.storage_dtype != torch.int8:
+        rows = self.layout.channels_per_tile * self.layout.kernel_elems
+        if (zero_point is None or plan.slicing.storage_dtype != torch.int8
+                or not sums_stay_exact(rows, 2 ** plan.cell_bits - 1)):
             return None
         return InputGrid(float(scale.detach().reshape(())), zero_point)
 

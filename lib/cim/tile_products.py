@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
-from lib.cim.integer_products import InputGrid, integer_conv, integer_matmul, pack_conv_weight, pack_matmul_weight
+from lib.cim.integer_products import (InputGrid, PackedConvWeight, integer_conv, integer_matmul, pack_conv_weight,
+                                     pack_matmul_weight)
 
 
 _SHARES: dict = {}
@@ -112,6 +113,10 @@ class ConvTiles:
             return w.contiguous(memory_format=torch.channels_last)
         return pack_conv_weight(w, self.input_grid, self.stride, self.padding, self.dilation, self.arrays)
 
+    def saved(self, w) -> torch.Tensor:
+        """The array weight as a tensor, for a backward to keep: the int8 cells of a prepacked one."""
+        return w.cells if isinstance(w, PackedConvWeight) else w
+
     def for_products(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The array weight as `products` takes it fastest when it reads it several times (chunks):
         prepacked for int8 kernels, else in x's float dtype (a conv's weights are small)."""
@@ -198,6 +203,10 @@ class MatmulTiles:
         w = w.transpose(1, 2).contiguous().transpose(1, 2)
         return w if self.input_grid is None else pack_matmul_weight(w)
 
+    def saved(self, w: torch.Tensor) -> torch.Tensor:
+        """The array weight for a backward to keep: as it is."""
+        return w
+
     def for_products(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The array weight for repeated `products`: as it is (a compact one is widened block by block)."""
         return w
@@ -262,7 +271,7 @@ class _TileProducts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q, w, tiles, plan: CrossbarPlan):
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, tiles.saved(w))
         ctx.tiles, ctx.q_shape = tiles, q.shape
         ctx.shares = slice_shares(plan, q.dtype, q.device)
         return tiles.products(x, w)
