@@ -107,6 +107,25 @@ def test_integer_partial_sums_are_the_exact_integers_times_the_step(rows, signed
     assert (got.double() - exact).abs().max() <= (float_path.double() - exact).abs().max()
 
 
+def _assert_same_with_and_without_integer_products(layer, x):
+    """A training-mode forward and backward with integer products on and off: the same outputs
+    and the same gradients of the input and of every learned parameter."""
+    layer.train()
+    params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
+              layer.psum_adc.step]
+    results = []
+    for enabled in (True, False):
+        with INTEGER_PRODUCTS.use(enabled), scratch_buffers():
+            xg = x.clone().requires_grad_()
+            out = layer(xg)
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+            results.append((out.detach(), torch.autograd.grad((out * weights).sum(), [xg] + params)))
+    (out_i, grads_i), (out_f, grads_f) = results
+    assert torch.allclose(out_i, out_f, rtol=0, atol=1e-5 * out_f.abs().max().item()), (out_i - out_f).abs().max()
+    for got, want in zip(grads_i, grads_f):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("mapping,signed,mode", list(itertools.product(MAPPINGS, [True, False],
                                                                       ["multi-bit", "bit-serial"])))
 def test_layer_outputs_and_gradients_match_the_float_products(mapping, signed, mode):
@@ -114,22 +133,8 @@ def test_layer_outputs_and_gradients_match_the_float_products(mapping, signed, m
     (padding, stride, groups, dilation, a padding mode): the same outputs and gradients."""
     for index, shape in enumerate(SHAPES):
         layer, x = _conv(_hw(mapping=mapping, input_mode=mode), signed, shape, seed=index)
-        layer.train()
         assert _grid(layer, layer.input_quant(x)) is not None
-        params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
-                  layer.psum_adc.step]
-        results = []
-        for enabled in (True, False):
-            with INTEGER_PRODUCTS.use(enabled), scratch_buffers():
-                xg = x.clone().requires_grad_()
-                out = layer(xg)
-                weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-                results.append((out.detach(), torch.autograd.grad((out * weights).sum(), [xg] + params)))
-        (out_i, grads_i), (out_f, grads_f) = results
-        scale = out_f.abs().max().item()
-        assert torch.allclose(out_i, out_f, rtol=0, atol=1e-5 * scale), (out_i - out_f).abs().max()
-        for got, want in zip(grads_i, grads_f):
-            assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+        _assert_same_with_and_without_integer_products(layer, x)
 
 
 @pytest.mark.parametrize("mapping,signed,mode", list(itertools.product(MAPPINGS, [True, False],
@@ -140,20 +145,7 @@ def test_linear_outputs_and_gradients_match_the_float_products(mapping, signed, 
     for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 256):
         monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
         layer, x = _linear(_hw(mapping=mapping, input_mode=mode), signed)
-        layer.train()
-        params = [layer.weight, layer.bias, layer.weight_step_module.step, layer.input_step_module.step,
-                  layer.psum_adc.step]
-        results = []
-        for enabled in (True, False):
-            with INTEGER_PRODUCTS.use(enabled), scratch_buffers():
-                xg = x.clone().requires_grad_()
-                out = layer(xg)
-                weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-                results.append((out.detach(), torch.autograd.grad((out * weights).sum(), [xg] + params)))
-        (out_i, grads_i), (out_f, grads_f) = results
-        assert torch.allclose(out_i, out_f, rtol=0, atol=1e-5 * out_f.abs().max().item()), (out_i - out_f).abs().max()
-        for got, want in zip(grads_i, grads_f):
-            assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+        _assert_same_with_and_without_integer_products(layer, x)
 
 
 def test_integer_products_only_where_the_codes_fit_in_8_bits():
