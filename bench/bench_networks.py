@@ -20,7 +20,7 @@ calibrated on one batch first, on one of these crossbars:
     cim_aq              run/hardware/cim_aq_default.yaml (CIM-AQ's file: multi-bit inputs)
     default             run/hardware/default.yaml, bit-serial inputs (the project default)
     default-multibit    run/hardware/default.yaml with input_mode=multi-bit
-    cim_aq-float        cim_aq with conv partial sums in float32 (integer products off, for comparison)
+    cim_aq-float        cim_aq with partial sums in float32 (integer products off, for comparison)
 
 A training step is forward + cross-entropy + backward + SGD step (train mode, within
 `scratch_buffers()` as in training); an eval batch is a forward in eval mode under no_grad.
@@ -79,7 +79,7 @@ class Crossbar:
 
     yaml_name: str
     overrides: tuple = ()
-    integer_products: bool = True  # False: conv partial sums in float32 even on an int8-capable CPU
+    integer_products: bool = True  # False: partial sums in float32 even on an int8-capable CPU
 
     def hardware(self) -> HardwareConfig:
         return HardwareConfig.from_yaml(HARDWARE_DIR / self.yaml_name).with_overrides(**dict(self.overrides))
@@ -287,7 +287,7 @@ def profile_step(network: Network, config: str, batch: int, device: torch.device
 
     x, y = random_batch(network, batch, device)
     model = build(network, config, x, device)
-    step = training_step(model, x, y, device)
+    step = with_products_of(config, training_step(model, x, y, device))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with scratch_buffers():
         step()

@@ -62,6 +62,8 @@ class _CrossbarADC(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, w, main, step, gamma = ctx.saved_tensors
+        w_products = ctx.tiles.for_products(w, x) if ctx.chunks is not None else None
+        w = ctx.tiles.for_gradients(w, x)
         lo, hi, grad_factor = ctx.bounds
         need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_y = grad_y.contiguous()
@@ -72,7 +74,6 @@ class _CrossbarADC(torch.autograd.Function):
             rows_per_item = grad_y.shape[0] // x.shape[dim]
             grad_x = torch.empty_like(x) if need_x else None
             grad_q = sum_levels = sum_v = None
-            w_products = ctx.tiles.for_products(w, x)
             for start, length in ctx.chunks:
                 x_chunk = x.narrow(dim, start, length)
                 main = _products(ctx.tiles, x_chunk, w_products, gamma)

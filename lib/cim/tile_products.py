@@ -124,6 +124,11 @@ class ConvTiles:
             return pack_conv_weight(w, self.input_grid, self.stride, self.padding, self.dilation, self.arrays)
         return as_float(w, x)
 
+    def for_gradients(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The saved array weight for repeated `input_grad` (chunks): widened to x's float dtype
+        once (a conv's weights are small)."""
+        return as_float(w, x)
+
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
         """Each group's input channels zero-padded to whole tiles, in channels_last memory format
         (oneDNN runs these odd group shapes about twice as fast in it)."""
@@ -200,8 +205,9 @@ class MatmulTiles:
         """`weight`'s result laid out for many reads (the eval cache keeps it): each tile's block
         contiguous (tiles, slices·out, rows_per_tile), read transposed — about 1.4x faster in the
         small-batch matmul than the strided view, for one copy; in int8 for integer products."""
-        w = w.transpose(1, 2).contiguous().transpose(1, 2)
-        return w if self.input_grid is None else pack_matmul_weight(w)
+        if self.input_grid is not None:
+            w = pack_matmul_weight(w)  # narrowed first: one copy, of the int8 cells
+        return w.transpose(1, 2).contiguous().transpose(1, 2)
 
     def saved(self, w: torch.Tensor) -> torch.Tensor:
         """The array weight for a backward to keep: as it is."""
@@ -209,6 +215,10 @@ class MatmulTiles:
 
     def for_products(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The array weight for repeated `products`: as it is (a compact one is widened block by block)."""
+        return w
+
+    def for_gradients(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The saved array weight for repeated `input_grad`: as it is (widened block by block)."""
         return w
 
     def tile_input(self, x2d: torch.Tensor) -> torch.Tensor:
