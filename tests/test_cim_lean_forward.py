@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
-from lib.cim.adc_kernels import grid_bounds, powers_of_two
+from lib.cim.adc_kernels import KERNELS, grid_bounds, powers_of_two
 from lib.cim.fused_quant import fake_quant
 
 
@@ -50,8 +50,9 @@ def _run(layer, x):
 
 @pytest.mark.parametrize("index", range(3))
 def test_direct_input_quantizer_equals_brevitas_proxy_chain(index):
-    """Training forwards (the step's running statistic too), after a change of input bits, and in
-    evaluation: the same outputs and gradients bit for bit."""
+    """Training forwards, after a change of input bits, and in evaluation: the same outputs and
+    gradients bit for bit; the step's running |x| mean (summed in the fake-quant kernel rather
+    than by its own pass) up to summation order."""
     layer, x = _layers()[index]
     calibrate(layer, [x])
     layer.train()
@@ -65,7 +66,8 @@ def test_direct_input_quantizer_equals_brevitas_proxy_chain(index):
         assert torch.equal(out, out_p)
         for g, g_p in zip(grads, grads_p):
             assert torch.equal(g, g_p)
-        assert torch.equal(layer.input_step_module.running_abs_mean, proxy.input_step_module.running_abs_mean)
+        assert torch.allclose(layer.input_step_module.running_abs_mean, proxy.input_step_module.running_abs_mean,
+                              rtol=1e-6, atol=0)
     layer.eval()
     proxy.eval()
     with torch.no_grad():
@@ -73,6 +75,38 @@ def test_direct_input_quantizer_equals_brevitas_proxy_chain(index):
     value, scale = layer._quantize_input(x)
     reference = proxy.input_quant(x)
     assert torch.equal(value, reference.value) and torch.equal(scale, reference.scale)
+
+
+@pytest.mark.parametrize("compile_mode", ["auto", "0"])
+def test_running_abs_mean_follows_its_definition(compile_mode, monkeypatch):
+    """Each training forward moves the input step's running statistic towards the batch's mean
+    |x| by the momentum (fused kernel and eager fallback alike); evaluation and a forward that
+    fits the step after a bit change leave it alone."""
+    layer, x = _layers()[1]
+    calibrate(layer, [x])
+    module = layer.input_step_module
+    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    KERNELS.unpin()
+    layer.train()
+    expected = module.running_abs_mean.clone()
+    for scale in (1.0, 3.0, 0.5):
+        batch = (x * scale).requires_grad_(True)
+        layer(batch).sum().backward()
+        expected = expected.lerp(batch.detach().abs().mean().view(1), module.momentum)
+        assert torch.allclose(module.running_abs_mean, expected, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        layer(x * 7.0)  # no gradient, still training: recorded too
+    expected = expected.lerp((x * 7.0).abs().mean().view(1), module.momentum)
+    assert torch.allclose(module.running_abs_mean, expected, rtol=1e-6, atol=0)
+    layer.set_bits(layer.w_bit, layer.a_bit + 1)
+    fitted = module.running_abs_mean.clone()
+    layer(x * 5.0)  # fits the step to this batch instead
+    assert torch.equal(module.running_abs_mean, fitted)
+    layer.eval()
+    with torch.no_grad():
+        layer(x * 9.0)
+    assert torch.equal(module.running_abs_mean, fitted)
+    assert "quant_forward_abs_sum" not in KERNELS.failed
 
 
 def test_train_and_eval_set_every_submodule_as_nn_module_does():

@@ -78,3 +78,24 @@ def test_tiled_conv_input_is_zero_padded_per_group_in_channels_last():
     assert per_group[:, :, lay.in_channels_per_group:].abs().sum() == 0
     padded_by_hand = F.pad(x.reshape(2, 2, 5, 5, 5), (0, 0, 0, 0, 0, lay.pad)).reshape(tiled.shape)
     assert torch.equal(tiled, padded_by_hand)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiled_conv_input_gradient_is_the_pads_in_the_inputs_memory_format(channels_last):
+    """The tiled input's backward: the real channels of the gradient, as F.pad's backward gives
+    them, laid out like the input (no layout copy for the quantizer before it)."""
+    layer = CIMConv2d(10, 6, 3, groups=2, hw=_hw("offset"), w_bit=4, a_bit=4)
+    lay, tiles = layer.layout, layer.tiles()
+    assert lay.pad > 0
+    x = torch.randn(2, 10, 5, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    tiled = tiles.tile_input(x)
+    grad = torch.randn(tiled.shape).contiguous(memory_format=torch.channels_last)
+    (grad_x,) = torch.autograd.grad(tiled, x, grad)
+    reference = x.detach().clone().requires_grad_(True)
+    padded = F.pad(reference.reshape(2, 2, 5, 5, 4), (0, 0, 0, 0, 0, lay.pad)).reshape(tiled.shape)
+    (expected,) = torch.autograd.grad(padded, reference, grad)
+    assert torch.equal(grad_x, expected)
+    assert grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

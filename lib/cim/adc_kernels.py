@@ -95,6 +95,11 @@ def quant_forward_eager(x, scale, lo, hi):
     return torch.round(x / scale).clamp_(lo, hi).mul_(scale)
 
 
+def quant_forward_abs_sum_eager(x, scale, lo, hi):
+    """(clamp(round(x / scale), lo, hi) · scale, Σ|x|)."""
+    return quant_forward_eager(x, scale, lo, hi), torch.linalg.vector_norm(x, ord=1)
+
+
 def quant_backward_eager(grad, x, scale, lo, hi):
     """LSQ: (grad wrt x where round(x/scale) is on the grid, Σ grad·(level − v·on_grid))."""
     v = x / scale
@@ -107,6 +112,12 @@ def quant_backward_eager(grad, x, scale, lo, hi):
 
 def _quant_forward_functional(x, scale, lo, hi):
     return torch.clamp(torch.round(x / scale), lo, hi) * scale
+
+
+def _quant_forward_abs_sum_functional(x, scale, lo, hi):
+    """The fake quantization and the input's Σ|x| in one pass over x (Inductor fuses the sum into
+    the elementwise loop): a training forward's running |x| statistic at no extra read."""
+    return torch.clamp(torch.round(x / scale), lo, hi) * scale, x.abs().sum()
 
 
 def _quant_backward_functional(grad, x, scale, lo, hi):
@@ -249,6 +260,11 @@ class _Kernels:
     def quant_forward(self, x, scale, lo, hi):
         """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors)."""
         return self.run("quant_forward", _quant_forward_functional, quant_forward_eager, x, x, scale, lo, hi)
+
+    def quant_forward_abs_sum(self, x, scale, lo, hi):
+        """`quant_forward` and Σ|x| (a 0-d tensor) from one pass over x."""
+        return self.run("quant_forward_abs_sum", _quant_forward_abs_sum_functional, quant_forward_abs_sum_eager,
+                        x, x, scale, lo, hi)
 
     def quant_backward(self, grad, x, scale, lo, hi):
         return self.run("quant_backward", _quant_backward_functional, quant_backward_eager, x, grad, x, scale, lo, hi)

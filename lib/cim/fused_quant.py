@@ -13,15 +13,19 @@ from lib.cim.adc_kernels import KERNELS, dense
 
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, lo, hi):
+    def forward(ctx, x, scale, lo, hi, with_abs_sum: bool):
         ctx.save_for_backward(x, scale, lo, hi)
-        return KERNELS.quant_forward(x, scale, lo, hi)
+        if not with_abs_sum:
+            return KERNELS.quant_forward(x, scale, lo, hi)
+        out, abs_sum = KERNELS.quant_forward_abs_sum(x, scale, lo, hi)
+        ctx.mark_non_differentiable(abs_sum)
+        return out, abs_sum
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_abs_sum_grad):
         x, scale, lo, hi = ctx.saved_tensors
         grad_x, grad_scale = KERNELS.quant_backward(dense(grad, like=x), x, scale, lo, hi)
-        return grad_x, grad_scale.reshape(scale.shape), None, None
+        return grad_x, grad_scale.reshape(scale.shape), None, None, None
 
 
 class FusedIntQuant(nn.Module):
@@ -58,5 +62,15 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch
     of x's dtype); the kernel alone where autograd records nothing (evaluation)."""
     scale = scale.to(x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return _FakeQuant.apply(x, scale, lo, hi)
+        return _FakeQuant.apply(x, scale, lo, hi, False)
     return KERNELS.quant_forward(x, scale, lo, hi)
+
+
+def fake_quant_abs_sum(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+                       hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`fake_quant`, Σ|x| as a 0-d tensor without gradient) from one pass over x: what a training
+    forward needs for the input step's running |x| mean (lib.cim.steps.ActStep)."""
+    scale = scale.to(x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _FakeQuant.apply(x, scale, lo, hi, True)
+    return KERNELS.quant_forward_abs_sum(x, scale, lo, hi)

@@ -35,7 +35,7 @@ from lib.cim.crossbar import CrossbarPlan, TileLayout
 from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
 from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
-from lib.cim.fused_quant import FusedIntQuant, fake_quant
+from lib.cim.fused_quant import FusedIntQuant, fake_quant, fake_quant_abs_sum
 from lib.cim.steps import ActStep, MutableBitWidth, positive
 from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
 from lib.cim.fused_weight import FusedWeights
@@ -172,20 +172,28 @@ class CIMLayerMixin:
     def _quantize_input(self, x):
         """(quantized input, its step or None) as the input quantizer computes them: called
         directly when it is the plain CIM one (`_plain_input_quant`: step module, then one fused
-        fake-quant kernel, the same values and gradients), else through Brevitas' proxy."""
+        fake-quant kernel that in training also sums |x| for the step's running mean; the same
+        values and gradients, that mean up to summation order), else through Brevitas' proxy."""
         tensor_quant = self._plain_input_quant()
         if tensor_quant is None:
             out = self.input_quant(x)
             return (out.value, out.scale) if isinstance(out, QuantTensor) else (out, None)
         x = _unwrap(x)
         lo, hi, threshold = _input_grid(tensor_quant)
-        scale = tensor_quant.scaling_impl(x, threshold)
-        return fake_quant(x, scale, *grid_bounds(x, lo, hi)), scale
+        step_module = tensor_quant.scaling_impl
+        records = step_module.prepare(x, threshold)
+        scale = step_module.scaled_step(x, threshold)
+        if not records:
+            return fake_quant(x, scale, *grid_bounds(x, lo, hi)), scale
+        # the running |x| mean's sum from the quantizing pass itself, not a pass of its own
+        value, abs_sum = fake_quant_abs_sum(x, scale, *grid_bounds(x, lo, hi))
+        step_module.record_abs_sum(abs_sum, x.numel())
+        return value, scale
 
     def _plain_input_quant(self):
         """The input quantizer's RescalingIntQuant when it is the CIM one (lib.cim.quantizers:
-        ActStep, MutableBitWidth, FusedIntQuant, no activation, no caching, not exporting, no
-        forward hooks that its calls would run), else None."""
+        ActStep itself, whose steps `_quantize_input` calls, MutableBitWidth, FusedIntQuant, no
+        activation, no caching, not exporting, no forward hooks that its calls would run), else None."""
         proxy = self.input_quant
         if not proxy.is_quant_enabled or proxy.export_mode or proxy.cache_inference_quant_act:
             return None
@@ -200,7 +208,7 @@ class CIMLayerMixin:
                 or type(tensor_quant.int_quant.input_view_impl) not in _IDENTITIES
                 or type(tensor_quant.int_scaling_impl) is not IntScaling
                 or type(tensor_quant.msb_clamp_bit_width_impl) is not MutableBitWidth
-                or not isinstance(tensor_quant.scaling_impl, ActStep)):
+                or type(tensor_quant.scaling_impl) is not ActStep):
             return None
         return tensor_quant
 
@@ -617,7 +625,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         y = self._converted_outputs(x_tiled, weights, tiles, ref)
         y = self._join_planes(y, planes).reshape(-1, h, w, self.out_channels)
         if bias is not None:
-            y = y + bias
+            y = y.add_(bias)  # in place: the converted outputs are a fresh tensor no backward keeps
         # channels_last (NHWC memory), as computed: the BatchNorm/ReLU/residual ops that follow keep
         # that format, so the network runs NHWC from the first CIM conv on without layout copies
         return y.permute(0, 3, 1, 2)
@@ -677,5 +685,5 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
             ref = ref.t().unsqueeze(1)
         y = self._join_planes(self._converted_outputs(xt, weights, tiles, ref).squeeze(1), planes)
         if bias is not None:
-            y = y + bias
+            y = y.add_(bias)  # in place: the converted outputs are a fresh tensor no backward keeps
         return y.reshape(lead + (self.out_features,))

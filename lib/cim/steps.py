@@ -281,14 +281,29 @@ class ActStep(_LazyStep):
         self._fit_error = True
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        if self.prepare(x, threshold):
+            with torch.no_grad():  # one fused pass: Σ|x|
+                self.record_abs_sum(torch.linalg.vector_norm(x.detach(), ord=1), x.numel())
+        return self.scaled_step(x, threshold)
+
+    def prepare(self, x: torch.Tensor, threshold: torch.Tensor) -> bool:
+        """What `forward` does before it returns the step: initialise the step from x, or fit it
+        to x after a bit change (training); True when x's mean |x| is then due in the running
+        statistic (`record_abs_sum`), which a caller may compute along with its own pass over x."""
         if not self._initialized:
             self.initialize(x, float(threshold))
         if self._fit_error and self.training:
             self.fit_error(x, float(threshold))
-        elif self.training:
-            with torch.no_grad():  # one fused pass: Σ|x| / n
-                abs_mean = torch.linalg.vector_norm(x.detach(), ord=1) / max(1, x.numel())
-                self.running_abs_mean.lerp_(abs_mean.view(1), self.momentum)
+            return False
+        return self.training
+
+    @torch.no_grad()
+    def record_abs_sum(self, abs_sum: torch.Tensor, numel: int) -> None:
+        """Move the running |x| mean towards a training batch's Σ|x| / numel."""
+        self.running_abs_mean.lerp_((abs_sum / max(1, numel)).view(1), self.momentum)
+
+    def scaled_step(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """The positive step with LSQ's gradient scale 1/sqrt(values per sample · Q_p)."""
         step = positive(self.step)
         if not _records_grad(step):
             return step

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.adc_kernels import KERNELS, memory_format_of
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 from lib.cim.integer_products import (InputGrid, PackedConvWeight, integer_conv, integer_matmul, pack_conv_weight,
                                      pack_matmul_weight)
@@ -70,6 +70,32 @@ def products_backward(tiles, x: torch.Tensor, w: torch.Tensor, grad_p: torch.Ten
         shared = share_over_slices(grad_p, shares, columns, out=share_out).reshape(grad_p.shape[:-1] + (-1,))
         grad_q = tiles.weight_grad(shared, x, q_shape)
     return grad_x, grad_q
+
+
+class _TiledChannels(torch.autograd.Function):
+    """(N, C, H, W) → each group's channels followed by `pad` zero channels, channels_last, in one
+    pass over the output (F.pad zero-fills all of it first, then copies the input in); the backward
+    copies the gradient's real channels straight into the input's memory format (F.pad's clones
+    them, and a layout copy for the input quantizer followed)."""
+
+    @staticmethod
+    def forward(ctx, x, groups: int, pad: int):
+        n, channels, h, w = x.shape
+        per_group = channels // groups
+        ctx.groups, ctx.per_group, ctx.memory_format = groups, per_group, memory_format_of(x)
+        by_group = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, per_group)
+        zeros = x.new_zeros(()).expand(n, h, w, groups, pad)
+        return torch.cat([by_group, zeros], dim=4).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, _, h, w = grad.shape
+        groups, per_group = ctx.groups, ctx.per_group
+        by_group = grad.permute(0, 2, 3, 1).reshape(n, h, w, groups, -1)[..., :per_group]
+        grad_x = torch.empty((n, groups * per_group, h, w), dtype=grad.dtype, device=grad.device,
+                             memory_format=ctx.memory_format)
+        grad_x.permute(0, 2, 3, 1).view(n, h, w, groups, per_group).copy_(by_group)
+        return grad_x, None, None
 
 
 @dataclass(frozen=True)
@@ -135,10 +161,7 @@ class ConvTiles:
         lay = self.layout
         if not lay.pad:
             return x.contiguous(memory_format=torch.channels_last)
-        n, _, h, w = x.shape
-        by_group = x.permute(0, 2, 3, 1).reshape(n, h, w, lay.groups, lay.in_channels_per_group)
-        # a pad (its backward is a slice), not a write into zeros (whose backward clones the whole gradient)
-        return F.pad(by_group, (0, lay.pad)).reshape(n, h, w, -1).permute(0, 3, 1, 2)
+        return _TiledChannels.apply(x, lay.groups, lay.pad)
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int, int]:
         """(N, H_out, W_out) of the conv over the tiled input x."""
