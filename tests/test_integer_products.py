@@ -5,6 +5,7 @@ sums); chosen only when the codes fit in 8 bits; kept prepacked in evaluation wi
 the float form."""
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import subprocess
@@ -234,3 +235,35 @@ def test_kernels_that_saturate_turn_integer_products_off():
         assert done.returncode == 0, done.stderr[-500:]
         outputs[isa] = done.stdout.strip().splitlines()[-1]
     assert outputs == {"AVX2": "False", "ALL": "True"}
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_eval_codes_from_the_input_give_the_float_quantized_inputs_outputs(signed):
+    """An evaluation forward takes the input's uint8 codes straight from the input (no float
+    fake-quantized copy) for every conv shape with zero padding, channels_last inputs and ragged
+    tiles included: outputs bit for bit those of the same layer quantizing its input as floats
+    (Brevitas' proxy chain, which never takes the codes path)."""
+    ragged = 0
+    for index, shape in enumerate(SHAPES):
+        layer, x = _conv(_hw(rows=50), signed, shape, seed=index)
+        ragged += layer.layout.pad > 0
+        layer.eval()
+        floats = copy.deepcopy(layer)
+        floats.input_quant.cache_inference_quant_act = True  # not the plain quantizer: the float path
+        with torch.no_grad():
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                coded = layer._input_codes(inp)
+                assert (coded is not None) == (shape.get("padding_mode", "zeros") == "zeros")
+                assert floats._input_codes(inp) is None
+                if coded is not None:
+                    codes, grid, scale = coded
+                    quantized = layer.input_quant(inp)
+                    assert codes.dtype == torch.uint8
+                    assert torch.equal(codes.float(), torch.round(quantized.value / scale) + grid.zero_point)
+                assert torch.equal(layer(inp), floats(inp))
+    assert ragged >= 3
+    layer.train()
+    with torch.no_grad():
+        assert layer._input_codes(x) is None  # training (statistics, step fits): the float path
+    layer.eval()
+    assert layer._input_codes(x) is None  # autograd recording: the float path

@@ -35,11 +35,16 @@ def row_chunks(tiles, x: torch.Tensor, columns: int) -> Optional[list[tuple[int,
     PARTIAL_SUM_CHUNK_BYTES each, or None when all of them fit at once."""
     dim = _row_dim(tiles)
     items = x.shape[dim]
-    per_item = math.prod(tiles.output_size(x)) // max(items, 1) * columns * x.element_size()
+    per_item = math.prod(tiles.output_size(x)) // max(items, 1) * columns * _sum_bytes(x)
     if items * per_item <= PARTIAL_SUM_CHUNK_BYTES:
         return None
     size = max(1, int(PARTIAL_SUM_CHUNK_BYTES // max(per_item, 1)))
     return [(start, min(size, items - start)) for start in range(0, items, size)]
+
+
+def _sum_bytes(x: torch.Tensor) -> int:
+    """Bytes per partial sum of x: x's float size, float32's for an input given as integer codes."""
+    return x.element_size() if x.is_floating_point() else 4
 
 
 def _row_dim(tiles) -> int:

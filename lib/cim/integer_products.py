@@ -134,6 +134,24 @@ def grid_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
     return KERNELS.run(name, _codes_functional, _codes_eager, x, x, grid.step, offset, dtype)
 
 
+def _quantized_codes_functional(x, scale, lo, hi, offset: int):
+    """clamp(round(x / scale), lo, hi) + offset as uint8: the fake quantization's levels, shifted, in one pass."""
+    return (torch.clamp(torch.round(x / scale), lo, hi) + offset).to(torch.uint8)
+
+
+def _quantized_codes_eager(x, scale, lo, hi, offset: int):
+    return torch.round(x / scale).clamp_(lo, hi).add_(offset).to(torch.uint8)
+
+
+def quantized_codes(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    grid: InputGrid) -> torch.Tensor:
+    """The uint8 codes `grid_codes` gives for the fake-quantized x (lib.cim.fused_quant.fake_quant
+    with step `scale`, grid [lo, hi]), taken from x itself: its levels plus the grid's zero point,
+    one pass and no float copy (the levels times the step, divided by it again, are the levels)."""
+    return KERNELS.run("quantized_codes", _quantized_codes_functional, _quantized_codes_eager, x, x,
+                       scale.to(x.dtype), lo, hi, grid.zero_point)
+
+
 def pack_matmul_weight(w: torch.Tensor) -> torch.Tensor:
     """The array weight (tiles, rows, columns) of integer cell values in int8, for `integer_matmul`."""
     return w if w.dtype == torch.int8 else w.to(torch.int8)
@@ -187,8 +205,8 @@ def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int)
 
 
 def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """F.conv2d(x, w) for x on `grid` and integer-valued w (or its `pack_conv_weight`), on int8
-    kernels: float32 (N, C_out, H_out, W_out).
+    """F.conv2d(x, w) for x on `grid` (or x's uint8 codes there, `grid_codes`) and integer-valued w
+    (or its `pack_conv_weight`), on int8 kernels: float32 (N, C_out, H_out, W_out).
 
     oneDNN is given unsigned codes and no zero point (its int8 conv mishandles a non-zero input
     zero point for groups of fewer than 4 channels). Signed inputs are therefore shifted into
@@ -197,7 +215,7 @@ def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation,
     conv's bias while the sums are still integers (exact within `sums_stay_exact`); the step is
     applied after."""
     packed = pack_conv_weight(w, grid, stride, padding, dilation, groups)
-    codes = grid_codes(x, grid, signed=False)
+    codes = x if x.dtype == torch.uint8 else grid_codes(x, grid, signed=False)
     scale, zero_point = INTEGER_PRODUCTS.unit_weight_scale()
     if not grid.zero_point:
         return torch.ops.onednn.qconv2d_pointwise(

@@ -39,7 +39,7 @@ from lib.cim.fused_quant import FusedIntQuant, fake_quant, fake_quant_abs_sum
 from lib.cim.steps import ActStep, MutableBitWidth, positive
 from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
 from lib.cim.fused_weight import FusedWeights
-from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, sums_stay_exact
+from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, quantized_codes, sums_stay_exact
 from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 
 log = logging.getLogger(__name__)
@@ -161,13 +161,25 @@ class CIMLayerMixin:
         served from the eval cache and `fused_weights` is on, else Brevitas' quantized weight
         (`ComposedWeights`, kept in evaluation). The bias is quantized by `quantized_bias` and
         there is no output quantizer: Brevitas' own steps that this skips are no-ops for CIM
-        layers. Traced or exported graphs take Brevitas' forward (they must contain its quantizers)."""
+        layers. An evaluation forward that needs only the input's integer codes takes them from the
+        input in one kernel (`_input_codes`). Traced or exported graphs take Brevitas' forward (they
+        must contain its quantizers)."""
         if self.export_mode or _tracing() or not self.weight_quant.is_quant_enabled:
             return super().forward_impl(inp)
-        value, scale = self._quantize_input(self.unpack_input(inp))
+        x = self.unpack_input(inp)
+        coded = self._input_codes(x)
+        if coded is None:
+            value, scale = self._quantize_input(x)
         cached = self._caches_crossbar_form()
         weights = FusedWeights(self) if self.fused_weights and not cached else ComposedWeights(self, None, cached)
+        if coded is not None:
+            return self.pack_output(self.codes_forward(*coded, weights))
         return self.pack_output(self._forward_quantized(value, scale, weights))
+
+    def _input_codes(self, x) -> Optional[tuple]:
+        """(uint8 codes, their `InputGrid`, the input step) for `codes_forward`, or None: the input
+        is quantized as floats (`_quantize_input`). Layers without a codes path return None."""
+        return None
 
     def _quantize_input(self, x):
         """(quantized input, its step or None) as the input quantizer computes them: called
@@ -623,7 +635,43 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
         y = self._converted_outputs(x_tiled, weights, tiles, ref)
-        y = self._join_planes(y, planes).reshape(-1, h, w, self.out_channels)
+        return self._output_map(self._join_planes(y, planes), h, w, bias)
+
+    def _input_codes(self, x) -> Optional[tuple]:
+        """x's uint8 codes on the crossbar input grid straight from the unquantized input, one
+        kernel (`quantized_codes`), with the grid and the input step, when that is all an
+        evaluation forward reads: the plain input quantizer, its step set, no autograd, one input
+        plane, zero padding, no offset reference column, the fused crossbar + ADC on integer
+        products; else None. The fake-quantized float input is then never written."""
+        if (self.training or torch.is_grad_enabled() or self.padding_mode != "zeros" or self.uses_reference_column
+                or not (self.fused_adc and self.psum_adc.fusable)):
+            return None
+        tensor_quant = self._plain_input_quant()
+        if tensor_quant is None or self.input_planes != 1:
+            return None
+        step_module = tensor_quant.scaling_impl
+        if step_module.training or not step_module.initialized:
+            return None
+        x = _unwrap(x)
+        lo, hi, threshold = _input_grid(tensor_quant)
+        scale = step_module.scaled_step(x, threshold)
+        grid = self.input_grid(x, scale, 1)
+        if grid is None:
+            return None
+        return quantized_codes(x, scale, *grid_bounds(x, lo, hi), grid), grid, scale
+
+    def codes_forward(self, codes: torch.Tensor, grid: InputGrid, scale: torch.Tensor, weights) -> torch.Tensor:
+        """`crossbar_forward` (plus the bias) of an input given as its uint8 codes on `grid` (step
+        `scale`), as `_input_codes` makes them: the same integer products, so the same outputs."""
+        tiles = self.tiles(grid)
+        x_tiled = tiles.tile_input(codes)
+        _, h, w = tiles.output_size(x_tiled)
+        y = self._converted_outputs(x_tiled, weights, tiles, None)
+        return self._output_map(y, h, w, self._bias_for(scale, weights))
+
+    def _output_map(self, y: torch.Tensor, h: int, w: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Converted outputs (N·H·W, groups, out) → (N, C_out, H, W), plus the bias."""
+        y = y.reshape(-1, h, w, self.out_channels)
         if bias is not None:
             y = y.add_(bias)  # in place: the converted outputs are a fresh tensor no backward keeps
         # channels_last (NHWC memory), as computed: the BatchNorm/ReLU/residual ops that follow keep
