@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
+from lib.cim.eval_cache import module_tensors
 
 
 def _hw(**kw):
@@ -203,3 +204,13 @@ def test_no_cache_where_autograd_reaches_only_the_adc_step():
     layer(x).sum().backward()
     assert layer.psum_adc.step.grad is not None and layer.psum_adc.step.grad.abs().sum() > 0
     assert layer.eval_cache.hits == 0 and layer.eval_cache.misses == 0
+
+
+def test_the_key_reads_every_parameter_and_buffer_of_the_weight_side_and_the_adc():
+    """The cache key's walk finds what parameters() and buffers() find, with no modules' generators."""
+    layer, _ = _conv()
+    for module in (layer.weight_quant, layer.psum_adc, layer):
+        found = module_tensors(module)
+        expected = [t for _, t in module.named_parameters(remove_duplicate=False)]
+        expected += [t for _, t in module.named_buffers(remove_duplicate=False)]
+        assert sorted(map(id, found)) == sorted(map(id, expected)) and found

@@ -262,6 +262,20 @@ def test_eval_codes_from_the_input_give_the_float_quantized_inputs_outputs(signe
                     assert torch.equal(codes.float(), torch.round(quantized.value / scale) + grid.zero_point)
                 assert torch.equal(layer(inp), floats(inp))
     assert ragged >= 3
+    for bits in (None, 5):  # the grid kept between forwards follows a new step, and new bits
+        if bits is None:
+            with torch.no_grad():
+                layer.input_step_module.step.mul_(1.7)
+        else:
+            layer.set_bits(layer.w_bit, bits)
+            calibrate(layer, [x])
+            layer.eval()
+        floats = copy.deepcopy(layer)
+        floats.input_quant.cache_inference_quant_act = True
+        with torch.no_grad():
+            _, grid, scale = layer._input_codes(x)
+            assert torch.equal(scale.reshape(()), layer.input_step()) and grid.step == float(scale)
+            assert torch.equal(layer(x), floats(x))
     layer.train()
     with torch.no_grad():
         assert layer._input_codes(x) is None  # training (statistics, step fits): the float path

@@ -556,6 +556,16 @@ def _grid_max(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
 
 
+def _plus_bias(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Converted outputs (M, groups, out) plus the bias (groups·out): in place when y is a fresh
+    tensor (no backward keeps the converted outputs), never on a view, whose in-place change
+    would make the backward copy the whole gradient."""
+    if bias is None:
+        return y
+    bias = bias.view(y.shape[1:])
+    return y.add_(bias) if y._base is None else y + bias
+
+
 def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
@@ -653,12 +663,27 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         if step_module.training or not step_module.initialized:
             return None
         x = _unwrap(x)
-        lo, hi, threshold = _input_grid(tensor_quant)
-        scale = step_module.scaled_step(x, threshold)
-        grid = self.input_grid(x, scale, 1)
-        if grid is None:
+        grid_form = self._codes_grid(x, tensor_quant)
+        if grid_form is None:
             return None
-        return quantized_codes(x, scale, *grid_bounds(x, lo, hi), grid), grid, scale
+        scale, grid, lo, hi = grid_form
+        return quantized_codes(x, scale, lo, hi, grid), grid, scale
+
+    def _codes_grid(self, x: torch.Tensor, tensor_quant) -> Optional[tuple]:
+        """(input step, `InputGrid`, grid bounds lo and hi) of `_input_codes`, or None without
+        integer products; kept while the step, the bits and the integer-products switch stay as
+        they are (their small tensors and the step's host read cost more than a layer's codes)."""
+        step = tensor_quant.scaling_impl.step
+        key = (id(step), step._version, step.data_ptr(), self.plan, INTEGER_PRODUCTS.enabled, x.dtype, x.device)
+        kept = self.__dict__.get("_kept_codes_grid")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        lo, hi, threshold = _input_grid(tensor_quant)
+        scale = tensor_quant.scaling_impl.scaled_step(x, threshold)
+        grid = self.input_grid(x, scale, 1)
+        value = None if grid is None else (scale, grid) + grid_bounds(x, lo, hi)
+        self.__dict__["_kept_codes_grid"] = (key, value)
+        return value
 
     def codes_forward(self, codes: torch.Tensor, grid: InputGrid, scale: torch.Tensor, weights) -> torch.Tensor:
         """`crossbar_forward` (plus the bias) of an input given as its uint8 codes on `grid` (step
@@ -671,9 +696,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
 
     def _output_map(self, y: torch.Tensor, h: int, w: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Converted outputs (N·H·W, groups, out) → (N, C_out, H, W), plus the bias."""
-        y = y.reshape(-1, h, w, self.out_channels)
-        if bias is not None:
-            y = y.add_(bias)  # in place: the converted outputs are a fresh tensor no backward keeps
+        y = _plus_bias(y, bias).reshape(-1, h, w, self.out_channels)
         # channels_last (NHWC memory), as computed: the BatchNorm/ReLU/residual ops that follow keep
         # that format, so the network runs NHWC from the first CIM conv on without layout copies
         return y.permute(0, 3, 1, 2)
@@ -731,7 +754,5 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = self._join_planes(self._converted_outputs(xt, weights, tiles, ref).squeeze(1), planes)
-        if bias is not None:
-            y = y.add_(bias)  # in place: the converted outputs are a fresh tensor no backward keeps
+        y = _plus_bias(self._join_planes(self._converted_outputs(xt, weights, tiles, ref), planes), bias).squeeze(1)
         return y.reshape(lead + (self.out_features,))
