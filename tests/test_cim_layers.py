@@ -10,7 +10,7 @@ from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim.adc import adc_range
 from lib.cim.crossbar import CrossbarPlan, stored_slices
 from lib.cim.scratch import scratch_buffers
-from lib.cim.steps import lsq_init
+from lib.cim.steps import lsq_init, positive, scale_grad, scaled_positive
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
 GRANULARITIES = ["layer", "channel", "array", "column"]
@@ -440,3 +440,18 @@ def _compare_fused_and_composed(layer, params, shape):
         assert torch.allclose(out_f, out_c, atol=1e-6 * out_c.abs().max().item())
         for got, want in zip(grads_f, grads_c):
             assert torch.allclose(got, want, atol=1e-5 * want.abs().max().clamp_min(1e-6).item(), rtol=1e-4)
+
+
+def test_scaled_positive_step_equals_its_three_ops():
+    """One autograd node for |step| floored with LSQ's gradient scale: the values and gradients of
+    abs, clamp_min and scale_grad, for positive, negative, tiny and zero steps."""
+    raw = torch.tensor([0.3, -0.7, 1e-9, -1e-9, 0.0, 2.5], requires_grad=True)
+    factor = torch.rsqrt(torch.tensor(15.0) * 1234)
+    upstream = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.5, 0.25])
+    fused = scaled_positive(raw, factor)
+    (grad_fused,) = torch.autograd.grad(fused, raw, upstream)
+    chained = scale_grad(positive(raw), factor)
+    (grad_chained,) = torch.autograd.grad(chained, raw, upstream)
+    assert torch.equal(fused, chained) and torch.equal(grad_fused, grad_chained)
+    with torch.no_grad():
+        assert torch.equal(scaled_positive(raw, factor), positive(raw))

@@ -15,6 +15,7 @@ from lib.cim.adc_kernels import KERNELS
 from lib.cim.fused_weight import FusedWeights
 from lib.cim.hardware import HardwareConfig
 from lib.cim.layers import CIMConv2d, CIMLinear, ComposedWeights
+from lib.cim.quantizers import int_threshold
 from lib.cim.scratch import scratch_buffers
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
@@ -195,3 +196,26 @@ def test_compact_array_weight_widened_tile_by_tile_gives_the_same_values(mapping
         assert len(tile_products.tile_blocks(FusedWeights(layer).crossbar(layer.tiles())[2], x)) == layer.layout.tiles
         with scratch_buffers():
             _assert_same(layer, x)
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+def test_cached_thresholds_equal_what_brevitas_scaling_returns(mapping):
+    """The LSQ thresholds the fused paths read without calling Brevitas' modules: the same 0-d
+    tensors its IntScaling returns, for weights (narrow grid or not) and signed or unsigned
+    inputs, at the bits set first and after a change; with a hook on the scaling module, the
+    module itself is called."""
+    for signed in (True, False):
+        layer = CIMConv2d(6, 4, 3, hw=_hw(mapping=mapping), w_bit=5, a_bit=4, input_signed=signed)
+        for w_bit, a_bit in ((5, 4), (3, 7)):
+            layer.set_bits(w_bit, a_bit)
+            for tensor_quant in (layer.weight_quant.tensor_quant,
+                                 layer.input_quant.fused_activation_quant_proxy.tensor_quant):
+                expected = tensor_quant.int_scaling_impl(tensor_quant.msb_clamp_bit_width_impl())
+                got = int_threshold(tensor_quant)
+                assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected)
+    calls = []
+    scaling = layer.weight_quant.tensor_quant.int_scaling_impl
+    handle = scaling.register_forward_hook(lambda *args: calls.append(args))
+    int_threshold(layer.weight_quant.tensor_quant)
+    handle.remove()
+    assert len(calls) == 1

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from lib.cim.adc_kernels import KERNELS, grid_bounds
 from lib.cim.crossbar import CellSlicing, cell_values
+from lib.cim.quantizers import int_threshold
 
 
 def _levels_functional(w, step, lo, hi):
@@ -120,7 +121,7 @@ class FusedWeights:
         self.layer = layer
         module = layer.weight_step_module
         tensor_quant = layer.weight_quant.tensor_quant
-        threshold = tensor_quant.int_scaling_impl(tensor_quant.msb_clamp_bit_width_impl())
+        threshold = int_threshold(tensor_quant)
         self.scaled_step = module.scaled_step(layer.weight, threshold)
         self._grid = module.grid(self.scaled_step)  # (groups, tiles, out per group)
 

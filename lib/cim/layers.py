@@ -34,7 +34,8 @@ from lib.cim.crossbar_adc import crossbar_adc_forward
 from lib.cim.crossbar import CrossbarPlan, TileLayout
 from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
-from lib.cim.quantizers import CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch
+from lib.cim.quantizers import (CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch, hooked,
+                                int_range, int_threshold)
 from lib.cim.fused_quant import FusedIntQuant, fake_quant, fake_quant_abs_sum
 from lib.cim.steps import ActStep, MutableBitWidth, positive
 from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
@@ -213,7 +214,7 @@ class CIMLayerMixin:
         if fused is None or type(fused.activation_impl) not in _IDENTITIES:
             return None
         tensor_quant = fused.tensor_quant
-        if _hooked(proxy, fused, tensor_quant, tensor_quant.scaling_impl):
+        if hooked(proxy, fused, tensor_quant, tensor_quant.scaling_impl):
             return None
         if (type(tensor_quant) is not RescalingIntQuant or tensor_quant.observer_only
                 or type(tensor_quant.int_quant) is not FusedIntQuant
@@ -526,30 +527,13 @@ def _set_training(modules, mode: bool) -> None:
         _set_training(module._modules.values(), mode)
 
 
-def _hooked(*modules) -> bool:
-    """Whether calling any of `modules` would run a forward hook (its own or a global one)."""
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
 def _input_grid(tensor_quant) -> tuple[int, int, torch.Tensor]:
     """(lo, hi) of the input grid at the quantizer's bit width, as FusedIntQuant computes them,
     and the threshold its scaling module receives (Brevitas' IntScaling: -lo signed, hi
     unsigned) as a cached 0-d tensor of the bit width's dtype and device."""
-    bits = tensor_quant.msb_clamp_bit_width_impl
-    int_quant, scaling = tensor_quant.int_quant, tensor_quant.int_scaling_impl
-    lo, hi = _int_range(bits.value, int_quant.signed, int_quant.narrow_range)
-    s_lo, s_hi = _int_range(bits.value, scaling.signed, scaling.narrow_range)
-    threshold = -s_lo if scaling.signed else s_hi
-    return lo, hi, grid_bounds(bits.bits, threshold, threshold)[0]
-
-
-def _int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
-    """Brevitas' min_int / max_int of a `bits`-bit grid."""
-    if signed:
-        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1 - int(narrow)
+    int_quant = tensor_quant.int_quant
+    lo, hi = int_range(tensor_quant.msb_clamp_bit_width_impl.value, int_quant.signed, int_quant.narrow_range)
+    return lo, hi, int_threshold(tensor_quant)
 
 
 def _grid_max(bits: int, signed: bool) -> int:

@@ -53,6 +53,33 @@ def positive(step: torch.Tensor) -> torch.Tensor:
     return step.abs().clamp_min(MIN_STEP)
 
 
+class _ScaledPositive(torch.autograd.Function):
+    """`positive` then `scale_grad` as one autograd node (a training forward makes two per layer):
+    the backward computes what ScaleGrad's, clamp_min's and abs' would, in their order."""
+
+    @staticmethod
+    def forward(ctx, step, factor):
+        ctx.save_for_backward(step)
+        ctx.factor = factor
+        return positive(step)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (step,) = ctx.saved_tensors
+        grad = grad * ctx.factor
+        magnitude = step.abs()
+        grad = torch.where(magnitude >= MIN_STEP, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        return grad * step.sgn(), None
+
+
+def scaled_positive(step: torch.Tensor, factor) -> torch.Tensor:
+    """`positive(step)` with its gradient multiplied by `factor` (LSQ's step-gradient scale); the
+    plain step where autograd records nothing."""
+    if not _records_grad(step):
+        return positive(step)
+    return _ScaledPositive.apply(step, factor)
+
+
 def lsq_init(abs_mean: torch.Tensor, qp: float) -> torch.Tensor:
     return (2.0 * abs_mean / math.sqrt(max(qp, 1.0))).clamp_min(MIN_STEP)
 
@@ -210,11 +237,9 @@ class WeightStep(_LazyStep):
         `weight` first if not yet initialised."""
         if not self._initialized:
             self.initialize(weight, float(threshold))
-        step = positive(self.step)
-        if not _records_grad(step):
-            return step
-        factor = torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step())
-        return scale_grad(step, factor)
+        if not _records_grad(self.step):
+            return positive(self.step)
+        return scaled_positive(self.step, torch.rsqrt(threshold.clamp_min(1.0) * self.weights_per_step()))
 
     def forward(self, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         return self.expand_to_weight(self.scaled_step(weight, threshold))
@@ -304,8 +329,7 @@ class ActStep(_LazyStep):
 
     def scaled_step(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """The positive step with LSQ's gradient scale 1/sqrt(values per sample · Q_p)."""
-        step = positive(self.step)
-        if not _records_grad(step):
-            return step
+        if not _records_grad(self.step):
+            return positive(self.step)
         numel_per_sample = max(1, x[0].numel()) if x.dim() > 1 else x.numel()
-        return scale_grad(step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
+        return scaled_positive(self.step, torch.rsqrt(threshold.clamp_min(1.0) * numel_per_sample))
