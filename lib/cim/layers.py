@@ -24,7 +24,6 @@ from brevitas.core.scaling import IntScaling
 from brevitas.nn import QuantConv2d, QuantLinear
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
-from torch.nn.modules import module as module_hooks
 from torch.nn.modules.utils import _pair
 
 from lib.bit_limits import check_bits
