@@ -24,6 +24,7 @@ import torch
 from lib.cim.adc import step_and_gamma_grads
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan
+from lib.cim.gradient_products import gradient_dtype
 from lib.cim.scratch import SCRATCH
 from lib.cim.tile_products import MatmulTiles, products_backward, slice_shares
 
@@ -63,7 +64,7 @@ class _CrossbarADC(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w, main, step, gamma = ctx.saved_tensors
         w_products = ctx.tiles.for_products(w, x) if ctx.chunks is not None else None
-        w = ctx.tiles.for_gradients(w, x)
+        w = ctx.tiles.for_gradients(w, gradient_dtype(x))
         lo, hi, grad_factor = ctx.bounds
         need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_y = grad_y.contiguous()
@@ -110,12 +111,14 @@ def _products(tiles, x, w, gamma):
 
 def _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x: bool, need_q: bool):
     """(grad of x, grad of q, Σ_m grad·level, Σ_m grad·v·on_grid) of one block of rows, whose
-    partial-sum gradient lives in the reused scratch buffer."""
+    partial-sum gradient lives in the reused scratch buffer, in the gradient products' dtype
+    (lib.cim.gradient_products)."""
     lo, hi, _ = ctx.bounds
-    scratch = SCRATCH.tensor("psum_grad", main.shape, main)
+    dtype = gradient_dtype(main)
+    scratch = SCRATCH.tensor("psum_grad", main.shape, main, dtype)
     grad_main, sum_levels, sum_v = KERNELS.backward(grad_y, main, step, gamma, lo, hi, out=scratch)
     rows = main.numel() // (main.shape[-1] * ctx.shares.numel())
-    share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main)
+    share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main, dtype)
     p_shape = _products_shape(ctx.tiles, x)
     grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(p_shape), ctx.shares, ctx.q_shape,
                                        need_x, need_q, share_out=share_out)
