@@ -99,8 +99,14 @@ def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
         return main, KERNELS.forward(main, step, coef, lo, hi)
     dim = _row_dim(tiles)
     w_products = tiles.for_products(w, x)
-    return None, torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w_products, gamma),
-                                            step, coef, lo, hi) for start, length in chunks])
+    y = None
+    for start, length in chunks:  # each chunk converted straight into its rows of the output
+        p = _products(tiles, x.narrow(dim, start, length), w_products, gamma)
+        rows_per_item = p.shape[0] // length
+        if y is None:
+            y = p.new_empty((rows_per_item * x.shape[dim],) + tuple(gamma.shape[:1]) + tuple(gamma.shape[2:]))
+        KERNELS.forward(p, step, coef, lo, hi, out=y.narrow(0, start * rows_per_item, p.shape[0]))
+    return None, y
 
 
 def _products(tiles, x, w, gamma):
