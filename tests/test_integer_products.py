@@ -234,3 +234,49 @@ def test_kernels_that_saturate_turn_integer_products_off():
         assert done.returncode == 0, done.stderr[-500:]
         outputs[isa] = done.stdout.strip().splitlines()[-1]
     assert outputs == {"AVX2": "False", "ALL": "True"}
+
+
+def _epilogue_case(mapping: str, mode: str, granularity: str, adc_bits: int, seed: int = 0):
+    """An eval-mode conv on unsigned inputs (stride, groups, a ragged row-tile) and its input."""
+    hw = _hw(mapping=mapping, input_mode=mode, psum_granularity=granularity, adc_bits=adc_bits)
+    torch.manual_seed(seed)
+    layer = CIMConv2d(12, 6, 3, stride=2, padding=1, groups=2, hw=hw, w_bit=5, a_bit=6, input_signed=False)
+    x = torch.rand(5, 12, 9, 9)
+    calibrate(layer, [x])
+    layer.eval()
+    return layer, x
+
+
+def _converts_in_epilogue(layer, x) -> bool:
+    grid = _grid(layer, layer.input_quant(x))
+    return grid is not None and layer.tiles(grid).levels_in_epilogue(*layer.psum_adc.grid_range())
+
+
+@pytest.mark.parametrize("mapping,mode,granularity", list(itertools.product(
+    MAPPINGS, ["multi-bit", "bit-serial"], ["layer", "array", "column"])))
+def test_evaluation_converts_in_the_conv_epilogue_with_the_same_outputs(mapping, mode, granularity, monkeypatch):
+    """Without autograd, a conv of unsigned codes converts its partial sums to ADC levels inside the
+    int8 conv (8-bit levels, not float32 sums): the same outputs, bit for bit, as the forward that
+    keeps the float32 partial sums for a backward; kept and in chunks."""
+    for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 256):
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
+        layer, x = _epilogue_case(mapping, mode, granularity, adc_bits=5)
+        assert _converts_in_epilogue(layer, x)
+        with torch.no_grad():
+            levels_path = layer(x)
+        float_sums_path = layer(x.clone().requires_grad_()).detach()
+        assert torch.equal(levels_path, float_sums_path)
+
+
+def test_wide_adc_ranges_and_signed_inputs_keep_the_float32_conversion():
+    """9-bit ADC levels fit no 8-bit dtype, and shifted (signed) codes need the integer bias: both
+    convert float32 partial sums, with the outputs of the autograd forward."""
+    layer, x = _epilogue_case("differential-column", "multi-bit", "column", adc_bits=9)
+    assert not _converts_in_epilogue(layer, x)
+    signed, xs = _conv(_hw(), signed=True, shape=dict(padding=1))
+    signed.eval()
+    assert not _converts_in_epilogue(signed, xs)
+    for case, inp in ((layer, x), (signed, xs)):
+        with torch.no_grad():
+            out = case(inp)
+        assert torch.equal(out, case(inp.clone().requires_grad_()).detach())

@@ -92,21 +92,44 @@ class _CrossbarADC(torch.autograd.Function):
 
 def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
     """`_CrossbarADC`'s forward: (the partial sums it keeps for the backward, None when made in
-    `chunks`; the converted outputs). Also what a forward where autograd records nothing runs."""
+    `chunks`; the converted outputs)."""
     coef = step * gamma
     if chunks is None:
         main = _products(tiles, x, w, gamma)
         return main, KERNELS.forward(main, step, coef, lo, hi)
-    dim = _row_dim(tiles)
     w_products = tiles.for_products(w, x)
-    y = None
-    for start, length in chunks:  # each chunk converted straight into its rows of the output
-        p = _products(tiles, x.narrow(dim, start, length), w_products, gamma)
-        rows_per_item = p.shape[0] // length
-        if y is None:
-            y = p.new_empty((rows_per_item * x.shape[dim],) + tuple(gamma.shape[:1]) + tuple(gamma.shape[2:]))
-        KERNELS.forward(p, step, coef, lo, hi, out=y.narrow(0, start * rows_per_item, p.shape[0]))
-    return None, y
+
+    def chunk(x_chunk, out):
+        return KERNELS.forward(_products(tiles, x_chunk, w_products, gamma), step, coef, lo, hi, out=out)
+    return None, _in_chunks(tiles, x, gamma, chunks, chunk)
+
+
+def _outputs(tiles, x, w, step, gamma, lo: int, hi: int):
+    """The converted outputs alone, where autograd records nothing (evaluation): on a conv with
+    integer products of unsigned inputs and an ADC range within 8 bits, the ADC runs in the int8
+    conv's epilogue (`ConvTiles.levels`: 8-bit levels instead of float32 partial sums), leaving the
+    shift-and-add; else `_convert`'s forward."""
+    chunks = row_chunks(tiles, x, gamma.numel())
+    if not tiles.levels_in_epilogue(lo, hi):
+        return _convert(tiles, x, w, step, gamma, lo, hi, chunks)[1]
+    coef = step * gamma
+    cells = tiles.cells(w)
+
+    def chunk(x_chunk, out=None):
+        levels = tiles.levels(x_chunk, cells, step, lo, hi).reshape((-1,) + tuple(gamma.shape))
+        return KERNELS.accumulate(levels, coef, out=out)
+    return chunk(x) if chunks is None else _in_chunks(tiles, x, gamma, chunks, chunk)
+
+
+def _in_chunks(tiles, x, gamma, chunks, convert_chunk) -> torch.Tensor:
+    """The outputs (M, groups, out) of x converted chunk by chunk, each `convert_chunk(x_chunk,
+    out)` writing straight into its rows of the output (no concatenation copy)."""
+    dim = _row_dim(tiles)
+    rows_per_item = math.prod(tiles.output_size(x)) // x.shape[dim]
+    y = x.new_empty((rows_per_item * x.shape[dim], gamma.shape[0], gamma.shape[2]))
+    for start, length in chunks:
+        convert_chunk(x.narrow(dim, start, length), y.narrow(0, start * rows_per_item, length * rows_per_item))
+    return y
 
 
 def _products(tiles, x, w, gamma):
@@ -150,7 +173,7 @@ def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch
     def convert(step, gamma, lo, hi, factor):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x_tiled, q, step, gamma)):
             return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
-        # nothing to differentiate (evaluation): the same forward without an autograd node
-        return _convert(tiles, x_tiled, w, step, gamma, lo, hi, row_chunks(tiles, x_tiled, gamma.numel()))[1]
+        # nothing to differentiate (evaluation): the outputs without an autograd node
+        return _outputs(tiles, x_tiled, w, step, gamma, lo, hi)
     rows = math.prod(tiles.output_size(x_tiled))
     return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift, constants)

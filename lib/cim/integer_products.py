@@ -186,6 +186,37 @@ def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int)
     return PackedConvWeight(packed, shift_bias, wq)
 
 
+def level_dtype(lo: int, hi: int) -> Optional[torch.dtype]:
+    """The 8-bit integer dtype holding every ADC level in [lo, hi], or None when none does."""
+    if lo >= 0 and hi <= 255:
+        return torch.uint8
+    if lo >= -128 and hi <= 127:
+        return torch.int8
+    return None
+
+
+def conv_levels(x: torch.Tensor, cells: torch.Tensor, grid: InputGrid, adc_step: torch.Tensor, lo: int, hi: int,
+                stride, padding, dilation, groups: int) -> torch.Tensor:
+    """The ADC levels clamp(round(partial sum / adc_step), lo, hi) of F.conv2d(x, cells) for x on
+    an unsigned `grid` (zero point 0), converted in the int8 conv's epilogue: oneDNN scales each
+    exact int32 sum by step · (1 / adc_step of its output channel), clips to [lo, hi] and rounds
+    to the nearest even integer, writing 8-bit levels (N, C_out, H_out, W_out) instead of float32
+    partial sums, a quarter of the memory traffic. The scale is applied as one product, so a
+    level can differ from the float32 conversion's only where the partial sum over the step falls
+    within a float32 rounding of a half-integer."""
+    dtype = level_dtype(lo, hi)
+    if grid.zero_point or dtype is None:
+        raise ValueError("conv_levels needs an unsigned input grid and an ADC range within 8 bits")
+    scales = adc_step.reshape(-1).reciprocal().to(torch.float32)
+    zero_points = torch.zeros(scales.numel(), dtype=torch.int64)
+    packed = torch.ops.onednn.qconv_prepack(cells, scales, 1.0, 0, list(stride), list(padding), list(dilation),
+                                            groups, None)
+    codes = grid_codes(x, grid, signed=False)
+    return torch.ops.onednn.qconv2d_pointwise(
+        codes, grid.step, 0, packed, scales, zero_points, None, list(stride), list(padding), list(dilation),
+        groups, 1.0, 0, dtype, "hardtanh", [float(lo), float(hi)], "")
+
+
 def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation, groups: int) -> torch.Tensor:
     """F.conv2d(x, w) for x on `grid` and integer-valued w (or its `pack_conv_weight`), on int8
     kernels: float32 (N, C_out, H_out, W_out).

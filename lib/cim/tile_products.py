@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 from lib.cim.gradient_products import gradient_dtype
-from lib.cim.integer_products import (InputGrid, PackedConvWeight, integer_conv, integer_matmul, pack_conv_weight,
-                                     pack_matmul_weight)
+from lib.cim.integer_products import (InputGrid, PackedConvWeight, conv_levels, integer_conv, integer_matmul,
+                                     level_dtype, pack_conv_weight, pack_matmul_weight)
 
 
 _SHARES: dict = {}
@@ -166,6 +166,23 @@ class ConvTiles:
             p = F.conv2d(x, as_float(w, x), None, self.stride, self.padding, self.dilation, self.arrays)
         return p.permute(0, 2, 3, 1)
 
+    def levels_in_epilogue(self, lo: int, hi: int) -> bool:
+        """Whether `levels` can convert these partial sums to ADC levels in [lo, hi] inside the int8
+        conv: integer products of unsigned codes (zero point 0) and levels within 8 bits."""
+        return self.input_grid is not None and not self.input_grid.zero_point and level_dtype(lo, hi) is not None
+
+    def cells(self, w) -> torch.Tensor:
+        """The array weight's integer cell values in int8 (a prepacked weight's own copy)."""
+        if isinstance(w, PackedConvWeight):
+            return w.cells
+        return w if w.dtype == torch.int8 else w.to(torch.int8)
+
+    def levels(self, x: torch.Tensor, cells: torch.Tensor, adc_step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """(N, H_out, W_out, groups·tiles·slices·out) ADC levels of the partial sums of x, converted
+        in the int8 conv's epilogue (`integer_products.conv_levels`; adc_step: one per column)."""
+        return conv_levels(x, cells, self.input_grid, adc_step, lo, hi, self.stride, self.padding, self.dilation,
+                           self.arrays).permute(0, 2, 3, 1)
+
     def _backward(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list) -> tuple:
         n, h, wd = grad_out.shape[:3]
         grad_nchw = grad_out.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
@@ -231,6 +248,10 @@ class MatmulTiles:
     def for_gradients(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The saved array weight for repeated `input_grad`: as it is (widened block by block)."""
         return w
+
+    def levels_in_epilogue(self, lo: int, hi: int) -> bool:
+        """int8 matmuls have no epilogue to convert in: the ADC reads float32 partial sums."""
+        return False
 
     def tile_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """(tokens, features) → (tiles, tokens, rows_per_tile), the ragged tile zero-padded."""
