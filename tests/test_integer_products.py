@@ -280,3 +280,25 @@ def test_wide_adc_ranges_and_signed_inputs_keep_the_float32_conversion():
         with torch.no_grad():
             out = case(inp)
         assert torch.equal(out, case(inp.clone().requires_grad_()).detach())
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+def test_chunked_training_forward_converts_in_the_epilogue_and_recomputes_sums_for_the_backward(mapping, monkeypatch):
+    """Partial sums made in chunks are not kept, so a training forward converts them in the conv's
+    epilogue too; the backward recomputes float32 sums: the kept path's outputs and gradients."""
+    layer, x = _epilogue_case(mapping, "multi-bit", "column", adc_bits=5)
+    layer.train()
+    assert _converts_in_epilogue(layer, x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 256):
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
+        xg = x.clone().requires_grad_()
+        with scratch_buffers():
+            out = layer(xg)
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+            results.append((out.detach(), torch.autograd.grad((out * weights).sum(), [xg] + params)))
+    (kept, kept_grads), (chunked, chunked_grads) = results
+    assert torch.equal(chunked, kept)
+    for got, want in zip(chunked_grads, kept_grads):  # sums over chunks: float32 reassociation only
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().clamp_min(1e-6).item())

@@ -92,33 +92,39 @@ class _CrossbarADC(torch.autograd.Function):
 
 def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
     """`_CrossbarADC`'s forward: (the partial sums it keeps for the backward, None when made in
-    `chunks`; the converted outputs)."""
-    coef = step * gamma
+    `chunks`, which the backward recomputes; the converted outputs)."""
     if chunks is None:
         main = _products(tiles, x, w, gamma)
-        return main, KERNELS.forward(main, step, coef, lo, hi)
-    w_products = tiles.for_products(w, x)
-
-    def chunk(x_chunk, out):
-        return KERNELS.forward(_products(tiles, x_chunk, w_products, gamma), step, coef, lo, hi, out=out)
-    return None, _in_chunks(tiles, x, gamma, chunks, chunk)
+        return main, KERNELS.forward(main, step, step * gamma, lo, hi)
+    return None, _in_chunks(tiles, x, gamma, chunks, _chunk_converter(tiles, x, w, step, gamma, lo, hi))
 
 
 def _outputs(tiles, x, w, step, gamma, lo: int, hi: int):
-    """The converted outputs alone, where autograd records nothing (evaluation): on a conv with
-    integer products of unsigned inputs and an ADC range within 8 bits, the ADC runs in the int8
-    conv's epilogue (`ConvTiles.levels`: 8-bit levels instead of float32 partial sums), leaving the
-    shift-and-add; else `_convert`'s forward."""
+    """The converted outputs alone, where autograd records nothing (evaluation)."""
     chunks = row_chunks(tiles, x, gamma.numel())
-    if not tiles.levels_in_epilogue(lo, hi):
-        return _convert(tiles, x, w, step, gamma, lo, hi, chunks)[1]
-    coef = step * gamma
-    cells = tiles.cells(w)
+    convert = _chunk_converter(tiles, x, w, step, gamma, lo, hi)
+    return convert(x) if chunks is None else _in_chunks(tiles, x, gamma, chunks, convert)
 
-    def chunk(x_chunk, out=None):
-        levels = tiles.levels(x_chunk, cells, step, lo, hi).reshape((-1,) + tuple(gamma.shape))
-        return KERNELS.accumulate(levels, coef, out=out)
-    return chunk(x) if chunks is None else _in_chunks(tiles, x, gamma, chunks, chunk)
+
+def _chunk_converter(tiles, x, w, step, gamma, lo: int, hi: int):
+    """convert(x_rows, out=None): the outputs of some rows of x, where no partial sum is kept. On
+    a conv with integer products of unsigned codes and an ADC range within 8 bits, the ADC runs in
+    the int8 conv's epilogue (`ConvTiles.levels`: 8-bit levels, a quarter of the float32 partial
+    sums' memory traffic; the same outputs, which a test checks), leaving the shift-and-add; else
+    float32 partial sums and the fused conversion."""
+    coef = step * gamma
+    if tiles.levels_in_epilogue(lo, hi):
+        cells = tiles.cells(w)
+
+        def from_levels(x_rows, out=None):
+            levels = tiles.levels(x_rows, cells, step, lo, hi).reshape((-1,) + tuple(gamma.shape))
+            return KERNELS.accumulate(levels, coef, out=out)
+        return from_levels
+    w_products = tiles.for_products(w, x)
+
+    def from_sums(x_rows, out=None):
+        return KERNELS.forward(_products(tiles, x_rows, w_products, gamma), step, coef, lo, hi, out=out)
+    return from_sums
 
 
 def _in_chunks(tiles, x, gamma, chunks, convert_chunk) -> torch.Tensor:
