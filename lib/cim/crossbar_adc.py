@@ -114,10 +114,10 @@ def _chunk_converter(tiles, x, w, step, gamma, lo: int, hi: int):
     float32 partial sums and the fused conversion."""
     coef = step * gamma
     if tiles.levels_in_epilogue(lo, hi):
-        cells = tiles.cells(w)
+        weight = tiles.levels_weight(w, step)
 
         def from_levels(x_rows, out=None):
-            levels = tiles.levels(x_rows, cells, step, lo, hi).reshape((-1,) + tuple(gamma.shape))
+            levels = tiles.levels(x_rows, weight, lo, hi).reshape((-1,) + tuple(gamma.shape))
             return KERNELS.accumulate(levels, coef, out=out)
         return from_levels
     w_products = tiles.for_products(w, x)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 from lib.cim.gradient_products import gradient_dtype
-from lib.cim.integer_products import (InputGrid, PackedConvWeight, conv_levels, integer_conv, integer_matmul,
-                                     level_dtype, pack_conv_weight, pack_matmul_weight)
+from lib.cim.integer_products import (InputGrid, LevelsConvWeight, PackedConvWeight, conv_levels, integer_conv,
+                                     integer_matmul, level_dtype, pack_conv_weight, pack_levels_weight,
+                                     pack_matmul_weight)
 
 
 _SHARES: dict = {}
@@ -171,16 +172,26 @@ class ConvTiles:
         conv: integer products of unsigned codes (zero point 0) and levels within 8 bits."""
         return self.input_grid is not None and not self.input_grid.zero_point and level_dtype(lo, hi) is not None
 
-    def cells(self, w) -> torch.Tensor:
-        """The array weight's integer cell values in int8 (a prepacked weight's own copy)."""
+    def levels_weight(self, w, adc_step: torch.Tensor) -> LevelsConvWeight:
+        """The array weight prepacked for `levels` with the ADC step of every column (the one a
+        packed weight carries from the eval cache, else packed now)."""
         if isinstance(w, PackedConvWeight):
-            return w.cells
-        return w if w.dtype == torch.int8 else w.to(torch.int8)
+            if w.levels is not None:
+                return w.levels
+            w = w.cells
+        cells = w if w.dtype == torch.int8 else w.to(torch.int8)
+        return pack_levels_weight(cells, adc_step, self.stride, self.padding, self.dilation, self.arrays)
 
-    def levels(self, x: torch.Tensor, cells: torch.Tensor, adc_step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def with_levels_weight(self, w, adc_step: torch.Tensor) -> PackedConvWeight:
+        """`packed(w)` carrying its `levels_weight` too: what the eval cache keeps for a layer that
+        converts in the conv's epilogue."""
+        packed = w if isinstance(w, PackedConvWeight) else self.packed(w)
+        return packed._replace(levels=self.levels_weight(packed, adc_step))
+
+    def levels(self, x: torch.Tensor, weight: LevelsConvWeight, lo: int, hi: int) -> torch.Tensor:
         """(N, H_out, W_out, groups·tiles·slices·out) ADC levels of the partial sums of x, converted
-        in the int8 conv's epilogue (`integer_products.conv_levels`; adc_step: one per column)."""
-        return conv_levels(x, cells, self.input_grid, adc_step, lo, hi, self.stride, self.padding, self.dilation,
+        in the int8 conv's epilogue (`integer_products.conv_levels`)."""
+        return conv_levels(x, weight, self.input_grid, lo, hi, self.stride, self.padding, self.dilation,
                            self.arrays).permute(0, 2, 3, 1)
 
     def _backward(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list) -> tuple:
