@@ -132,7 +132,7 @@ def _in_chunks(tiles, x, gamma, chunks, convert_chunk) -> torch.Tensor:
     out)` writing straight into its rows of the output (no concatenation copy)."""
     dim = _row_dim(tiles)
     rows_per_item = math.prod(tiles.output_size(x)) // x.shape[dim]
-    y = x.new_empty((rows_per_item * x.shape[dim], gamma.shape[0], gamma.shape[2]))
+    y = gamma.new_empty((rows_per_item * x.shape[dim], gamma.shape[0], gamma.shape[2]))
     for start, length in chunks:
         convert_chunk(x.narrow(dim, start, length), y.narrow(0, start * rows_per_item, length * rows_per_item))
     return y

@@ -220,7 +220,7 @@ def pack_levels_weight(cells: torch.Tensor, adc_step: torch.Tensor, stride, padd
 def conv_levels(x: torch.Tensor, weight: LevelsConvWeight, grid: InputGrid, lo: int, hi: int,
                 stride, padding, dilation, groups: int) -> torch.Tensor:
     """The ADC levels clamp(round(partial sum / adc_step), lo, hi) of the conv of x with the cells
-    of `weight`, for x on an unsigned `grid` (zero point 0), converted in the int8 conv's epilogue:
+    of `weight`, for x on an unsigned `grid` (zero point 0; or x's uint8 codes there), converted in the int8 conv's epilogue:
     oneDNN scales each exact int32 sum by step · (1 / adc_step of its output channel), clips to
     [lo, hi] and rounds to the nearest even integer, writing 8-bit levels (N, C_out, H_out, W_out)
     instead of float32 partial sums, a quarter of the memory traffic. The scale is applied as one
@@ -229,7 +229,7 @@ def conv_levels(x: torch.Tensor, weight: LevelsConvWeight, grid: InputGrid, lo: 
     dtype = level_dtype(lo, hi)
     if grid.zero_point or dtype is None:
         raise ValueError("conv_levels needs an unsigned input grid and an ADC range within 8 bits")
-    codes = grid_codes(x, grid, signed=False)
+    codes = x if x.dtype == torch.uint8 else grid_codes(x, grid, signed=False)
     return torch.ops.onednn.qconv2d_pointwise(
         codes, grid.step, 0, weight.weight, weight.scales, weight.zero_points, None, list(stride), list(padding),
         list(dilation), groups, 1.0, 0, dtype, "hardtanh", [float(lo), float(hi)], "")
