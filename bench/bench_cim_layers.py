@@ -6,7 +6,9 @@ batch 32, 256×256 arrays (3 row-tiles), 4-bit weights on 2-bit cells (2 slices)
 column granularity; Linear 512→512, batch 256. The ADC-on layers run in both input modes:
 multi-bit (one partial sum of the whole 4-bit input) and bit-serial (4 planes of a 1-bit DAC);
 "float products" is the same conv with its partial sums computed in float32 instead of on the
-CPU's int8 kernels (lib.cim.integer_products).
+CPU's int8 kernels (lib.cim.integer_products); "bf16 gradients" the same layer with its gradient
+products in bfloat16 (CIM_AQ_GRADIENT_PRODUCTS=bfloat16, lib.cim.gradient_products; its forward
+is the default one).
 The eval section (`--only eval`) times eval-mode forwards with the crossbar form kept between
 forwards (the default) and recomputed each time: the conv above, and Linear 4096→4096, batch 16,
 w8a8 on run/hardware/default.yaml. The large-linear section (`--only large-linear`) times VGG16's
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.cim import calibrate  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
+from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
 from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
@@ -44,9 +47,20 @@ def float_products(layer):
     return layer
 
 
-def products_mode(layer):
-    """The integer-products setting a layer is timed under."""
-    return INTEGER_PRODUCTS.use(False) if getattr(layer, "bench_float_products", False) else nullcontext()
+def bfloat16_gradients(layer):
+    """The same layer with its gradient products in bfloat16."""
+    layer.bench_bfloat16_gradients = True
+    return layer
+
+
+def products_mode(layer) -> ExitStack:
+    """The integer-products and gradient-products settings a layer is timed under."""
+    stack = ExitStack()
+    if getattr(layer, "bench_float_products", False):
+        stack.enter_context(INTEGER_PRODUCTS.use(False))
+    stack.enter_context(GRADIENT_PRODUCTS.use(
+        "bfloat16" if getattr(layer, "bench_bfloat16_gradients", False) else "float32"))
+    return stack
 
 
 def forward_only(layer, x):
@@ -162,12 +176,13 @@ def large_linear(repeats: int) -> None:
         "torch": linear,
         "brevitas QuantLinear": QuantLinear(25088, 4096, weight_bit_width=8),
         "CIMLinear": CIMLinear.from_float(linear, hw, 8, 8),
+        "  same, bf16 gradients": bfloat16_gradients(CIMLinear.from_float(linear, hw, 8, 8)),
     }
     cim = layers["CIMLinear"]
     print(f"\nlarge linear: row-tiles {cim.layout.tiles}, slices {cim.slices}, {hw.mapping}, "
           f"{hw.weight_granularity} weight steps")
     name = f"Linear 25088->4096, batch 16, w8a8, {CIM_AQ_HARDWARE.name}"
-    compare_eval(name, layers, x, repeats)
+    compare_eval(name, {k: v for k, v in layers.items() if "bf16" not in k}, x, repeats)
     for layer in layers.values():
         layer.train()
     fwd_bwd = round_robin_medians({k: forward_backward(l, x) for k, l in layers.items()}, repeats, warmup=1)
@@ -186,6 +201,7 @@ def train_mode(hw: HardwareConfig, hw_off: HardwareConfig, hw_serial: HardwareCo
         "  same, crossbar path": forced(CIMConv2d.from_float(conv, hw_off, 4, 4, input_signed=False)),
         "CIMConv2d ADC on": CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False),
         "  same, float products": float_products(CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False)),
+        "  same, bf16 gradients": bfloat16_gradients(CIMConv2d.from_float(conv, hw, 4, 4, input_signed=False)),
         "  same, bit-serial": CIMConv2d.from_float(conv, hw_serial, 4, 4, input_signed=False),
     }
     print(f"conv row-tiles: {layers['CIMConv2d ADC on'].layout.tiles}, slices: {layers['CIMConv2d ADC on'].slices}")
@@ -198,6 +214,7 @@ def train_mode(hw: HardwareConfig, hw_off: HardwareConfig, hw_serial: HardwareCo
         "CIMLinear ADC off": CIMLinear.from_float(linear, hw_off, 4, 4, input_signed=False),
         "  same, crossbar path": forced(CIMLinear.from_float(linear, hw_off, 4, 4, input_signed=False)),
         "CIMLinear ADC on": CIMLinear.from_float(linear, hw, 4, 4, input_signed=False),
+        "  same, bf16 gradients": bfloat16_gradients(CIMLinear.from_float(linear, hw, 4, 4, input_signed=False)),
         "  same, bit-serial": CIMLinear.from_float(linear, hw_serial, 4, 4, input_signed=False),
     }
     compare("Linear 512->512, batch 256", layers, torch.rand(256, 512), repeats)

@@ -21,6 +21,8 @@ calibrated on one batch first, on one of these crossbars:
     default             run/hardware/default.yaml, bit-serial inputs (the project default)
     default-multibit    run/hardware/default.yaml with input_mode=multi-bit
     cim_aq-float        cim_aq with partial sums in float32 (integer products off, for comparison)
+    cim_aq-bf16grad     cim_aq with bfloat16 gradient products (CIM_AQ_GRADIENT_PRODUCTS=bfloat16)
+    default-bf16grad    default with bfloat16 gradient products
 
 A training step is forward + cross-entropy + backward + SGD step (train mode, within
 `scratch_buffers()` as in training); an eval batch is a forward in eval mode under no_grad.
@@ -55,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib.cim import HardwareConfig, calibrate, quantize_model  # noqa: E402
 from lib.cim.adc_kernels import configure_compile  # noqa: E402
+from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
 from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cli import FlagError, check_minimums, run  # noqa: E402
@@ -80,6 +83,7 @@ class Crossbar:
     yaml_name: str
     overrides: tuple = ()
     integer_products: bool = True  # False: partial sums in float32 even on an int8-capable CPU
+    gradient_products: str = "float32"  # lib.cim.gradient_products format
 
     def hardware(self) -> HardwareConfig:
         return HardwareConfig.from_yaml(HARDWARE_DIR / self.yaml_name).with_overrides(**dict(self.overrides))
@@ -92,6 +96,8 @@ CROSSBARS = {
     "default": Crossbar("default.yaml"),
     "default-multibit": Crossbar("default.yaml", (("input_mode", "multi-bit"),)),
     "cim_aq-float": Crossbar("cim_aq_default.yaml", integer_products=False),
+    "cim_aq-bf16grad": Crossbar("cim_aq_default.yaml", gradient_products="bfloat16"),
+    "default-bf16grad": Crossbar("default.yaml", gradient_products="bfloat16"),
 }
 FP32 = "fp32"
 BITS = (8, 8)
@@ -145,12 +151,14 @@ def eval_batch(model: nn.Module, x: torch.Tensor, device: torch.device):
 
 
 def with_products_of(config: str, step):
-    """`step` run with integer partial sums on or off as the configuration says (FP32: as is)."""
-    if config == FP32 or CROSSBARS[config].integer_products:
+    """`step` run with integer partial sums on or off and the gradient products in the format the
+    configuration says (FP32: as is)."""
+    if config == FP32:
         return step
+    crossbar = CROSSBARS[config]
 
     def run():
-        with INTEGER_PRODUCTS.use(False):
+        with INTEGER_PRODUCTS.use(crossbar.integer_products), GRADIENT_PRODUCTS.use(crossbar.gradient_products):
             step()
     return run
 

@@ -6,6 +6,7 @@ import torch
 
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim import crossbar_adc
+from lib.cim.adc_kernels import KERNELS
 from lib.cim.scratch import scratch_buffers
 
 
@@ -70,3 +71,21 @@ def test_chunked_recomputed_partial_sums_give_the_kept_results(kind, input_mode,
     assert torch.allclose(chunked_out, kept_out, rtol=1e-6, atol=1e-6 * kept_out.abs().max().item())
     for got, want in zip(chunked_grads, kept_grads):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().clamp_min(1e-6).item())
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("mode", ["0", "auto"])
+def test_chunked_forward_without_autograd_writes_the_kept_outputs(kind, mode, monkeypatch):
+    """Where nothing is differentiated, each chunk is converted straight into its rows of the
+    output (eager and fused kernels): the outputs of the whole partial sums."""
+    layer, shape = _layer(kind, "multi-bit")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    KERNELS.configure(mode)
+    try:
+        with torch.no_grad():
+            kept = layer(x)
+            monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", 1)  # one image (token) per chunk
+            chunked = layer(x)
+    finally:
+        KERNELS.unpin()
+    assert torch.allclose(chunked, kept, rtol=1e-6, atol=1e-6 * kept.abs().max().item())

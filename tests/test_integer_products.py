@@ -281,3 +281,71 @@ def test_eval_codes_from_the_input_give_the_float_quantized_inputs_outputs(signe
         assert layer._input_codes(x) is None  # training (statistics, step fits): the float path
     layer.eval()
     assert layer._input_codes(x) is None  # autograd recording: the float path
+
+
+def _epilogue_case(mapping: str, mode: str, granularity: str, adc_bits: int, seed: int = 0):
+    """An eval-mode conv on unsigned inputs (stride, groups, a ragged row-tile) and its input."""
+    hw = _hw(mapping=mapping, input_mode=mode, psum_granularity=granularity, adc_bits=adc_bits)
+    torch.manual_seed(seed)
+    layer = CIMConv2d(12, 6, 3, stride=2, padding=1, groups=2, hw=hw, w_bit=5, a_bit=6, input_signed=False)
+    x = torch.rand(5, 12, 9, 9)
+    calibrate(layer, [x])
+    layer.eval()
+    return layer, x
+
+
+def _converts_in_epilogue(layer, x) -> bool:
+    grid = _grid(layer, layer.input_quant(x))
+    return grid is not None and layer.tiles(grid).levels_in_epilogue(*layer.psum_adc.grid_range())
+
+
+@pytest.mark.parametrize("mapping,mode,granularity", list(itertools.product(
+    MAPPINGS, ["multi-bit", "bit-serial"], ["layer", "array", "column"])))
+def test_evaluation_converts_in_the_conv_epilogue_with_the_same_outputs(mapping, mode, granularity, monkeypatch):
+    """Without autograd, a conv of unsigned codes converts its partial sums to ADC levels inside the
+    int8 conv (8-bit levels, not float32 sums): the same outputs, bit for bit, as the forward that
+    keeps the float32 partial sums for a backward; kept and in chunks."""
+    for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 256):
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
+        layer, x = _epilogue_case(mapping, mode, granularity, adc_bits=5)
+        assert _converts_in_epilogue(layer, x)
+        with torch.no_grad():
+            levels_path = layer(x)
+        float_sums_path = layer(x.clone().requires_grad_()).detach()
+        assert torch.equal(levels_path, float_sums_path)
+
+
+def test_wide_adc_ranges_and_signed_inputs_keep_the_float32_conversion():
+    """9-bit ADC levels fit no 8-bit dtype, and shifted (signed) codes need the integer bias: both
+    convert float32 partial sums, with the outputs of the autograd forward."""
+    layer, x = _epilogue_case("differential-column", "multi-bit", "column", adc_bits=9)
+    assert not _converts_in_epilogue(layer, x)
+    signed, xs = _conv(_hw(), signed=True, shape=dict(padding=1))
+    signed.eval()
+    assert not _converts_in_epilogue(signed, xs)
+    for case, inp in ((layer, x), (signed, xs)):
+        with torch.no_grad():
+            out = case(inp)
+        assert torch.equal(out, case(inp.clone().requires_grad_()).detach())
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+def test_chunked_training_forward_converts_in_the_epilogue_and_recomputes_sums_for_the_backward(mapping, monkeypatch):
+    """Partial sums made in chunks are not kept, so a training forward converts them in the conv's
+    epilogue too; the backward recomputes float32 sums: the kept path's outputs and gradients."""
+    layer, x = _epilogue_case(mapping, "multi-bit", "column", adc_bits=5)
+    layer.train()
+    assert _converts_in_epilogue(layer, x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 256):
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
+        xg = x.clone().requires_grad_()
+        with scratch_buffers():
+            out = layer(xg)
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+            results.append((out.detach(), torch.autograd.grad((out * weights).sum(), [xg] + params)))
+    (kept, kept_grads), (chunked, chunked_grads) = results
+    assert torch.equal(chunked, kept)
+    for got, want in zip(chunked_grads, kept_grads):  # sums over chunks: float32 reassociation only
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().clamp_min(1e-6).item())

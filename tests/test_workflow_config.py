@@ -113,6 +113,15 @@ def test_compile_kernels_sets_every_steps_environment(tmp_path, value, expected)
     assert step_environment(load_config(write_config(tmp_path, data))) == expected
 
 
+@pytest.mark.parametrize("value", [None, "bfloat16", "float32"])
+def test_gradient_products_sets_every_steps_environment(tmp_path, value):
+    data = experiment_data(tmp_path, device={"gradient_products": value, "gpu_id": None})
+    expected = {} if value is None else {"CIM_AQ_GRADIENT_PRODUCTS": value}
+    assert step_environment(load_config(write_config(tmp_path, data))) == expected
+    data = experiment_data(tmp_path, device={"gradient_products": "bf16"})
+    assert "device.gradient_products" in refused(write_config(tmp_path, data, "bad.yaml"))
+
+
 def test_gpu_id_reaches_every_step_and_compile_kernels_takes_only_booleans(tmp_path):
     data = experiment_data(tmp_path, device={"gpu_id": "0,1"})
     assert step_environment(load_config(write_config(tmp_path, data))) == {"CUDA_VISIBLE_DEVICES": "0,1"}

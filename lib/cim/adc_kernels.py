@@ -54,6 +54,26 @@ def _forward_functional(p, step, coef, lo, hi):
     return (torch.clamp(torch.round(p / step), lo, hi) * coef).sum(dim=2)
 
 
+def _forward_into_functional(out, p, step, coef, lo, hi):
+    """The fused conversion written into `out` (a block of a larger output: no copy after)."""
+    out.copy_(_forward_functional(p, step, coef, lo, hi))
+    return out
+
+
+def accumulate_eager(levels, coef):
+    """Σ over tile·slice of levels · coef, for ADC levels (M, g, tiles·slices, o) already converted."""
+    return levels.to(coef.dtype).mul_(coef).sum(dim=2)
+
+
+def _accumulate_functional(levels, coef):
+    return (levels.to(coef.dtype) * coef).sum(dim=2)
+
+
+def _accumulate_into_functional(out, levels, coef):
+    out.copy_(_accumulate_functional(levels, coef))
+    return out
+
+
 def _backward_functional(grad_y, p, step, gamma, lo, hi, chunks: int):
     """Fused backward. Written so that Inductor keeps two passes over p (the gradient, and both
     sums in `chunks` blocks of M/chunks rows — 2-3x faster on CPU than one reduction over the
@@ -253,9 +273,22 @@ class _Kernels:
                             type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
         return None if eager is None else eager(*args)
 
-    def forward(self, p, step, coef, lo: int, hi: int):
+    def forward(self, p, step, coef, lo: int, hi: int, out=None):
+        """Σ over tile·slice of clamp(round(p / step), lo, hi) · coef; written into `out` when given."""
         bounds = grid_bounds(p, lo, hi)
-        return self.run("forward", _forward_functional, forward_eager, p, p, step, coef, *bounds)
+        if out is None:
+            return self.run("forward", _forward_functional, forward_eager, p, p, step, coef, *bounds)
+        if self.run("forward_into", _forward_into_functional, None, p, out, p, step, coef, *bounds) is None:
+            out.copy_(forward_eager(p, step, coef, *bounds))
+        return out
+
+    def accumulate(self, levels, coef, out=None):
+        """Σ over tile·slice of levels · coef (the shift-and-add of converted levels); into `out` when given."""
+        if out is None:
+            return self.run("accumulate", _accumulate_functional, accumulate_eager, coef, levels, coef)
+        if self.run("accumulate_into", _accumulate_into_functional, None, coef, out, levels, coef) is None:
+            out.copy_(accumulate_eager(levels, coef))
+        return out
 
     def quant_forward(self, x, scale, lo, hi):
         """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors)."""

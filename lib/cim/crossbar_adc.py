@@ -24,6 +24,7 @@ import torch
 from lib.cim.adc import step_and_gamma_grads
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan
+from lib.cim.gradient_products import gradient_dtype
 from lib.cim.scratch import SCRATCH
 from lib.cim.tile_products import MatmulTiles, products_backward, slice_shares
 
@@ -68,7 +69,7 @@ class _CrossbarADC(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w, main, step, gamma = ctx.saved_tensors
         w_products = ctx.tiles.for_products(w, x) if ctx.chunks is not None else None
-        w = ctx.tiles.for_gradients(w, x)
+        w = ctx.tiles.for_gradients(w, gradient_dtype(x))
         lo, hi, grad_factor = ctx.bounds
         need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_y = grad_y.contiguous()
@@ -96,15 +97,50 @@ class _CrossbarADC(torch.autograd.Function):
 
 def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
     """`_CrossbarADC`'s forward: (the partial sums it keeps for the backward, None when made in
-    `chunks`; the converted outputs). Also what a forward where autograd records nothing runs."""
-    coef = step * gamma
+    `chunks`, which the backward recomputes; the converted outputs)."""
     if chunks is None:
         main = _products(tiles, x, w, gamma)
-        return main, KERNELS.forward(main, step, coef, lo, hi)
-    dim = _row_dim(tiles)
+        return main, KERNELS.forward(main, step, step * gamma, lo, hi)
+    return None, _in_chunks(tiles, x, gamma, chunks, _chunk_converter(tiles, x, w, step, gamma, lo, hi))
+
+
+def _outputs(tiles, x, w, step, gamma, lo: int, hi: int):
+    """The converted outputs alone, where autograd records nothing (evaluation)."""
+    chunks = row_chunks(tiles, x, gamma.numel())
+    convert = _chunk_converter(tiles, x, w, step, gamma, lo, hi)
+    return convert(x) if chunks is None else _in_chunks(tiles, x, gamma, chunks, convert)
+
+
+def _chunk_converter(tiles, x, w, step, gamma, lo: int, hi: int):
+    """convert(x_rows, out=None): the outputs of some rows of x, where no partial sum is kept. On
+    a conv with integer products of unsigned codes and an ADC range within 8 bits, the ADC runs in
+    the int8 conv's epilogue (`ConvTiles.levels`: 8-bit levels, a quarter of the float32 partial
+    sums' memory traffic; the same outputs, which a test checks), leaving the shift-and-add; else
+    float32 partial sums and the fused conversion."""
+    coef = step * gamma
+    if tiles.levels_in_epilogue(lo, hi):
+        weight = tiles.levels_weight(w, step)
+
+        def from_levels(x_rows, out=None):
+            levels = tiles.levels(x_rows, weight, lo, hi).reshape((-1,) + tuple(gamma.shape))
+            return KERNELS.accumulate(levels, coef, out=out)
+        return from_levels
     w_products = tiles.for_products(w, x)
-    return None, torch.cat([KERNELS.forward(_products(tiles, x.narrow(dim, start, length), w_products, gamma),
-                                            step, coef, lo, hi) for start, length in chunks])
+
+    def from_sums(x_rows, out=None):
+        return KERNELS.forward(_products(tiles, x_rows, w_products, gamma), step, coef, lo, hi, out=out)
+    return from_sums
+
+
+def _in_chunks(tiles, x, gamma, chunks, convert_chunk) -> torch.Tensor:
+    """The outputs (M, groups, out) of x converted chunk by chunk, each `convert_chunk(x_chunk,
+    out)` writing straight into its rows of the output (no concatenation copy)."""
+    dim = _row_dim(tiles)
+    rows_per_item = math.prod(tiles.output_size(x)) // x.shape[dim]
+    y = gamma.new_empty((rows_per_item * x.shape[dim], gamma.shape[0], gamma.shape[2]))
+    for start, length in chunks:
+        convert_chunk(x.narrow(dim, start, length), y.narrow(0, start * rows_per_item, length * rows_per_item))
+    return y
 
 
 def _products(tiles, x, w, gamma):
@@ -115,12 +151,14 @@ def _products(tiles, x, w, gamma):
 
 def _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x: bool, need_q: bool):
     """(grad of x, grad of q, Σ_m grad·level, Σ_m grad·v·on_grid) of one block of rows, whose
-    partial-sum gradient lives in the reused scratch buffer."""
+    partial-sum gradient lives in the reused scratch buffer, in the gradient products' dtype
+    (lib.cim.gradient_products)."""
     lo, hi, _ = ctx.bounds
-    scratch = SCRATCH.tensor("psum_grad", main.shape, main)
+    dtype = gradient_dtype(main)
+    scratch = SCRATCH.tensor("psum_grad", main.shape, main, dtype)
     grad_main, sum_levels, sum_v = KERNELS.backward(grad_y, main, step, gamma, lo, hi, out=scratch)
     rows = main.numel() // (main.shape[-1] * ctx.shares.numel())
-    share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main)
+    share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main, dtype)
     p_shape = _products_shape(ctx.tiles, x)
     grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(p_shape), ctx.shares, ctx.q_shape,
                                        need_x, need_q, share_out=share_out)
@@ -146,7 +184,7 @@ def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch
     def convert(step, gamma, lo, hi, factor):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x_tiled, q, step, gamma)):
             return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
-        # nothing to differentiate (evaluation): the same forward without an autograd node
-        return _convert(tiles, x_tiled, w, step, gamma, lo, hi, row_chunks(tiles, x_tiled, gamma.numel()))[1]
+        # nothing to differentiate (evaluation): the outputs without an autograd node
+        return _outputs(tiles, x_tiled, w, step, gamma, lo, hi)
     rows = math.prod(tiles.output_size(x_tiled))
     return layer.psum_adc.fused_forward(convert, rows, shifts, step_grid, ref, ref_shift, constants)

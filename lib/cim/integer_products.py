@@ -179,14 +179,25 @@ def integer_matmul(xt: torch.Tensor, w: torch.Tensor, grid: InputGrid) -> torch.
     return out.mul_(grid.step)
 
 
+class LevelsConvWeight(NamedTuple):
+    """A conv's array weight prepared for `conv_levels`: prepacked with one scale per output
+    channel, 1 / the ADC step of that column."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+
+
 class PackedConvWeight(NamedTuple):
     """A conv's array weight prepared for `integer_conv` (what the eval cache keeps): oneDNN's
-    prepacked int8 weight, for shifted codes the shift's contribution per output channel, and the
-    int8 cells themselves (what a backward through the layer reads)."""
+    prepacked int8 weight, for shifted codes the shift's contribution per output channel, the
+    int8 cells themselves (what a backward through the layer reads) and, when the eval cache
+    keeps it too, the weight for converting in the conv's epilogue."""
 
     weight: torch.Tensor
     shift_bias: Optional[torch.Tensor]  # -zero_point · Σ w per output channel (float32), or None
     cells: torch.Tensor
+    levels: Optional[LevelsConvWeight] = None
 
 
 def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int) -> PackedConvWeight:
@@ -202,6 +213,44 @@ def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int)
     if shifted:
         shift_bias = wq.sum(dim=(1, 2, 3), dtype=torch.int32).to(torch.float32).mul_(-grid.zero_point)
     return PackedConvWeight(packed, shift_bias, wq)
+
+
+def level_dtype(lo: int, hi: int) -> Optional[torch.dtype]:
+    """The 8-bit integer dtype holding every ADC level in [lo, hi], or None when none does."""
+    if lo >= 0 and hi <= 255:
+        return torch.uint8
+    if lo >= -128 and hi <= 127:
+        return torch.int8
+    return None
+
+
+def pack_levels_weight(cells: torch.Tensor, adc_step: torch.Tensor, stride, padding, dilation,
+                       groups: int) -> LevelsConvWeight:
+    """The int8 cells (C_out, C_in/groups, k_h, k_w) prepacked for `conv_levels` with the ADC step
+    of every output channel (adc_step: C_out values in channel order)."""
+    scales = adc_step.detach().reshape(-1).reciprocal().to(torch.float32).contiguous()
+    zero_points = torch.zeros(scales.numel(), dtype=torch.int64)
+    packed = torch.ops.onednn.qconv_prepack(cells, scales, 1.0, 0, list(stride), list(padding), list(dilation),
+                                            groups, None)
+    return LevelsConvWeight(packed, scales, zero_points)
+
+
+def conv_levels(x: torch.Tensor, weight: LevelsConvWeight, grid: InputGrid, lo: int, hi: int,
+                stride, padding, dilation, groups: int) -> torch.Tensor:
+    """The ADC levels clamp(round(partial sum / adc_step), lo, hi) of the conv of x with the cells
+    of `weight`, for x on an unsigned `grid` (zero point 0; or x's uint8 codes there), converted in the int8 conv's epilogue:
+    oneDNN scales each exact int32 sum by step · (1 / adc_step of its output channel), clips to
+    [lo, hi] and rounds to the nearest even integer, writing 8-bit levels (N, C_out, H_out, W_out)
+    instead of float32 partial sums, a quarter of the memory traffic. The scale is applied as one
+    product, so a level could differ from the float32 conversion's only where the partial sum over
+    the step falls within a float32 rounding of a half-integer (tests find none)."""
+    dtype = level_dtype(lo, hi)
+    if grid.zero_point or dtype is None:
+        raise ValueError("conv_levels needs an unsigned input grid and an ADC range within 8 bits")
+    codes = x if x.dtype == torch.uint8 else grid_codes(x, grid, signed=False)
+    return torch.ops.onednn.qconv2d_pointwise(
+        codes, grid.step, 0, weight.weight, weight.scales, weight.zero_points, None, list(stride), list(padding),
+        list(dilation), groups, 1.0, 0, dtype, "hardtanh", [float(lo), float(hi)], "")
 
 
 def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation, groups: int) -> torch.Tensor:

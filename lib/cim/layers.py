@@ -438,7 +438,10 @@ class CIMLayerMixin:
         def compute():
             q, step_grid, stored = weights.crossbar(tiles)
             shifts, ref_shift = self._shifts(q)
-            return q, step_grid, stored, shifts, ref_shift, self.psum_adc.constants(step_grid, shifts, has_ref)
+            constants = self.psum_adc.constants(step_grid, shifts, has_ref)
+            if weights.cached and tiles.levels_in_epilogue(*self.psum_adc.grid_range()):
+                stored = tiles.with_levels_weight(stored, constants[1])  # converts in the conv's epilogue
+            return q, step_grid, stored, shifts, ref_shift, constants
         if not weights.cached:
             return compute()
         return self.eval_cache.get(self._eval_cache_key, f"fused_form-{tiles.packed_form}", compute)

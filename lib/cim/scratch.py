@@ -24,21 +24,22 @@ class _Scratch(threading.local):
         self.buffers: dict = {}
         self.depth = 0  # open scratch_buffers() blocks on this thread
 
-    def tensor(self, slot: str, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
-        """A contiguous tensor of `shape` backed by this thread's buffer for `slot` (grown when too
-        small), or None off CPU or outside `scratch_buffers()`. Its contents are undefined and valid
-        until the next request for the same slot: callers use it within one backward call and
-        never return it."""
+    def tensor(self, slot: str, shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        """A contiguous tensor of `shape` (dtype: like's unless given) backed by this thread's buffer
+        for `slot` (grown when too small), or None off CPU or outside `scratch_buffers()`. Its
+        contents are undefined and valid until the next request for the same slot: callers use it
+        within one backward call and never return it."""
         if like.device.type != "cpu" or self.depth == 0:
             return None
+        dtype = like.dtype if dtype is None else dtype
         numel = math.prod(shape)
-        key = (slot, like.dtype)
+        key = (slot, dtype)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             self.buffers.pop(key, None)  # free the old one before making the larger one
-            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
+            buffer = self.buffers[key] = torch.empty(numel, dtype=dtype)
         # a fresh contiguous tensor on the buffer's storage (set_, not a view): kernels see no view base
-        return torch.empty(0, dtype=like.dtype).set_(buffer.untyped_storage(), 0, tuple(shape))
+        return torch.empty(0, dtype=dtype).set_(buffer.untyped_storage(), 0, tuple(shape))
 
     def release(self) -> None:
         self.buffers.clear()

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from lib.cim.adc_kernels import KERNELS, memory_format_of
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
-from lib.cim.integer_products import (InputGrid, PackedConvWeight, integer_conv, integer_matmul, pack_conv_weight,
+from lib.cim.gradient_products import gradient_dtype
+from lib.cim.integer_products import (InputGrid, LevelsConvWeight, PackedConvWeight, conv_levels, integer_conv,
+                                     integer_matmul, level_dtype, pack_conv_weight, pack_levels_weight,
                                      pack_matmul_weight)
 
 
@@ -30,6 +32,11 @@ def as_float(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     small integers (`CellSlicing.storage_dtype`), a quarter of their float size, until a product
     needs them."""
     return w if w.dtype == like.dtype else w.to(like.dtype)
+
+
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` (no copy when it already is)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def tile_blocks(w: torch.Tensor, like: torch.Tensor) -> list[tuple[int, int]]:
@@ -61,14 +68,17 @@ def share_over_slices(grad_p: torch.Tensor, shares: torch.Tensor, columns: int, 
 
 def products_backward(tiles, x: torch.Tensor, w: torch.Tensor, grad_p: torch.Tensor, shares: torch.Tensor,
                       q_shape: torch.Size, need_x: bool, need_q: bool, share_out=None):
-    """Gradients of the tiled input and of the integer weights from the partial sums' gradient
-    (laid out as `tiles.products` returns them): see the module docstring."""
-    grad_x = tiles.input_grad(grad_p, x, w) if need_x else None
+    """Gradients of the tiled input and of the integer weights (both in x's dtype) from the partial
+    sums' gradient (laid out as `tiles.products` returns them): see the module docstring. The two
+    products run in `gradient_dtype` (lib.cim.gradient_products)."""
+    dtype = gradient_dtype(x)
+    grad_p = in_dtype(grad_p, dtype)
+    grad_x = in_dtype(tiles.input_grad(grad_p, x, w), x.dtype) if need_x else None
     grad_q = None
     if need_q:
         columns = tiles.layout.out_channels_per_group
         shared = share_over_slices(grad_p, shares, columns, out=share_out).reshape(grad_p.shape[:-1] + (-1,))
-        grad_q = tiles.weight_grad(shared, x, q_shape)
+        grad_q = in_dtype(tiles.weight_grad(in_dtype(shared, dtype), in_dtype(x, dtype), q_shape), x.dtype)
     return grad_x, grad_q
 
 
@@ -150,10 +160,10 @@ class ConvTiles:
             return pack_conv_weight(w, self.input_grid, self.stride, self.padding, self.dilation, self.arrays)
         return as_float(w, x)
 
-    def for_gradients(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The saved array weight for repeated `input_grad` (chunks): widened to x's float dtype
-        once (a conv's weights are small)."""
-        return as_float(w, x)
+    def for_gradients(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The saved array weight for repeated `input_grad` (chunks): widened to the gradient
+        products' `dtype` once (a conv's weights are small)."""
+        return in_dtype(w, dtype)
 
     def tile_input(self, x: torch.Tensor) -> torch.Tensor:
         """Each group's input channels zero-padded to whole tiles, in channels_last memory format
@@ -180,6 +190,33 @@ class ConvTiles:
             p = F.conv2d(x, as_float(w, x), None, self.stride, self.padding, self.dilation, self.arrays)
         return p.permute(0, 2, 3, 1)
 
+    def levels_in_epilogue(self, lo: int, hi: int) -> bool:
+        """Whether `levels` can convert these partial sums to ADC levels in [lo, hi] inside the int8
+        conv: integer products of unsigned codes (zero point 0) and levels within 8 bits."""
+        return self.input_grid is not None and not self.input_grid.zero_point and level_dtype(lo, hi) is not None
+
+    def levels_weight(self, w, adc_step: torch.Tensor) -> LevelsConvWeight:
+        """The array weight prepacked for `levels` with the ADC step of every column (the one a
+        packed weight carries from the eval cache, else packed now)."""
+        if isinstance(w, PackedConvWeight):
+            if w.levels is not None:
+                return w.levels
+            w = w.cells
+        cells = w if w.dtype == torch.int8 else w.to(torch.int8)
+        return pack_levels_weight(cells, adc_step, self.stride, self.padding, self.dilation, self.arrays)
+
+    def with_levels_weight(self, w, adc_step: torch.Tensor) -> PackedConvWeight:
+        """`packed(w)` carrying its `levels_weight` too: what the eval cache keeps for a layer that
+        converts in the conv's epilogue."""
+        packed = w if isinstance(w, PackedConvWeight) else self.packed(w)
+        return packed._replace(levels=self.levels_weight(packed, adc_step))
+
+    def levels(self, x: torch.Tensor, weight: LevelsConvWeight, lo: int, hi: int) -> torch.Tensor:
+        """(N, H_out, W_out, groups·tiles·slices·out) ADC levels of the partial sums of x, converted
+        in the int8 conv's epilogue (`integer_products.conv_levels`)."""
+        return conv_levels(x, weight, self.input_grid, lo, hi, self.stride, self.padding, self.dilation,
+                           self.arrays).permute(0, 2, 3, 1)
+
     def _backward(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list) -> tuple:
         n, h, wd = grad_out.shape[:3]
         grad_nchw = grad_out.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
@@ -188,11 +225,13 @@ class ConvTiles:
             False, [0, 0], self.arrays, mask)
 
     def input_grad(self, grad_p: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self._backward(grad_p, x, as_float(w, x), [True, False, False])[0]
+        """Gradient of the tiled input, in grad_p's dtype (x is read for its shape only)."""
+        shape_of_x = x if x.dtype == grad_p.dtype else torch.empty_like(x, dtype=grad_p.dtype)
+        return self._backward(grad_p, shape_of_x, as_float(w, grad_p), [True, False, False])[0]
 
     def weight_grad(self, grad_shared: torch.Tensor, x: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
         """Gradient of the integer weights (groups·out, in/groups, k_h, k_w) from the slice-weighted
-        output gradient (N, H_out, W_out, groups·tiles·out)."""
+        output gradient (N, H_out, W_out, groups·tiles·out) and x, both in the products' dtype."""
         lay = self.layout
         kh, kw = self.kernel_size
         shape_only = x.new_empty((self.arrays * lay.out_channels_per_group, lay.channels_per_tile, kh, kw))
@@ -240,9 +279,13 @@ class MatmulTiles:
         """The array weight for repeated `products`: as it is (a compact one is widened block by block)."""
         return w
 
-    def for_gradients(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def for_gradients(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The saved array weight for repeated `input_grad`: as it is (widened block by block)."""
         return w
+
+    def levels_in_epilogue(self, lo: int, hi: int) -> bool:
+        """int8 matmuls have no epilogue to convert in: the ADC reads float32 partial sums."""
+        return False
 
     def tile_input(self, x2d: torch.Tensor) -> torch.Tensor:
         """(tokens, features) → (tiles, tokens, rows_per_tile), the ragged tile zero-padded."""
@@ -272,13 +315,15 @@ class MatmulTiles:
         return out
 
     def input_grad(self, grad_p: torch.Tensor, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Gradient of the tiled input, in grad_p's dtype (xt is read for its shape only)."""
         grad_by_tile = grad_p.transpose(0, 1)
-        blocks = tile_blocks(w, xt)
+        blocks = tile_blocks(w, grad_p)
         if len(blocks) == 1:
-            return torch.bmm(grad_by_tile, as_float(w, xt).transpose(1, 2))
-        grad_x = torch.empty_like(xt)
+            return torch.bmm(grad_by_tile, as_float(w, grad_p).transpose(1, 2))
+        grad_x = torch.empty_like(xt, dtype=grad_p.dtype)
         for start, stop in blocks:
-            torch.bmm(grad_by_tile[start:stop], as_float(w[start:stop], xt).transpose(1, 2), out=grad_x[start:stop])
+            torch.bmm(grad_by_tile[start:stop], as_float(w[start:stop], grad_p).transpose(1, 2),
+                      out=grad_x[start:stop])
         return grad_x
 
     def weight_grad(self, grad_shared: torch.Tensor, xt: torch.Tensor, grad_shape: torch.Size) -> torch.Tensor:
@@ -287,7 +332,7 @@ class MatmulTiles:
         shared = grad_shared.reshape(xt.shape[1], lay.tiles, -1).transpose(0, 1)
         # each tile's (out, rows_per_tile) block written in place into an (out, in) row-major
         # gradient: no transposed result for the weight's own backward to copy
-        dw = xt.new_empty((lay.out_channels_per_group, lay.tiles, lay.channels_per_tile))
+        dw = xt.new_empty((lay.out_channels_per_group, lay.tiles, lay.channels_per_tile), dtype=shared.dtype)
         torch.bmm(shared.transpose(1, 2), xt, out=dw.transpose(0, 1))
         return dw.reshape(lay.out_channels_per_group, -1)[:, :lay.in_channels_per_group].reshape(grad_shape)
 

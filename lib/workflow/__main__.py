@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> None:
             log.info("  %-18s → %s", step.name, step.workdir)
         return
     if config.raw.amp.enable:
-        log.warning("amp.enable is accepted for CIM-AQ configs but ignored: every stage runs in float32")
+        log.warning("amp.enable is accepted for CIM-AQ configs but ignored: every stage runs in float32 "
+                    "(device.gradient_products: bfloat16 runs the CIM layers' gradient products in bfloat16)")
     write_hardware(config)
     Runner(config.experiment_dir, env=step_environment(config)).run(plan)
     if args.until is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from lib.cim.adc_kernels import COMPILE_ENV
+from lib.cim.gradient_products import GRADIENT_PRODUCTS_ENV
 from lib.workflow.config import REPO_ROOT, ResolvedConfig
 
 HARDWARE_FILE = "hardware.yaml"
@@ -69,13 +70,16 @@ class StageData:
 
 
 def step_environment(config: ResolvedConfig) -> dict[str, str]:
-    """Environment variables every step gets from the config: the GPU to use and kernel compilation."""
+    """Environment variables every step gets from the config: the GPU to use, kernel compilation and
+    the gradient-product format."""
     device = config.raw.device
     env = {}
     if device.gpu_id is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(device.gpu_id)
     if device.compile_kernels is not None:
         env[COMPILE_ENV] = "1" if device.compile_kernels else "0"
+    if device.gradient_products is not None:
+        env[GRADIENT_PRODUCTS_ENV] = device.gradient_products
     return env
 
 
