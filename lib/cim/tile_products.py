@@ -82,6 +82,14 @@ def products_backward(tiles, x: torch.Tensor, w: torch.Tensor, grad_p: torch.Ten
     return grad_x, grad_q
 
 
+def _tiled_channels(x: torch.Tensor, groups: int, pad: int) -> torch.Tensor:
+    """(N, C, H, W) → each group's channels followed by `pad` zero channels, channels_last: one cat."""
+    n, channels, h, w = x.shape
+    by_group = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, channels // groups)
+    zeros = x.new_zeros(()).expand(n, h, w, groups, pad)
+    return torch.cat([by_group, zeros], dim=4).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 class _TiledChannels(torch.autograd.Function):
     """(N, C, H, W) → each group's channels followed by `pad` zero channels, channels_last, in one
     pass over the output (F.pad zero-fills all of it first, then copies the input in); the backward
@@ -90,12 +98,8 @@ class _TiledChannels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, groups: int, pad: int):
-        n, channels, h, w = x.shape
-        per_group = channels // groups
-        ctx.groups, ctx.per_group, ctx.memory_format = groups, per_group, memory_format_of(x)
-        by_group = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, per_group)
-        zeros = x.new_zeros(()).expand(n, h, w, groups, pad)
-        return torch.cat([by_group, zeros], dim=4).view(n, h, w, -1).permute(0, 3, 1, 2)
+        ctx.groups, ctx.per_group, ctx.memory_format = groups, x.shape[1] // groups, memory_format_of(x)
+        return _tiled_channels(x, groups, pad)
 
     @staticmethod
     def backward(ctx, grad):
@@ -171,7 +175,9 @@ class ConvTiles:
         lay = self.layout
         if not lay.pad:
             return x.contiguous(memory_format=torch.channels_last)
-        return _TiledChannels.apply(x, lay.groups, lay.pad)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _TiledChannels.apply(x, lay.groups, lay.pad)
+        return _tiled_channels(x, lay.groups, lay.pad)  # no autograd node to make (evaluation, codes)
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int, int]:
         """(N, H_out, W_out) of the conv over the tiled input x."""
