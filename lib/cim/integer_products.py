@@ -238,10 +238,10 @@ def pack_levels_weight(cells: torch.Tensor, adc_step: torch.Tensor, stride, padd
 def conv_levels(x: torch.Tensor, weight: LevelsConvWeight, grid: InputGrid, lo: int, hi: int,
                 stride, padding, dilation, groups: int) -> torch.Tensor:
     """The ADC levels clamp(round(partial sum / adc_step), lo, hi) of the conv of x with the cells
-    of `weight`, for x on an unsigned `grid` (zero point 0; or x's uint8 codes there), converted in the int8 conv's epilogue:
-    oneDNN scales each exact int32 sum by step · (1 / adc_step of its output channel), clips to
-    [lo, hi] and rounds to the nearest even integer, writing 8-bit levels (N, C_out, H_out, W_out)
-    instead of float32 partial sums, a quarter of the memory traffic. The scale is applied as one
+    of `weight`, for x on an unsigned `grid` (zero point 0; or x's uint8 codes there), converted
+    in the int8 conv's epilogue: oneDNN scales each exact int32 sum by step · (1 / adc_step of its
+    output channel), clips to [lo, hi] and rounds to the nearest even integer, writing 8-bit levels
+    (N, C_out, H_out, W_out) instead of float32 partial sums, a quarter of the memory traffic. The scale is applied as one
     product, so a level could differ from the float32 conversion's only where the partial sum over
     the step falls within a float32 rounding of a half-integer (tests find none)."""
     dtype = level_dtype(lo, hi)

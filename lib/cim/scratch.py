@@ -24,7 +24,8 @@ class _Scratch(threading.local):
         self.buffers: dict = {}
         self.depth = 0  # open scratch_buffers() blocks on this thread
 
-    def tensor(self, slot: str, shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    def tensor(self, slot: str, shape, like: torch.Tensor,
+               dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         """A contiguous tensor of `shape` (dtype: like's unless given) backed by this thread's buffer
         for `slot` (grown when too small), or None off CPU or outside `scratch_buffers()`. Its
         contents are undefined and valid until the next request for the same slot: callers use it

@@ -27,16 +27,16 @@ _SHARES: dict = {}
 FLOAT_BLOCK_BYTES = 32 * 2**20  # a compact array weight is widened to float in blocks of about this size
 
 
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` (no copy when it already is)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def as_float(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The array weight in `like`'s float dtype: the fused weight path stores cell values as
     small integers (`CellSlicing.storage_dtype`), a quarter of their float size, until a product
     needs them."""
-    return w if w.dtype == like.dtype else w.to(like.dtype)
-
-
-def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in `dtype` (no copy when it already is)."""
-    return t if t.dtype == dtype else t.to(dtype)
+    return in_dtype(w, like.dtype)
 
 
 def tile_blocks(w: torch.Tensor, like: torch.Tensor) -> list[tuple[int, int]]:
@@ -208,8 +208,8 @@ class ConvTiles:
             if w.levels is not None:
                 return w.levels
             w = w.cells
-        cells = w if w.dtype == torch.int8 else w.to(torch.int8)
-        return pack_levels_weight(cells, adc_step, self.stride, self.padding, self.dilation, self.arrays)
+        return pack_levels_weight(in_dtype(w, torch.int8), adc_step, self.stride, self.padding, self.dilation,
+                                  self.arrays)
 
     def with_levels_weight(self, w, adc_step: torch.Tensor) -> PackedConvWeight:
         """`packed(w)` carrying its `levels_weight` too: what the eval cache keeps for a layer that
