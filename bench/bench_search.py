@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lib.cim.adc_kernels import KERNELS  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
 from lib.fileio import atomic_write_json  # noqa: E402
 from lib.search import DDPGConfig, SearchConfig, run_search  # noqa: E402
@@ -117,9 +118,10 @@ def rss_mb() -> float:
 
 
 def compiled_graphs() -> int:
+    """Graphs compiled so far: torch.compile's (TorchDynamo's count) and the CPU DirectKernels'."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])
+    return int(counters["stats"]["unique_graphs"]) + KERNELS.direct_variants
 
 
 def one_search(args, init: Path, hardware: Path, seed: int, strategy: str, out: Path) -> dict:

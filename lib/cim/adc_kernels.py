@@ -18,6 +18,7 @@ import shutil
 
 import torch
 
+from lib.cim.direct_kernels import DirectKernel, Refused, takes_directly
 from lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,11 @@ class _Kernels:
         return _parse_mode(os.environ.get(COMPILE_ENV, "auto"), COMPILE_ENV)
 
     @property
+    def direct_variants(self) -> int:
+        """Graphs compiled so far for the DirectKernels (TorchDynamo counts torch.compile's)."""
+        return sum(kernel.variants for kernel in self._compiled.values() if isinstance(kernel, DirectKernel))
+
+    @property
     def failed(self) -> frozenset:
         """Kernels whose compile failed, now run eagerly."""
         return frozenset(self._failed)
@@ -246,7 +252,14 @@ class _Kernels:
             return False
         return device in ("cpu", "cuda")
 
-    def _get(self, name: str, fn):
+    def _get(self, name: str, fn, device: str, args):
+        """The compiled kernel `name`: on CPU a DirectKernel (no TorchDynamo overhead per call)
+        unless a float argument rules it out, else torch.compile's."""
+        if device == "cpu" and takes_directly(args):
+            key = (name, "direct")
+            if key not in self._compiled:
+                self._compiled[key] = DirectKernel(name, fn)
+            return self._compiled[key]
         if name not in self._compiled:
             # A model's layers differ in groups/tiles/slices (1 or more) and batch sizes: allow the
             # handful of variants that makes, beyond torch's default of 8 per function.
@@ -264,7 +277,10 @@ class _Kernels:
                 plain = [_plain(a) for a in args]
                 if eager is None:  # an out= variant: the first argument is written, keep it as given
                     plain[0] = args[0]
-                return self._get(name, functional)(*plain, *compiled_extra)
+                plain += compiled_extra
+                return self._get(name, functional, tensor.device.type, plain)(*plain)
+            except Refused as err:  # this call's layout is not the traced one: eagerly, same values
+                log.debug("%s; running it eagerly", err)
             except Exception as err:  # noqa: BLE001 - any compiler failure: same maths, eagerly
                 if self.mode == "1":
                     raise
