@@ -1,5 +1,8 @@
 """The CPU kernels compiled without TorchDynamo: one compiled graph per argument signature serving
 every size, the same values as the eager kernels, and refused calls computed eagerly."""
+import gc
+import weakref
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -43,7 +46,6 @@ def test_sizes_of_one_and_equal_sizes_are_part_of_the_signature():
     assert signature((x,)) != signature((torch.randn(8, 1),))  # a size of one is traced as such
     assert signature((x,)) != signature((torch.randn(8, 8),))  # equal sizes share a symbol in tracing
     assert signature((x,)) != signature((x.t(),))  # another layout
-    assert not takes_directly((x, 0.5)) and takes_directly((x, 2, torch.float32))
 
     kernel = DirectKernel("quant_forward", _quant_forward_functional)
     scale, lo, hi = torch.tensor(0.25), torch.tensor(-4.0), torch.tensor(3.0)
@@ -62,6 +64,18 @@ def test_a_size_the_trace_fixed_gets_its_own_graph():
         grad, shares = torch.randn(360, slices, 3), torch.rand(slices)
         assert torch.allclose(kernel(grad, shares), slice_share_eager(grad, shares), rtol=1e-6, atol=1e-6)
     assert kernel.variants == 2
+
+
+def test_a_compiled_kernel_keeps_no_argument_alive():
+    """The tensors of the call that traced a graph are freed with the caller's references (a
+    kept partial-sum tensor would hold tens of MB for the whole process)."""
+    kernel = DirectKernel("quant_forward", _quant_forward_functional)
+    x = torch.randn(64, 32)
+    watch = weakref.ref(x)
+    kernel(x, torch.tensor(0.25), torch.tensor(-4.0), torch.tensor(3.0))
+    del x
+    gc.collect()
+    assert watch() is None
 
 
 def test_the_backward_kernel_gives_the_eager_gradient_and_sums():
@@ -87,17 +101,32 @@ def test_an_out_view_with_its_own_strides_is_written_in_place(fused):
     assert torch.isnan(out[1::2]).all()
 
 
-def test_cpu_kernels_compile_without_dynamo_and_a_float_argument_keeps_torch_compile(fused):
+def test_cpu_kernels_compile_without_dynamo(fused):
     graphs, variants = counters["stats"]["unique_graphs"], KERNELS.direct_variants
     p, step, coef = _psums(96, 1, 6, 8, seed=3)
     out = torch.empty(96, 1, 8)
     KERNELS.forward(p, step, coef, -16, 15, out=out)
     assert torch.allclose(out, forward_eager(p, step, coef, -16, 15), rtol=1e-6, atol=1e-5)
-    assert KERNELS.direct_variants > variants and counters["stats"]["unique_graphs"] == graphs
     lo, hi = grid_bounds(p, -16, 15)
     assert lo.item() == -16 and hi.item() == 15
 
     x = torch.rand(4, 9) * 3
-    codes = grid_codes(x, InputGrid(step=0.125, zero_point=0), signed=False)  # step: a float
-    assert torch.equal(codes, torch.round(x / 0.125).to(torch.uint8))
+    for step in (0.125, 0.1, 0.3):  # one graph for every step value
+        codes = grid_codes(x, InputGrid(step=step, zero_point=0), signed=False)
+        assert torch.equal(codes, torch.round(x / step).to(torch.uint8))
+    assert KERNELS.direct_variants == variants + 2 and counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_float_argument_keeps_torch_compile(fused):
+    """A Python float would be part of the signature (a graph per value): such a kernel runs
+    through torch.compile, whose guards make the float a symbol."""
+    graphs = counters["stats"]["unique_graphs"]
+    x = torch.randn(16, 8)
+    assert not takes_directly((x, 0.5)) and takes_directly((x, 2, torch.float32, torch.tensor(0.5)))
+    out = KERNELS.run("scaled_by_float", _scaled_by, None, x, x, 0.5)
+    assert torch.equal(out, x * 0.5 + 1.0)
     assert counters["stats"]["unique_graphs"] > graphs
+
+
+def _scaled_by(x, factor: float):
+    return x * factor + 1.0

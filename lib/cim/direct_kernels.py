@@ -13,8 +13,8 @@ Each graph then keeps the conditions its tracing assumed (the shape environment'
 as a divisibility or a size the function's Python branched on), evaluated on every call; a call
 none of the graphs admits traces a new one. The compiled code itself checks each input's sizes
 and strides again before it runs; a call it refuses raises `Refused`, and the caller runs its
-eager kernel. A float argument would be part of the signature, so kernels taking
-one (a value that changes every training step) stay with `torch.compile`.
+eager kernel. A float argument would be part of the signature (a graph per value, and a step
+changes every training step), so a kernel given one stays with `torch.compile`.
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ class DirectKernel:
     def __init__(self, name: str, fn: Callable):
         self.name, self.fn = name, fn
         self._variants: dict = {}  # signature -> [(assumptions or None, compiled graph)]
+        self._untraceable: set = set()  # signatures whose trace did not admit its own arguments
 
     @property
     def variants(self) -> int:
@@ -98,7 +99,10 @@ class DirectKernel:
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        graphs = self._variants.setdefault(signature(args), [])
+        key = signature(args)
+        if key in self._untraceable:
+            raise Refused(f"kernel {self.name!r}: no graph for these arguments")
+        graphs = self._variants.setdefault(key, [])
         inputs = {f"t{i}": t for i, t in enumerate(tensors)}
         for assumptions, compiled in graphs:
             if assumptions is None or eval(assumptions, SYMPY_INTERP, {"L": inputs}):
@@ -106,6 +110,7 @@ class DirectKernel:
         else:
             assumptions, compiled = self._compile(args)
             if assumptions is not None and not eval(assumptions, SYMPY_INTERP, {"L": inputs}):
+                self._untraceable.add(key)
                 raise Refused(f"kernel {self.name!r}: its trace does not admit the arguments it was traced on")
             graphs.append((assumptions, compiled))
         try:
@@ -116,7 +121,7 @@ class DirectKernel:
 
     def _compile(self, args):
         positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        template = list(args)
+        template = [None if isinstance(a, torch.Tensor) else a for a in args]  # keeps no tensor alive
         fn = self.fn
 
         def graph(*tensors):

@@ -118,20 +118,23 @@ class _IntegerProducts:
 INTEGER_PRODUCTS = _IntegerProducts()
 
 
-def _codes_functional(x, step: float, offset: int, dtype: torch.dtype):
+def _codes_functional(x, step: torch.Tensor, offset: int, dtype: torch.dtype):
     """The input's grid codes plus `offset`, round(x / step) + offset, as `dtype`: one fused pass."""
     return (torch.round(x / step) + offset).to(dtype)
 
 
-def _codes_eager(x, step: float, offset: int, dtype: torch.dtype):
+def _codes_eager(x, step: torch.Tensor, offset: int, dtype: torch.dtype):
     return torch.round(x / step).add_(offset).to(dtype)
 
 
 def grid_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
-    """x's codes on `grid`: uint8 (code + zero_point), or int8 (code + zero_point - 128) when `signed`."""
+    """x's codes on `grid`: uint8 (code + zero_point), or int8 (code + zero_point - 128) when `signed`.
+    The step goes in as a 0-d tensor of x's dtype (the value x / step divides by either way), so
+    one compiled kernel serves every step value."""
     offset, dtype = (grid.zero_point - 128, torch.int8) if signed else (grid.zero_point, torch.uint8)
     name = f"grid_codes_{str(dtype).rsplit('.', 1)[-1]}"
-    return KERNELS.run(name, _codes_functional, _codes_eager, x, x, grid.step, offset, dtype)
+    step = torch.tensor(grid.step, dtype=x.dtype, device=x.device)
+    return KERNELS.run(name, _codes_functional, _codes_eager, x, x, step, offset, dtype)
 
 
 def _quantized_codes_functional(x, scale, lo, hi, offset: int):

@@ -145,6 +145,22 @@ class ConvTiles:
         w = w.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh, kw)
         return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
 
+    def weight_from_tiled(self, tiled: torch.Tensor) -> torch.Tensor:
+        """`weight`'s result from slices already cut into row-tiles, (slices, groups·out, tiles,
+        channels_per_tile·k_h·k_w) as the fused weight kernel writes them (its padding channels hold
+        whatever the kernel computed for zero weights): one copy into the array layout, then the
+        padding channels zeroed, as `weight` pads them."""
+        lay = self.layout
+        kh, kw = self.kernel_size
+        n_slices = tiled.shape[0]
+        by_tile = tiled.view(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh * kw)
+        w = tiled.new_empty((lay.groups, lay.tiles, n_slices, lay.out_channels_per_group, lay.channels_per_tile,
+                             kh * kw))
+        w.copy_(by_tile.permute(1, 3, 0, 2, 4, 5))
+        if lay.pad:
+            w[:, -1, :, :, lay.channels_per_tile - lay.pad:].zero_()
+        return w.view(-1, lay.channels_per_tile, kh, kw)
+
     def packed(self, w: torch.Tensor) -> torch.Tensor:
         """`weight`'s result laid out for many reads (the eval cache keeps it): prepacked for the
         int8 kernels when the products are integer, else channels_last, as the float conv reads it
