@@ -135,21 +135,20 @@ class ConvTiles:
 
     def weight(self, slices: torch.Tensor) -> torch.Tensor:
         """Grouped-conv weight (groups·tiles·slices·out, channels_per_tile, k_h, k_w), ordered
-        (group, tile, slice, out); the ragged last tile is padded with zero channels."""
+        (group, tile, slice, out), from slices (slices, groups·out, in/groups, k_h, k_w); the ragged
+        last tile is padded with zero channels."""
         lay = self.layout
         n_slices = slices.shape[0]
-        kh, kw = self.kernel_size
-        w = slices.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.in_channels_per_group, kh, kw)
+        w = slices.reshape(n_slices, lay.groups * lay.out_channels_per_group, lay.in_channels_per_group, -1)
         if lay.pad:
-            w = F.pad(w, (0, 0, 0, 0, 0, lay.pad))
-        w = w.reshape(n_slices, lay.groups, lay.out_channels_per_group, lay.tiles, lay.channels_per_tile, kh, kw)
-        return w.permute(1, 3, 0, 2, 4, 5, 6).reshape(-1, lay.channels_per_tile, kh, kw)
+            w = F.pad(w, (0, 0, 0, lay.pad))
+        return self.weight_from_tiled(w.reshape(n_slices, w.shape[1], lay.tiles, -1))
 
     def weight_from_tiled(self, tiled: torch.Tensor) -> torch.Tensor:
         """`weight`'s result from slices already cut into row-tiles, (slices, groups·out, tiles,
-        channels_per_tile·k_h·k_w) as the fused weight kernel writes them (its padding channels hold
+        channels_per_tile·k_h·k_w), as the fused weight kernel writes them (its padding channels hold
         whatever the kernel computed for zero weights): one copy into the array layout, then the
-        padding channels zeroed, as `weight` pads them."""
+        padding channels zeroed."""
         lay = self.layout
         kh, kw = self.kernel_size
         n_slices = tiled.shape[0]
