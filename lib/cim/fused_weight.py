@@ -85,8 +85,9 @@ class _FusedWeight(torch.autograd.Function):
     row-tile), or, given a `slicing`, their cell slices in its compact integer dtype with a
     gradient carrier in place of the levels: an expanded zero of the levels' shape, which the
     crossbar nodes read only for its shape and route the levels' gradient to (see
-    lib.cim.tile_products). Either way the backward takes the levels' gradient to the weight and
-    the step."""
+    lib.cim.tile_products); the slices come in the weight's shape, or with `by_tile` as the kernel
+    writes them, (slices, rows, tiles, weights per tile row) with the padding. Either way the
+    backward takes the levels' gradient to the weight and the step."""
 
     @staticmethod
     def forward(ctx, w, step, lo, hi, slicing: Optional[CellSlicing], pad: int, by_tile: bool = False):
