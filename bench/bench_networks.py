@@ -22,6 +22,7 @@ calibrated on one batch first, on one of these crossbars:
     default-multibit    run/hardware/default.yaml with input_mode=multi-bit
     cim_aq-float        cim_aq with partial sums in float32 (integer products off, for comparison)
     cim_aq-bf16grad     cim_aq with bfloat16 gradient products (CIM_AQ_GRADIENT_PRODUCTS=bfloat16)
+    cim_aq-dynamo       cim_aq with its CPU kernels called through torch.compile instead of directly
     default-bf16grad    default with bfloat16 gradient products
 
 A training step is forward + cross-entropy + backward + SGD step (train mode, within
@@ -56,7 +57,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib.cim import HardwareConfig, calibrate, quantize_model  # noqa: E402
-from lib.cim.adc_kernels import configure_compile  # noqa: E402
+from lib.cim.adc_kernels import KERNELS, configure_compile  # noqa: E402
 from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
 from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
@@ -84,6 +85,7 @@ class Crossbar:
     overrides: tuple = ()
     integer_products: bool = True  # False: partial sums in float32 even on an int8-capable CPU
     gradient_products: str = "float32"  # lib.cim.gradient_products format
+    direct_kernels: bool = True  # False: CPU kernels through torch.compile (KERNELS.direct_kernels)
 
     def hardware(self) -> HardwareConfig:
         return HardwareConfig.from_yaml(HARDWARE_DIR / self.yaml_name).with_overrides(**dict(self.overrides))
@@ -98,6 +100,7 @@ CROSSBARS = {
     "cim_aq-float": Crossbar("cim_aq_default.yaml", integer_products=False),
     "cim_aq-bf16grad": Crossbar("cim_aq_default.yaml", gradient_products="bfloat16"),
     "default-bf16grad": Crossbar("default.yaml", gradient_products="bfloat16"),
+    "cim_aq-dynamo": Crossbar("cim_aq_default.yaml", direct_kernels=False),
 }
 FP32 = "fp32"
 BITS = (8, 8)
@@ -158,7 +161,8 @@ def with_products_of(config: str, step):
     crossbar = CROSSBARS[config]
 
     def run():
-        with INTEGER_PRODUCTS.use(crossbar.integer_products), GRADIENT_PRODUCTS.use(crossbar.gradient_products):
+        with INTEGER_PRODUCTS.use(crossbar.integer_products), GRADIENT_PRODUCTS.use(crossbar.gradient_products), \
+                KERNELS.direct_kernels(crossbar.direct_kernels):
             step()
     return run
 

@@ -130,3 +130,16 @@ def test_a_float_argument_keeps_torch_compile(fused):
 
 def _scaled_by(x, factor: float):
     return x * factor + 1.0
+
+
+def test_kernels_can_be_timed_through_torch_compile_for_comparison(fused):
+    """`KERNELS.direct_kernels(False)` sends CPU kernels through torch.compile for its block
+    (the benchmarks' comparison), with the same values; the direct path is back after it."""
+    p, step, coef = _psums(80, 1, 6, 12, seed=5)
+    graphs, variants = counters["stats"]["unique_graphs"], KERNELS.direct_variants
+    with KERNELS.direct_kernels(False):
+        through_dynamo = KERNELS.forward(p, step, coef, -16, 15)
+    assert counters["stats"]["unique_graphs"] > graphs and KERNELS.direct_variants == variants
+    direct = KERNELS.forward(p, step, coef, -16, 15)
+    assert KERNELS.direct_variants > variants
+    assert torch.allclose(direct, through_dynamo, rtol=1e-6, atol=1e-5)

@@ -11,6 +11,7 @@ same values; the other kernels stay fused.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -209,6 +210,17 @@ class _Kernels:
         self._compiled: dict = {}
         self._failed: set = set()
         self._configured: str | None = None
+        self._direct = True  # CPU kernels called without TorchDynamo (lib.cim.direct_kernels)
+
+    @contextlib.contextmanager
+    def direct_kernels(self, enabled: bool):
+        """CPU kernels called directly (the default) or, inside `with direct_kernels(False)`,
+        through torch.compile: the same values, for timing one against the other."""
+        previous, self._direct = self._direct, bool(enabled)
+        try:
+            yield
+        finally:
+            self._direct = previous
 
     def configure(self, mode: str | None = None) -> str:
         """Pin the compile mode (auto | 0 | 1; None: from $CIM_AQ_COMPILE, default auto) and forget
@@ -255,7 +267,7 @@ class _Kernels:
     def _get(self, name: str, fn, device: str, args):
         """The compiled kernel `name`: on CPU a DirectKernel (no TorchDynamo overhead per call)
         unless a float argument rules it out, else torch.compile's."""
-        if device == "cpu" and takes_directly(args):
+        if device == "cpu" and self._direct and takes_directly(args):
             key = (name, "direct")
             if key not in self._compiled:
                 self._compiled[key] = DirectKernel(name, fn)
