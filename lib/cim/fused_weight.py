@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from lib.cim.adc_kernels import KERNELS, grid_bounds
 from lib.cim.crossbar import CellSlicing, cell_values
 from lib.cim.quantizers import int_threshold
-from lib.cim.tile_products import ConvTiles
 
 
 def _levels_functional(w, step, lo, hi):
@@ -85,12 +84,12 @@ class _FusedWeight(torch.autograd.Function):
     row-tile), or, given a `slicing`, their cell slices in its compact integer dtype with a
     gradient carrier in place of the levels: an expanded zero of the levels' shape, which the
     crossbar nodes read only for its shape and route the levels' gradient to (see
-    lib.cim.tile_products); the slices come in the weight's shape, or with `by_tile` as the kernel
-    writes them, (slices, rows, tiles, weights per tile row) with the padding. Either way the
-    backward takes the levels' gradient to the weight and the step."""
+    lib.cim.tile_products); the slices come as the kernel writes them, (slices, rows, tiles,
+    weights per tile row) with the padding, for the tiles to lay out (`weight_from_tiled`). Either
+    way the backward takes the levels' gradient to the weight and the step."""
 
     @staticmethod
-    def forward(ctx, w, step, lo, hi, slicing: Optional[CellSlicing], pad: int, by_tile: bool = False):
+    def forward(ctx, w, step, lo, hi, slicing: Optional[CellSlicing], pad: int):
         tiled = _by_tile(w, step.shape[1], pad)
         ctx.save_for_backward(tiled, step, lo, hi)
         ctx.shape, ctx.pad = w.shape, pad
@@ -100,10 +99,7 @@ class _FusedWeight(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
         slices = KERNELS.run("weight_slices", _slices_functional, _slices_eager, tiled, tiled, step, lo, hi, slicing)
         ctx.mark_non_differentiable(slices)
-        carrier = w.new_zeros(()).expand(w.shape)
-        if by_tile:  # as computed: (slices, rows, tiles, weights per tile row), padding included
-            return carrier, slices
-        return carrier, _unpadded(slices, (-1,) + tuple(w.shape), pad)
+        return w.new_zeros(()).expand(w.shape), slices
 
     @staticmethod
     def backward(ctx, grad_levels, _grad_slices):
@@ -111,7 +107,7 @@ class _FusedWeight(torch.autograd.Function):
         grad = _by_tile(grad_levels, step.shape[1], ctx.pad)
         grad_w, grad_step = KERNELS.run("weight_backward", _backward_functional, _backward_eager, tiled,
                                         grad, tiled, step, lo, hi)
-        return _unpadded(grad_w, ctx.shape, ctx.pad), grad_step, None, None, None, None, None
+        return _unpadded(grad_w, ctx.shape, ctx.pad), grad_step, None, None, None, None
 
 
 class FusedWeights:
@@ -132,14 +128,14 @@ class FusedWeights:
     def step_grid(self) -> torch.Tensor:
         return self._grid
 
-    def _fused(self, slicing: Optional[CellSlicing], by_tile: bool = False):
+    def _fused(self, slicing: Optional[CellSlicing]):
         layer = self.layer
         lay, weight = layer.layout, layer.weight
         groups, tiles, out = self._grid.shape
         step = self._grid.permute(0, 2, 1).reshape(groups * out, tiles)
         w = weight.reshape(groups * out, lay.in_channels_per_group, -1)
         lo, hi = grid_bounds(weight, *layer.plan.weight_range())
-        return _FusedWeight.apply(w, step, lo, hi, slicing, lay.pad, by_tile)
+        return _FusedWeight.apply(w, step, lo, hi, slicing, lay.pad)
 
     def levels(self) -> torch.Tensor:
         """The integer levels, the weight's shape (differentiable in the weight and the step)."""
@@ -150,12 +146,8 @@ class FusedWeights:
         """(gradient carrier of the integer weights q, weight step per (group, tile, out), array
         weight in the slicing's compact integer dtype): what the crossbar nodes need, without a
         full-size float copy of the levels or slices."""
-        shape = self.layer.weight.shape
-        if isinstance(tiles, ConvTiles):  # laid out from the kernel's tiled slices in one copy
-            carrier, slices = self._fused(self.layer.plan.slicing, by_tile=True)
-            return carrier.view(shape), self._grid, tiles.weight_from_tiled(slices)
         carrier, slices = self._fused(self.layer.plan.slicing)
-        return carrier.view(shape), self._grid, tiles.weight(slices.view((-1,) + tuple(shape)))
+        return carrier.view(self.layer.weight.shape), self._grid, tiles.weight_from_tiled(slices)
 
     @property
     def value(self) -> torch.Tensor:

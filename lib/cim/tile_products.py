@@ -284,6 +284,13 @@ class MatmulTiles:
             w = F.pad(w, (0, lay.pad))
         return w.view(w.shape[0], lay.tiles, lay.channels_per_tile).permute(1, 2, 0)
 
+    def weight_from_tiled(self, tiled: torch.Tensor) -> torch.Tensor:
+        """`weight`'s result from slices cut into row-tiles, (slices, out, tiles, rows_per_tile), as
+        the fused weight kernel writes them: the padding features dropped (a copy only then) and
+        padded with zeros again by `weight`."""
+        slices = tiled.reshape(tiled.shape[0], tiled.shape[1], -1)[..., :self.layout.in_channels_per_group]
+        return self.weight(slices)
+
     def packed(self, w: torch.Tensor):
         """`weight`'s result laid out for many reads (the eval cache keeps it): each tile's block
         contiguous (tiles, slices·out, rows_per_tile), read transposed — about 1.4x faster in the
