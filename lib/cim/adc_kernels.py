@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 
@@ -97,6 +98,34 @@ def _backward_into_functional(out, grad_y, p, step, gamma, lo, hi, chunks: int):
     tens-of-MB tensor costs about as much in page faults as the kernel itself)."""
     grad_p, sum_levels, sum_v = _backward_functional(grad_y, p, step, gamma, lo, hi, chunks)
     out.copy_(grad_p)
+    return sum_levels, sum_v
+
+
+def _clip_sums_functional(grad_y, p, step, lo, hi, chunks: int):
+    """The fused backward's two column sums without the partial sums' gradient, in one read of p,
+    with +inf in Σ grad·v·on_grid wherever the ADC clipped a partial sum of the column: that marks
+    the column for lib.cim.slice_merge at no third reduction (Inductor runs each reduction beyond
+    two as another pass over p)."""
+    grad = grad_y.unsqueeze(2)
+    v = p / step
+    rounded = torch.round(v)
+    levels = torch.clamp(rounded, lo, hi)
+    on_grid = rounded == levels
+    blocks = (chunks, -1) + tuple(p.shape[1:])
+    sum_levels = (levels * grad).view(blocks).sum(dim=1).sum(dim=0)
+    sum_v = torch.where(on_grid, v * grad, math.inf).view(blocks).sum(dim=1).sum(dim=0)
+    return sum_levels, sum_v
+
+
+def clip_sums_eager(grad_y, p, step, lo, hi):
+    """(Σ_m grad·level, Σ_m grad·v·on_grid, +inf in the columns where the ADC clipped)."""
+    grad = grad_y.unsqueeze(2)
+    v = p / step
+    rounded = torch.round(v)
+    levels = rounded.clamp(lo, hi)
+    on_grid = rounded.eq_(levels)
+    sum_levels = levels.mul_(grad).sum(dim=0)
+    sum_v = v.mul_(grad).masked_fill_(on_grid == 0, math.inf).sum(dim=0)
     return sum_levels, sum_v
 
 
@@ -349,6 +378,14 @@ class _Kernels:
                 return (out,) + tuple(sums)
         return self.run("backward", _backward_functional, backward_eager, p, grad_y, p, step, gamma, *bounds,
                          compiled_extra=chunks)
+
+    def clip_sums(self, grad_y, p, step, lo: int, hi: int):
+        """(Σ_m grad·level, Σ_m grad·v·on_grid, the latter +inf in every column where the ADC
+        clipped): `backward`'s sums without its full-size gradient, for a backward that needs no
+        partial-sum gradient where nothing was clipped (lib.cim.slice_merge)."""
+        bounds = grid_bounds(p, lo, hi)
+        return self.run("clip_sums", _clip_sums_functional, clip_sums_eager, p, grad_y, p, step, *bounds,
+                        compiled_extra=(_reduction_chunks(p.shape[0]),))
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,7 @@ from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.gradient_products import gradient_dtype
 from lib.cim.scratch import SCRATCH
+from lib.cim.slice_merge import MergedSlices
 from lib.cim.tile_products import MatmulTiles, products_backward, slice_shares
 
 PARTIAL_SUM_CHUNK_BYTES = 64 * 2**20  # partial sums kept whole up to this size, else made in chunks of it
@@ -69,12 +70,15 @@ class _CrossbarADC(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w, main, step, gamma = ctx.saved_tensors
         w_products = ctx.tiles.for_products(w, x) if ctx.chunks is not None else None
-        w = ctx.tiles.for_gradients(w, gradient_dtype(x))
+        dtype = gradient_dtype(x)
+        merged = MergedSlices.for_node(ctx.tiles, w, gamma, ctx.shares, x, dtype)
+        w = _GradientWeight(ctx.tiles, w, dtype)
         lo, hi, grad_factor = ctx.bounds
         need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_y = grad_y.contiguous()
         if ctx.chunks is None:
-            grad_x, grad_q, sum_levels, sum_v = _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x, need_q)
+            grad_x, grad_q, sum_levels, sum_v = _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x, need_q,
+                                                                 merged)
         else:  # each chunk's partial sums again, then its gradients (see the module docstring)
             dim = _row_dim(ctx.tiles)
             rows_per_item = grad_y.shape[0] // x.shape[dim]
@@ -84,7 +88,8 @@ class _CrossbarADC(torch.autograd.Function):
                 x_chunk = x.narrow(dim, start, length)
                 main = _products(ctx.tiles, x_chunk, w_products, gamma)
                 grad_y_chunk = grad_y.narrow(0, start * rows_per_item, length * rows_per_item)
-                gx, gq, levels, v = _chunk_backward(ctx, grad_y_chunk, x_chunk, w, main, step, gamma, need_x, need_q)
+                gx, gq, levels, v = _chunk_backward(ctx, grad_y_chunk, x_chunk, w, main, step, gamma, need_x, need_q,
+                                                    merged)
                 if need_x:
                     grad_x.narrow(dim, start, length).copy_(gx)
                 if gq is not None:
@@ -149,18 +154,40 @@ def _products(tiles, x, w, gamma):
     return tiles.products(x, w).reshape((-1,) + tuple(gamma.shape))
 
 
-def _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x: bool, need_q: bool):
-    """(grad of x, grad of q, Σ_m grad·level, Σ_m grad·v·on_grid) of one block of rows, whose
-    partial-sum gradient lives in the reused scratch buffer, in the gradient products' dtype
+class _GradientWeight:
+    """The saved array weight widened for the gradient products (`tiles.for_gradients`) on first
+    use: a backward whose slices all merge never needs it."""
+
+    def __init__(self, tiles, w: torch.Tensor, dtype: torch.dtype) -> None:
+        self._args, self._wide = (tiles, w, dtype), None
+
+    def __call__(self) -> torch.Tensor:
+        if self._wide is None:
+            tiles, w, dtype = self._args
+            self._wide = tiles.for_gradients(w, dtype)
+        return self._wide
+
+
+def _chunk_backward(ctx, grad_y, x, w: _GradientWeight, main, step, gamma, need_x: bool, need_q: bool,
+                    merged: Optional[MergedSlices]):
+    """(grad of x, grad of q, Σ_m grad·level, Σ_m grad·v·on_grid) of one block of rows: merged over
+    the slices where the ADC clipped little (lib.cim.slice_merge), else from the full partial-sum
+    gradient in the reused scratch buffer, in the gradient products' dtype
     (lib.cim.gradient_products)."""
     lo, hi, _ = ctx.bounds
+    if merged is not None:
+        sum_levels, sum_v = KERNELS.clip_sums(grad_y, main, step, lo, hi)
+        grads = merged.backward(grad_y, x, main, step, lo, hi, sum_v, ctx.q_shape, need_x, need_q)
+        if grads is not None:
+            grad_x, grad_q, sum_v = grads
+            return grad_x, grad_q, sum_levels, sum_v
     dtype = gradient_dtype(main)
     scratch = SCRATCH.tensor("psum_grad", main.shape, main, dtype)
     grad_main, sum_levels, sum_v = KERNELS.backward(grad_y, main, step, gamma, lo, hi, out=scratch)
     rows = main.numel() // (main.shape[-1] * ctx.shares.numel())
     share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main, dtype)
     p_shape = _products_shape(ctx.tiles, x)
-    grad_x, grad_q = products_backward(ctx.tiles, x, w, grad_main.reshape(p_shape), ctx.shares, ctx.q_shape,
+    grad_x, grad_q = products_backward(ctx.tiles, x, w(), grad_main.reshape(p_shape), ctx.shares, ctx.q_shape,
                                        need_x, need_q, share_out=share_out)
     return grad_x, grad_q, sum_levels, sum_v
 
