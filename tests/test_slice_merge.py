@@ -1,10 +1,10 @@
-"""The conv crossbar node's merged-slice backward (lib.cim.slice_merge) gives the full backward's
-gradients: with no clipped column, with a few clipped columns corrected, and it hands a layer
-whose ADC clips many columns to the full backward."""
+"""The crossbar node's merged-slice backward (lib.cim.slice_merge) gives the full backward's
+gradients, for convs and linear layers: with no clipped column, with a few clipped columns
+corrected, and it hands a layer whose ADC clips many columns to the full backward."""
 import pytest
 import torch
 
-from lib.cim import CIMConv2d, HardwareConfig, calibrate
+from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim import slice_merge
 from lib.cim.adc_kernels import KERNELS
 from lib.cim.scratch import scratch_buffers
@@ -12,19 +12,28 @@ from lib.cim.scratch import scratch_buffers
 MAPPINGS = ["offset", "differential-column", "differential-row"]
 
 
-def _layer(mapping: str, input_mode: str = "multi-bit", psum_granularity: str = "column") -> CIMConv2d:
-    """Groups, stride, dilation and a ragged last row-tile; calibrated, ADC on."""
-    hw = HardwareConfig(rows=40, cols=64, cell_bits=2, adc_bits=5, mapping=mapping, weight_granularity="column",
-                        psum_granularity=psum_granularity, input_mode=input_mode, input_bits=2)
+def _layer(mapping: str, input_mode: str = "multi-bit", psum_granularity: str = "column", kind: str = "conv"):
+    """A conv with groups, stride, dilation and a ragged last row-tile, or a linear layer with a
+    ragged last row-tile; calibrated, ADC on."""
+    hw = HardwareConfig(rows=40 if kind == "conv" else 16, cols=64, cell_bits=2, adc_bits=5, mapping=mapping,
+                        weight_granularity="column", psum_granularity=psum_granularity, input_mode=input_mode,
+                        input_bits=2)
     torch.manual_seed(3)
-    layer = CIMConv2d(10, 6, 3, stride=2, padding=2, dilation=2, groups=2, hw=hw, w_bit=5, a_bit=4)
+    if kind == "conv":
+        layer = CIMConv2d(10, 6, 3, stride=2, padding=2, dilation=2, groups=2, hw=hw, w_bit=5, a_bit=4)
+    else:
+        layer = CIMLinear(37, 5, hw=hw, w_bit=6, a_bit=4)
     assert layer.layout.tiles >= 2 and layer.layout.pad > 0
-    calibrate(layer, [torch.randn(4, 10, 9, 9)])
+    calibrate(layer, [torch.randn(_shape(kind, 4))])
     assert layer.psum_adc.fusable
     return layer
 
 
-def _set_adc_steps(layer: CIMConv2d, wide: float, narrow_columns: slice = slice(0, 0)) -> None:
+def _shape(kind: str, items: int) -> tuple:
+    return (items, 10, 9, 9) if kind == "conv" else (items, 3, 37)
+
+
+def _set_adc_steps(layer, wide: float, narrow_columns: slice = slice(0, 0)) -> None:
     """ADC steps `wide` times their calibrated size (nothing clips when large), and 1/50 of it in
     `narrow_columns` of the first array (those columns clip)."""
     with torch.no_grad():
@@ -34,7 +43,7 @@ def _set_adc_steps(layer: CIMConv2d, wide: float, narrow_columns: slice = slice(
             step[0, narrow_columns] /= 50 * wide
 
 
-def _gradients(layer: CIMConv2d, x: torch.Tensor) -> list:
+def _gradients(layer, x: torch.Tensor) -> list:
     x = x.clone().requires_grad_(True)
     params = [x, layer.weight, layer.weight_step_module.step, layer.input_step_module.step, layer.psum_adc.step]
     out = layer(x)
@@ -55,14 +64,15 @@ def _merged_and_full(layer, x, monkeypatch) -> tuple:
     with scratch_buffers():
         monkeypatch.setattr(slice_merge.MergedSlices, "backward", spy)
         merged = _gradients(layer, x)
-        monkeypatch.setattr(slice_merge.MergedSlices, "for_node", classmethod(lambda cls, *args: None))
+        monkeypatch.setattr(slice_merge.MergedSlices, "for_node", staticmethod(lambda *args: None))
         full = _gradients(layer, x)
     return merged, routes, full
 
 
-def _assert_close(merged: list, full: list) -> None:
-    assert torch.equal(merged[0], full[0])  # the forward is untouched
-    for got, want in zip(merged[1:], full[1:]):
+def _assert_close(merged: list, full: list, same_forward: bool = True) -> None:
+    if same_forward:  # the forward is untouched
+        assert torch.equal(merged[0], full[0])
+    for got, want in zip(merged[int(same_forward):], full[int(same_forward):]):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
@@ -71,45 +81,49 @@ def _correct(how: str, monkeypatch) -> None:
     monkeypatch.setattr(slice_merge, "SPARSE_SHARE", 0 if how == "entries" else 10**9)
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("mapping", MAPPINGS)
 @pytest.mark.parametrize("clipped", ["none", "few, entries", "few, columns"])
-def test_merged_backward_equals_the_full_backward(mapping, clipped, monkeypatch):
-    layer = _layer(mapping)
+def test_merged_backward_equals_the_full_backward(kind, mapping, clipped, monkeypatch):
+    layer = _layer(mapping, kind=kind)
     _set_adc_steps(layer, wide=8.0, narrow_columns=slice(0, 0) if clipped == "none" else slice(1, 2))
     _correct(clipped.split(", ")[-1], monkeypatch)
-    x = torch.randn(4, 10, 9, 9)
+    x = torch.randn(_shape(kind, 4))
     merged, routes, full = _merged_and_full(layer, x, monkeypatch)
     assert routes == ["merged"]
     _assert_close(merged, full)
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("correction", ["entries", "columns"])
-def test_merged_backward_in_bit_serial_mode(correction, monkeypatch):
+def test_merged_backward_in_bit_serial_mode(kind, correction, monkeypatch):
     _correct(correction, monkeypatch)
-    layer = _layer("differential-column", input_mode="bit-serial")
+    layer = _layer("differential-column", input_mode="bit-serial", kind=kind)
     assert layer.input_planes == 2
     _set_adc_steps(layer, wide=8.0, narrow_columns=slice(2, 3))
-    merged, routes, full = _merged_and_full(layer, torch.randn(3, 10, 9, 9), monkeypatch)
+    merged, routes, full = _merged_and_full(layer, torch.randn(_shape(kind, 3)), monkeypatch)
     assert routes == ["merged"]
     _assert_close(merged, full)
 
 
-def test_many_clipped_columns_take_the_full_backward(monkeypatch):
-    layer = _layer("offset", psum_granularity="layer")
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_many_clipped_columns_take_the_full_backward(kind, monkeypatch):
+    layer = _layer("offset", psum_granularity="layer", kind=kind)
     _set_adc_steps(layer, wide=1 / 50)
-    merged, routes, full = _merged_and_full(layer, torch.randn(4, 10, 9, 9), monkeypatch)
+    merged, routes, full = _merged_and_full(layer, torch.randn(_shape(kind, 4)), monkeypatch)
     assert routes == ["full"]
     _assert_close(merged, full)
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("correction", ["entries", "columns"])
-def test_merged_backward_over_recomputed_chunks(correction, monkeypatch):
-    """Partial sums made in chunks of images: each chunk decides on its own clipped columns."""
+def test_merged_backward_over_recomputed_chunks(kind, correction, monkeypatch):
+    """Partial sums made in chunks of images (tokens): each chunk decides on its own clipped columns."""
     _correct(correction, monkeypatch)
-    monkeypatch.setattr("lib.cim.crossbar_adc.PARTIAL_SUM_CHUNK_BYTES", 4096)
-    layer = _layer("differential-column")
+    monkeypatch.setattr("lib.cim.crossbar_adc.PARTIAL_SUM_CHUNK_BYTES", 4096 if kind == "conv" else 256)
+    layer = _layer("differential-column", kind=kind)
     _set_adc_steps(layer, wide=8.0, narrow_columns=slice(0, 1))
-    merged, routes, full = _merged_and_full(layer, torch.randn(5, 10, 9, 9), monkeypatch)
+    merged, routes, full = _merged_and_full(layer, torch.randn(_shape(kind, 5)), monkeypatch)
     assert len(routes) > 1 and set(routes) == {"merged"}
     _assert_close(merged, full)
 
@@ -129,3 +143,20 @@ def test_clip_sums_are_the_backward_sums_with_clipped_columns_marked(compile_mod
     assert torch.allclose(sum_levels, want_levels, rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.isinf(sum_v), clipped)
     assert torch.allclose(sum_v[~clipped], want_v[~clipped], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_merged_backward_eager_equals_fused(kind, monkeypatch):
+    """CIM_AQ_COMPILE=0 (eager kernels: the sums, a linear layer's merged weight built block by
+    block) gives the fused kernels' gradients."""
+    layer = _layer("offset", kind=kind)
+    _set_adc_steps(layer, wide=8.0, narrow_columns=slice(1, 2))
+    x = torch.randn(_shape(kind, 4))
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("CIM_AQ_COMPILE", mode)
+        merged, routes, _ = _merged_and_full(layer, x, monkeypatch)
+        monkeypatch.undo()
+        assert routes == ["merged"]
+        results.append(merged)
+    _assert_close(*results, same_forward=False)  # eager and fused forward kernels round alike only up to float32

@@ -129,6 +129,16 @@ def clip_sums_eager(grad_y, p, step, lo, hi):
     return sum_levels, sum_v
 
 
+def _merge_slices_into_functional(out, cells, gamma):
+    """Σ_s gamma[s] · cells[s] written into `out`: a linear layer's merged array weight (see
+    lib.cim.slice_merge), its compact cells widened on the fly in one pass."""
+    merged = cells[0].to(gamma.dtype) * gamma[0]
+    for s in range(1, cells.shape[0]):
+        merged = merged + cells[s].to(gamma.dtype) * gamma[s]
+    out.copy_(merged)
+    return out
+
+
 ROWS_PER_CHUNK = (32, 64, 16, 128, 8)
 
 
@@ -386,6 +396,11 @@ class _Kernels:
         bounds = grid_bounds(p, lo, hi)
         return self.run("clip_sums", _clip_sums_functional, clip_sums_eager, p, grad_y, p, step, *bounds,
                         compiled_extra=(_reduction_chunks(p.shape[0]),))
+
+    def merge_slices(self, out, cells, gamma) -> bool:
+        """Σ_s gamma[s] · cells[s] into `out` with the fused kernel; False where it does not run
+        (the caller then computes it eagerly)."""
+        return self.run("merge_slices_into", _merge_slices_into_functional, None, gamma, out, cells, gamma) is not None
 
 
 @functools.lru_cache(maxsize=None)

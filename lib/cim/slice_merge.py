@@ -1,16 +1,16 @@
-"""The backward of a conv's crossbar + ADC node with its cell slices merged wherever the ADC
-clipped nothing.
+"""The backward of a crossbar + ADC node with its cell slices merged wherever the ADC clipped
+nothing.
 
 The gradient of partial sum c = (group, tile, slice, out) is γ_c·g_out where the ADC's rounded
 level lies on its grid and 0 where it clipped (g: the output gradient, γ_c = weight step ·
 2^(s·c)). Every slice of a tile reads the same input, so wherever nothing was clipped the slices'
-input-gradient products add up to one product with the merged weight Σ_s γ·slice_s: the dense
-conv of the output gradient, 1/slices of the grouped conv's work, and no full-size partial-sum
-gradient to write and read back. The weight gradient is likewise one dense product scaled per
-(tile, out). The ADC usually clips few columns over a batch (none at 8 bits in the benchmarks'
-networks), so the columns that did clip are corrected with a small grouped product over them alone:
-the part of the gradient their clipping removed, subtracted. A layer whose ADC clips more columns
-than `MAX_CLIPPED_SHARE` of an array's takes the full grouped backward.
+input-gradient products add up to one product with the merged weight Σ_s γ·slice_s: the layer's
+dense product of the output gradient, 1/slices of the grouped one's work, and no full-size
+partial-sum gradient to write and read back. The weight gradient is likewise one dense product,
+scaled per (tile, out). The ADC usually clips few columns over a batch (none at 8 bits in the
+benchmarks' networks); what clipping removed from those columns' gradient is subtracted again,
+entry by entry or with a small grouped product over them alone. A layer whose ADC clips more
+columns than `MAX_CLIPPED_SHARE` of an array's takes the full backward.
 
 The gradients are those of the full backward up to float32 summation order (a test compares them).
 """
@@ -20,40 +20,37 @@ from typing import Optional
 
 import torch
 
-from lib.cim.tile_products import ConvTiles
+from lib.cim.adc_kernels import KERNELS
+from lib.cim.tile_products import FLOAT_BLOCK_BYTES, ConvTiles, MatmulTiles
 
 MAX_CLIPPED_SHARE = 0.25  # most clipped columns per array, as a share of its columns, for the merged backward
 SPARSE_SHARE = 16  # clipped entries corrected one by one while under 1/16 of the slotted product's rows·slots
 
 
 class MergedSlices:
-    """A conv crossbar node's weights for the merged backward, made once per backward call: the
-    merged weight Σ_s γ·slice_s per (group, out, tile) and the weight gradient's per-(tile, out)
-    scale Σ_s share_s·γ."""
+    """A crossbar node's weights for the merged backward, made once per backward call: the merged
+    weight Σ_s γ·slice_s per (group, tile, out) (laid out by the subclass for its dense products)
+    and the weight gradient's per-(tile, out) scale Σ_s share_s·γ. Subclasses: `ConvMerge`,
+    `MatmulMerge`."""
 
-    def __init__(self, tiles: ConvTiles, cells: torch.Tensor, gamma: torch.Tensor, shares: torch.Tensor,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, tiles, cells: torch.Tensor, gamma: torch.Tensor, shares: torch.Tensor) -> None:
         lay = tiles.layout
-        kh, kw = tiles.kernel_size
         self.tiles, self.slices = tiles, shares.numel()
-        self.cells = cells  # (arrays·slices·out, channels_per_tile, k_h, k_w), ordered (group, tile, slice, out)
+        self.cells = cells  # the saved array weight, as `tiles.products` reads it
         self.gamma = gamma
         self.shares = shares
-        by_slice = gamma.reshape(lay.groups, lay.tiles, self.slices, lay.out_channels_per_group)
-        cell_values = cells.reshape(by_slice.shape + (-1,)).to(dtype)
-        merged = (cell_values * by_slice.unsqueeze(-1)).sum(dim=2)  # (groups, tiles, out, rows per tile)
-        self.weight = merged.permute(0, 2, 1, 3).reshape(
-            lay.groups * lay.out_channels_per_group, lay.padded_channels, kh, kw)
-        self.scale = (by_slice * shares.view(1, 1, -1, 1)).sum(dim=2).permute(0, 2, 1)  # (groups, out, tiles)
+        self.by_slice = gamma.reshape(lay.groups, lay.tiles, self.slices, lay.out_channels_per_group)
+        self.scale = (self.by_slice * shares.view(1, 1, -1, 1)).sum(dim=2).permute(0, 2, 1)  # (groups, out, tiles)
 
-    @classmethod
-    def for_node(cls, tiles, cells: torch.Tensor, gamma: torch.Tensor, shares: torch.Tensor,
-                 x: torch.Tensor, dtype: torch.dtype) -> Optional["MergedSlices"]:
-        """The merged weights of a node, or None where the merged backward does not apply: a linear
-        layer's tiles, or gradient products in another dtype than the input's (bfloat16)."""
-        if not isinstance(tiles, ConvTiles) or not x.is_floating_point() or dtype != x.dtype:
+    @staticmethod
+    def for_node(tiles, cells: torch.Tensor, gamma: torch.Tensor, shares: torch.Tensor, x: torch.Tensor,
+                 dtype: torch.dtype) -> Optional["MergedSlices"]:
+        """The merged weights of a node, or None where the merged backward does not apply:
+        gradient products in another dtype than the input's (bfloat16)."""
+        if not x.is_floating_point() or dtype != x.dtype:
             return None
-        return cls(tiles, cells, gamma, shares, dtype)
+        merge = ConvMerge if isinstance(tiles, ConvTiles) else MatmulMerge
+        return merge(tiles, cells, gamma, shares, dtype)
 
     def backward(self, grad_y: torch.Tensor, x: torch.Tensor, main: torch.Tensor, step: torch.Tensor,
                  lo: int, hi: int, sum_v: torch.Tensor, q_shape: torch.Size, need_x: bool,
@@ -65,49 +62,94 @@ class MergedSlices:
         lay = self.tiles.layout
         columns = self.slices * lay.out_channels_per_group
         dirty = torch.isfinite(sum_v).logical_not_().reshape(-1).nonzero().squeeze(1)
-        per_array = torch.bincount(dirty // columns, minlength=self.tiles.arrays)
+        per_array = torch.bincount(dirty // columns, minlength=lay.groups * lay.tiles)
         most = int(per_array.max()) if dirty.numel() else 0
         if most > MAX_CLIPPED_SHARE * columns:
             return None
-        mask = [need_x, need_q, False]
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            self._as_image(grad_y, x), x, self.weight, None, *self._conv_args(), lay.groups, mask)
+        grad_x, grad_w = self._dense(grad_y, x, need_x, need_q)
         if need_q:  # (groups, out, tiles, rows per tile), in q's units
             grad_w = grad_w.reshape(lay.groups, lay.out_channels_per_group, lay.tiles, -1).mul_(self.scale.unsqueeze(-1))
         if most:
             sum_v = sum_v.clone()
             clipped = _Clipped(self, grad_y, main, step, lo, hi, dirty, sum_v)
-            if clipped.entries.shape[0] * SPARSE_SHARE <= main.shape[0] * self.tiles.arrays * most:
-                self._subtract_entries(grad_x, grad_w, x, clipped)
-            else:
-                self._subtract_columns(grad_x, grad_w, x, clipped, per_array, most)
+            slots = main.shape[0] * lay.groups * lay.tiles * most
+            subtract = self._subtract_entries if clipped.entries.shape[0] * SPARSE_SHARE <= slots else \
+                self._subtract_columns
+            gw = subtract(grad_x, x, clipped, per_array, most, need_q)
+            if need_q:
+                self._subtract_weight_grad(grad_w, clipped, gw)
         if need_q:
-            grad_w = grad_w.reshape(lay.groups, lay.out_channels_per_group, lay.padded_channels, -1)
+            grad_w = grad_w.reshape(lay.groups, lay.out_channels_per_group, lay.tiles * lay.channels_per_tile, -1)
             grad_w = grad_w[:, :, :lay.in_channels_per_group].reshape(q_shape)
         return grad_x, grad_w, sum_v
 
-    def _subtract_columns(self, grad_x, grad_w, x, clipped: "_Clipped", per_array: torch.Tensor, most: int) -> None:
-        """Take from the merged gradients what the clipped partial sums contributed to them: one
-        grouped product over `most` column slots per array (unused slots zero)."""
-        dirty = clipped.dirty
-        first = torch.cumsum(per_array, 0) - per_array
-        slot = clipped.array * most + torch.arange(dirty.numel(), device=dirty.device) - first[clipped.array]
-        rows = clipped.removed.shape[0]
-        slots = clipped.removed.new_zeros(rows, self.tiles.arrays * most).index_copy_(1, slot, clipped.removed)
-        weight = x.new_zeros((self.tiles.arrays * most,) + tuple(self.cells.shape[1:]))
-        weight.index_copy_(0, slot, self.cells.index_select(0, dirty).to(x.dtype))
-        need_x, need_q = grad_x is not None, grad_w is not None
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            self._as_image(slots, x), x, weight, None, *self._conv_args(), self.tiles.arrays, [need_x, need_q, False])
-        if need_x:
-            grad_x.sub_(gx)
-        if need_q:
-            self._subtract_weight_grad(grad_w, clipped, gw.index_select(0, slot).reshape(dirty.numel(), -1))
+    def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
+        """(grad of x, unscaled weight gradient (groups·out, tiles·rows per tile)) of the merged weight."""
+        raise NotImplementedError
 
-    def _subtract_entries(self, grad_x, grad_w, x, clipped: "_Clipped") -> None:
-        """`_subtract_columns` entry by entry, for a few clipped partial sums: each one's gradient
-        times its column's cells, scattered into the input patch it read (and that patch, into
-        the column's weight gradient)."""
+    def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
+        """Take from grad_x what the clipped partial sums contributed to it, through one product
+        over `most` column slots per array (unused slots zero); return each clipped column's
+        Σ_m removed·x (D, rows per tile) when need_q."""
+        raise NotImplementedError
+
+    def _subtract_entries(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
+        """`_subtract_columns` entry by entry, for a few clipped partial sums."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _slots(clipped: "_Clipped", per_array: torch.Tensor, most: int) -> torch.Tensor:
+        """Each clipped column's slot among its array's `most`: array · most + its rank in the array."""
+        first = torch.cumsum(per_array, 0) - per_array
+        rank = torch.arange(clipped.dirty.numel(), device=per_array.device) - first[clipped.array]
+        return clipped.array * most + rank
+
+    def _subtract_weight_grad(self, grad_w, clipped: "_Clipped", per_column: torch.Tensor) -> None:
+        """Subtract each clipped column's Σ_m removed·x (per_column, (D, rows per tile)), times its
+        slice's share, from q's gradient (groups, out, tiles, rows per tile) at its (group, out, tile)."""
+        lay = self.tiles.layout
+        share = self.shares[(clipped.dirty // lay.out_channels_per_group) % self.slices]
+        target = clipped.output * lay.tiles + clipped.array % lay.tiles
+        grad_w.view(-1, grad_w.shape[-1]).index_add_(0, target, per_column.reshape(target.numel(), -1) *
+                                                      share.unsqueeze(1), alpha=-1)
+
+
+class ConvMerge(MergedSlices):
+    """A conv's merged backward: the merged weight is a dense (per group) conv's over the tiled
+    input; cells (arrays·slices·out, channels_per_tile, k_h, k_w), ordered (group, tile, slice, out)."""
+
+    def __init__(self, tiles: ConvTiles, cells, gamma, shares, dtype: torch.dtype) -> None:
+        super().__init__(tiles, cells, gamma, shares)
+        lay = tiles.layout
+        kh, kw = tiles.kernel_size
+        cell_values = cells.reshape(self.by_slice.shape + (-1,)).to(dtype)
+        merged = (cell_values * self.by_slice.unsqueeze(-1)).sum(dim=2)  # (groups, tiles, out, rows per tile)
+        self.weight = merged.permute(0, 2, 1, 3).reshape(
+            lay.groups * lay.out_channels_per_group, lay.padded_channels, kh, kw)
+
+    def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            self._as_image(grad_y, x), x, self.weight, None, *self._conv_args(), self.tiles.layout.groups,
+            [need_x, need_q, False])
+        return grad_x, grad_w
+
+    def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
+        slot = self._slots(clipped, per_array, most)
+        arrays = self.tiles.arrays
+        rows = clipped.removed.shape[0]
+        removed = clipped.removed.new_zeros(rows, arrays * most).index_copy_(1, slot, clipped.removed)
+        weight = x.new_zeros((arrays * most,) + tuple(self.cells.shape[1:]))
+        weight.index_copy_(0, slot, self.cells.index_select(0, clipped.dirty).to(x.dtype))
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            self._as_image(removed, x), x, weight, None, *self._conv_args(), arrays,
+            [grad_x is not None, need_q, False])
+        if grad_x is not None:
+            grad_x.sub_(gx)
+        return gw.index_select(0, slot) if need_q else None
+
+    def _subtract_entries(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
+        """Each clipped partial sum's gradient times its column's cells, scattered into the input
+        patch it read; that patch, into the column's weight gradient."""
         tiles = self.tiles
         per_tile = tiles.layout.channels_per_tile
         kh, kw = tiles.kernel_size
@@ -120,27 +162,19 @@ class MergedSlices:
             torch.arange(kw, device=row.device) * tiles.dilation[1]  # (E, kw)
         inside = ((iy >= 0) & (iy < x.shape[2])).unsqueeze(2) & ((ix >= 0) & (ix < x.shape[3])).unsqueeze(1)
         entry, ky, kx = inside.nonzero(as_tuple=True)  # every (entry, kernel position) inside the input
-        channels = (clipped.array[column[entry]] * per_tile).unsqueeze(1) + torch.arange(per_tile, device=row.device)
+        within = torch.arange(per_tile, device=row.device)
+        channels = (clipped.array[column[entry]] * per_tile).unsqueeze(1) + within
         at = (image[entry].unsqueeze(1), channels, iy[entry, ky].unsqueeze(1), ix[entry, kx].unsqueeze(1))
         value = clipped.removed[row, column][entry].unsqueeze(1)  # (V, 1)
         if grad_x is not None:
             cells = self.cells.index_select(0, clipped.dirty).to(x.dtype)  # (D, per_tile, kh, kw)
             grad_x.index_put_(at, -value * cells[column[entry], :, ky, kx], accumulate=True)
-        if grad_w is not None:
-            gw = x.new_zeros((clipped.dirty.numel(), per_tile, kh, kw))
-            gw.index_put_((column[entry].unsqueeze(1), torch.arange(per_tile, device=row.device), ky.unsqueeze(1),
-                           kx.unsqueeze(1)), value * x[at], accumulate=True)
-            self._subtract_weight_grad(grad_w, clipped, gw.reshape(clipped.dirty.numel(), -1))
-
-    def _subtract_weight_grad(self, grad_w, clipped: "_Clipped", per_column: torch.Tensor) -> None:
-        """Subtract each clipped column's Σ_m removed·x (per_column, (D, rows per tile)), times its
-        slice's share, from q's gradient (groups, out, tiles, rows per tile) at its (group, out, tile)."""
-        lay = self.tiles.layout
-        out = lay.out_channels_per_group
-        dirty = clipped.dirty
-        share = self.shares[(dirty // out) % self.slices]
-        target = clipped.output * lay.tiles + clipped.array % lay.tiles
-        grad_w.view(-1, grad_w.shape[-1]).index_add_(0, target, per_column * share.unsqueeze(1), alpha=-1)
+        if not need_q:
+            return None
+        gw = x.new_zeros((clipped.dirty.numel(), per_tile, kh, kw))
+        gw.index_put_((column[entry].unsqueeze(1), within, ky.unsqueeze(1), kx.unsqueeze(1)), value * x[at],
+                      accumulate=True)
+        return gw
 
     def _as_image(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rows (N·H_out·W_out, ...) → an (N, C, H_out, W_out) view, channels last in memory."""
@@ -150,6 +184,73 @@ class MergedSlices:
     def _conv_args(self) -> tuple:
         tiles = self.tiles
         return list(tiles.stride), list(tiles.padding), list(tiles.dilation), False, [0, 0]
+
+
+class MatmulMerge(MergedSlices):
+    """A linear layer's merged backward: one matmul per direction over all row-tiles; cells
+    (tiles, rows_per_tile, slices·out), columns ordered (slice, out); the tiled input x (tiles,
+    tokens, rows_per_tile)."""
+
+    def __init__(self, tiles: MatmulTiles, cells, gamma, shares, dtype: torch.dtype) -> None:
+        super().__init__(tiles, cells, gamma, shares)
+        lay = tiles.layout
+        out = lay.out_channels_per_group
+        # the cells as the fused weight path stores them, (slices, out, tiles, rows_per_tile) in
+        # memory (a view here), and the merged weight transposed, (out, tiles, rows_per_tile):
+        # every pass runs along the rows, a block of outputs at a time (bounded temporaries)
+        by_column = cells.permute(2, 0, 1).reshape(self.slices, out, lay.tiles, lay.channels_per_tile)
+        by_slice = self.by_slice[0].permute(1, 2, 0).unsqueeze(-1)  # (slices, out, tiles, 1)
+        self.weight_t = torch.empty((out, lay.tiles, lay.channels_per_tile), dtype=dtype, device=cells.device)
+        if KERNELS.merge_slices(self.weight_t, by_column, by_slice.to(dtype)):
+            return
+        block = max(1, FLOAT_BLOCK_BYTES // max(1, self.weight_t[0].numel() * self.weight_t.element_size()))
+        for start in range(0, out, block):
+            part = slice(start, start + block)
+            torch.mul(by_column[0, part], by_slice[0, part], out=self.weight_t[part])
+            for s in range(1, self.slices):
+                self.weight_t[part].add_(by_column[s, part] * by_slice[s, part])
+
+    def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
+        tiles, tokens, rows = x.shape
+        grad = grad_y.reshape(tokens, -1)
+        grad_x = grad_w = None
+        if need_x:  # (tokens, tiles·rows) viewed (tiles, tokens, rows)
+            grad_x = (grad @ self.weight_t.view(-1, tiles * rows)).view(tokens, tiles, rows).transpose(0, 1)
+        if need_q:
+            grad_w = grad.t() @ x.transpose(0, 1).reshape(tokens, tiles * rows)
+        return grad_x, grad_w
+
+    def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
+        slot = self._slots(clipped, per_array, most)
+        tiles, tokens, rows = x.shape
+        removed = clipped.removed.new_zeros(tokens, tiles * most).index_copy_(1, slot, clipped.removed)
+        removed = removed.view(tokens, tiles, most).transpose(0, 1)  # (tiles, tokens, slots)
+        weight = x.new_zeros((tiles * most, rows)).index_copy_(0, slot, self._column_cells(clipped, x.dtype))
+        weight = weight.view(tiles, most, rows)
+        if grad_x is not None:
+            grad_x.baddbmm_(removed, weight, alpha=-1)
+        if not need_q:
+            return None
+        return torch.bmm(removed.transpose(1, 2), x).reshape(tiles * most, rows).index_select(0, slot)
+
+    def _subtract_entries(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
+        """Each clipped partial sum's gradient times its column's cells, taken from its token's
+        tile input gradient; that token's tile input, into the column's weight gradient."""
+        row, column = clipped.entries.unbind(1)
+        tile = clipped.array[column]
+        value = clipped.removed[row, column].unsqueeze(1)
+        if grad_x is not None:
+            within = torch.arange(x.shape[2], device=row.device)
+            grad_x.index_put_((tile.unsqueeze(1), row.unsqueeze(1), within),
+                              -value * self._column_cells(clipped, x.dtype)[column], accumulate=True)
+        if not need_q:
+            return None
+        return x.new_zeros((clipped.dirty.numel(), x.shape[2])).index_add_(0, column, value * x[tile, row])
+
+    def _column_cells(self, clipped: "_Clipped", dtype: torch.dtype) -> torch.Tensor:
+        """The cells of each clipped column (D, rows_per_tile)."""
+        columns = self.slices * self.tiles.layout.out_channels_per_group
+        return self.cells[clipped.array, :, clipped.dirty % columns].to(dtype)
 
 
 class _Clipped:
