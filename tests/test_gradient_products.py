@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lib import cli
-from lib.cim import calibrate, crossbar_adc
+from lib.cim import calibrate, crossbar_adc, slice_merge
 from lib.cim.gradient_products import (GRADIENT_PRODUCTS, GradientProductsError, configure_gradient_products,
                                        gradient_dtype, native_bfloat16)
 from lib.cim.hardware import HardwareConfig
@@ -92,8 +92,12 @@ def test_only_bfloat16_products_on_a_float32_cpu_tensor_take_bfloat16():
 
 @bfloat16_here
 @pytest.mark.parametrize("kind,mapping,signed", list(itertools.product(["conv", "linear"], MAPPINGS, [True, False])))
-def test_bfloat16_products_keep_the_forward_and_round_only_the_gradients(kind, mapping, signed, monkeypatch):
-    """Kept partial sums and chunks recomputed in the backward alike."""
+@pytest.mark.parametrize("backward", ["merged", "full"])
+def test_bfloat16_products_keep_the_forward_and_round_only_the_gradients(kind, mapping, signed, backward, monkeypatch):
+    """Kept partial sums and chunks recomputed in the backward alike; the slices merged (little
+    clipping, lib.cim.slice_merge) or the full backward."""
+    if backward == "full":
+        monkeypatch.setattr(slice_merge.MergedSlices, "for_node", staticmethod(lambda *args: None))
     for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 512):
         monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
         layer, x = _layer(kind, _hw(mapping=mapping), signed)

@@ -4,7 +4,9 @@ It computes what `tile_products` followed by the ADC's convert-and-accumulate co
 kernels, same values and gradients, which a test checks), but as one autograd node, so that the
 full-size partial-sum gradient is a private temporary of one backward call and can live in a
 reused scratch buffer (lib.cim.scratch) instead of fresh memory. Used when the ADC can convert
-without inspecting the partial sums first (`PartialSumADC.fusable`).
+without inspecting the partial sums first (`PartialSumADC.fusable`). Where the ADC clipped few
+columns, the backward merges the slices instead and needs no full-size gradient at all
+(lib.cim.slice_merge).
 
 A layer's partial sums are slices × row-tiles × (out / in channels) times its input, and
 bit-serial inputs multiply them by the DAC cycles: whole, a VGG16 or ResNet-18 at 224 px would hold

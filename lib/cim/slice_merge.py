@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from lib.cim.adc_kernels import KERNELS
-from lib.cim.tile_products import FLOAT_BLOCK_BYTES, ConvTiles, MatmulTiles
+from lib.cim.tile_products import FLOAT_BLOCK_BYTES, ConvTiles, MatmulTiles, in_dtype
 
 MAX_CLIPPED_SHARE = 0.25  # most clipped columns per array, as a share of its columns, for the merged backward
 SPARSE_SHARE = 16  # clipped entries corrected one by one while under 1/16 of the slotted product's rows·slots
@@ -45,9 +45,9 @@ class MergedSlices:
     @staticmethod
     def for_node(tiles, cells: torch.Tensor, gamma: torch.Tensor, shares: torch.Tensor, x: torch.Tensor,
                  dtype: torch.dtype) -> Optional["MergedSlices"]:
-        """The merged weights of a node, or None where the merged backward does not apply:
-        gradient products in another dtype than the input's (bfloat16)."""
-        if not x.is_floating_point() or dtype != x.dtype:
+        """The merged weights of a node whose dense products run in `dtype` (the gradient
+        products', lib.cim.gradient_products), or None for an input that is not floating point."""
+        if not x.is_floating_point():
             return None
         merge = ConvMerge if isinstance(tiles, ConvTiles) else MatmulMerge
         return merge(tiles, cells, gamma, shares, dtype)
@@ -122,16 +122,18 @@ class ConvMerge(MergedSlices):
         super().__init__(tiles, cells, gamma, shares)
         lay = tiles.layout
         kh, kw = tiles.kernel_size
-        cell_values = cells.reshape(self.by_slice.shape + (-1,)).to(dtype)
+        cell_values = cells.reshape(self.by_slice.shape + (-1,)).to(gamma.dtype)
         merged = (cell_values * self.by_slice.unsqueeze(-1)).sum(dim=2)  # (groups, tiles, out, rows per tile)
         self.weight = merged.permute(0, 2, 1, 3).reshape(
-            lay.groups * lay.out_channels_per_group, lay.padded_channels, kh, kw)
+            lay.groups * lay.out_channels_per_group, lay.padded_channels, kh, kw).to(dtype)
 
     def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
+        dtype = self.weight.dtype
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            self._as_image(grad_y, x), x, self.weight, None, *self._conv_args(), self.tiles.layout.groups,
-            [need_x, need_q, False])
-        return grad_x, grad_w
+            in_dtype(self._as_image(grad_y, x), dtype), in_dtype(x, dtype), self.weight, None, *self._conv_args(),
+            self.tiles.layout.groups, [need_x, need_q, False])
+        return (None if grad_x is None else in_dtype(grad_x, x.dtype)), \
+            (None if grad_w is None else in_dtype(grad_w, x.dtype))
 
     def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
         slot = self._slots(clipped, per_array, most)
@@ -201,7 +203,7 @@ class MatmulMerge(MergedSlices):
         by_column = cells.permute(2, 0, 1).reshape(self.slices, out, lay.tiles, lay.channels_per_tile)
         by_slice = self.by_slice[0].permute(1, 2, 0).unsqueeze(-1)  # (slices, out, tiles, 1)
         self.weight_t = torch.empty((out, lay.tiles, lay.channels_per_tile), dtype=dtype, device=cells.device)
-        if KERNELS.merge_slices(self.weight_t, by_column, by_slice.to(dtype)):
+        if KERNELS.merge_slices(self.weight_t, by_column, by_slice):
             return
         block = max(1, FLOAT_BLOCK_BYTES // max(1, self.weight_t[0].numel() * self.weight_t.element_size()))
         for start in range(0, out, block):
@@ -212,12 +214,14 @@ class MatmulMerge(MergedSlices):
 
     def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
         tiles, tokens, rows = x.shape
-        grad = grad_y.reshape(tokens, -1)
+        dtype = self.weight_t.dtype
+        grad = in_dtype(grad_y.reshape(tokens, -1), dtype)
         grad_x = grad_w = None
         if need_x:  # (tokens, tiles·rows) viewed (tiles, tokens, rows)
-            grad_x = (grad @ self.weight_t.view(-1, tiles * rows)).view(tokens, tiles, rows).transpose(0, 1)
+            grad_x = in_dtype(grad @ self.weight_t.view(-1, tiles * rows), x.dtype).view(tokens, tiles, rows)
+            grad_x = grad_x.transpose(0, 1)
         if need_q:
-            grad_w = grad.t() @ x.transpose(0, 1).reshape(tokens, tiles * rows)
+            grad_w = in_dtype(grad.t() @ in_dtype(x.transpose(0, 1).reshape(tokens, tiles * rows), dtype), x.dtype)
         return grad_x, grad_w
 
     def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
