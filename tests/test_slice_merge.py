@@ -160,3 +160,17 @@ def test_merged_backward_eager_equals_fused(kind, monkeypatch):
         assert routes == ["merged"]
         results.append(merged)
     _assert_close(*results, same_forward=False)  # eager and fused forward kernels round alike only up to float32
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_linear_merged_weight_made_in_blocks_of_outputs(compile_mode, monkeypatch):
+    """A linear layer's merged weight made a few outputs at a time (bounded memory) gives the same
+    gradients as the full backward."""
+    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    monkeypatch.setattr(slice_merge, "FLOAT_BLOCK_BYTES", 2 * 16 * 3 * 4)  # two outputs of 3 tiles of 16 rows
+    layer = _layer("differential-column", kind="linear")
+    assert layer.layout.tiles == 3 and layer.out_features == 5
+    _set_adc_steps(layer, wide=8.0, narrow_columns=slice(1, 2))
+    merged, routes, full = _merged_and_full(layer, torch.randn(_shape("linear", 4)), monkeypatch)
+    assert routes == ["merged"]
+    _assert_close(merged, full)

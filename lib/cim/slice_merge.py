@@ -196,33 +196,47 @@ class MatmulMerge(MergedSlices):
     def __init__(self, tiles: MatmulTiles, cells, gamma, shares, dtype: torch.dtype) -> None:
         super().__init__(tiles, cells, gamma, shares)
         lay = tiles.layout
-        out = lay.out_channels_per_group
         # the cells as the fused weight path stores them, (slices, out, tiles, rows_per_tile) in
-        # memory (a view here), and the merged weight transposed, (out, tiles, rows_per_tile):
-        # every pass runs along the rows, a block of outputs at a time (bounded temporaries)
-        by_column = cells.permute(2, 0, 1).reshape(self.slices, out, lay.tiles, lay.channels_per_tile)
-        by_slice = self.by_slice[0].permute(1, 2, 0).unsqueeze(-1)  # (slices, out, tiles, 1)
-        self.weight_t = torch.empty((out, lay.tiles, lay.channels_per_tile), dtype=dtype, device=cells.device)
-        if KERNELS.merge_slices(self.weight_t, by_column, by_slice):
-            return
-        block = max(1, FLOAT_BLOCK_BYTES // max(1, self.weight_t[0].numel() * self.weight_t.element_size()))
-        for start in range(0, out, block):
-            part = slice(start, start + block)
-            torch.mul(by_column[0, part], by_slice[0, part], out=self.weight_t[part])
-            for s in range(1, self.slices):
-                self.weight_t[part].add_(by_column[s, part] * by_slice[s, part])
+        # memory (a view here), and the slices' scales laid out alike: the merged weight is made
+        # transposed, (out, tiles·rows_per_tile), a block of outputs at a time (bounded memory)
+        self.by_column = cells.permute(2, 0, 1).reshape(self.slices, lay.out_channels_per_group, lay.tiles,
+                                                        lay.channels_per_tile)
+        self.column_scale = self.by_slice[0].permute(1, 2, 0).unsqueeze(-1)  # (slices, out, tiles, 1)
+        self.dtype = dtype
 
     def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
         tiles, tokens, rows = x.shape
-        dtype = self.weight_t.dtype
-        grad = in_dtype(grad_y.reshape(tokens, -1), dtype)
+        grad = in_dtype(grad_y.reshape(tokens, -1), self.dtype)
         grad_x = grad_w = None
         if need_x:  # (tokens, tiles·rows) viewed (tiles, tokens, rows)
-            grad_x = in_dtype(grad @ self.weight_t.view(-1, tiles * rows), x.dtype).view(tokens, tiles, rows)
-            grad_x = grad_x.transpose(0, 1)
+            grad_x = x.new_zeros((tokens, tiles * rows))
+            for part, weight in self._weight_blocks():
+                if weight.dtype == grad_x.dtype:
+                    grad_x.addmm_(grad[:, part], weight)
+                else:
+                    grad_x.add_(grad[:, part] @ weight)
+            grad_x = grad_x.view(tokens, tiles, rows).transpose(0, 1)
         if need_q:
-            grad_w = in_dtype(grad.t() @ in_dtype(x.transpose(0, 1).reshape(tokens, tiles * rows), dtype), x.dtype)
+            flat = in_dtype(x.transpose(0, 1).reshape(tokens, tiles * rows), self.dtype)
+            grad_w = in_dtype(grad.t() @ flat, x.dtype)
         return grad_x, grad_w
+
+    def _weight_blocks(self):
+        """(output slice, merged weight of those outputs (outputs, tiles·rows_per_tile)) blocks of
+        about FLOAT_BLOCK_BYTES, made by the fused kernel (eagerly where it does not run)."""
+        _, out, tiles, rows = self.by_column.shape
+        size = torch.empty((), dtype=self.dtype).element_size()
+        block = min(out, max(1, FLOAT_BLOCK_BYTES // max(1, tiles * rows * size)))
+        buffer = torch.empty((block, tiles, rows), dtype=self.dtype, device=self.by_column.device)
+        for start in range(0, out, block):
+            part = slice(start, min(start + block, out))
+            weight = buffer[:part.stop - start]
+            cells, scale = self.by_column[:, part], self.column_scale[:, part]
+            if not KERNELS.merge_slices(weight, cells, scale):
+                torch.mul(cells[0], scale[0], out=weight)
+                for s in range(1, self.slices):
+                    weight.add_(cells[s] * scale[s])
+            yield part, weight.view(-1, tiles * rows)
 
     def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
         slot = self._slots(clipped, per_array, most)
