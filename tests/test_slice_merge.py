@@ -15,12 +15,14 @@ MAPPINGS = ["offset", "differential-column", "differential-row"]
 def _layer(mapping: str, input_mode: str = "multi-bit", psum_granularity: str = "column", kind: str = "conv"):
     """A conv with groups, stride, dilation and a ragged last row-tile, or a linear layer with a
     ragged last row-tile; calibrated, ADC on."""
-    hw = HardwareConfig(rows=40 if kind == "conv" else 16, cols=64, cell_bits=2, adc_bits=5, mapping=mapping,
+    hw = HardwareConfig(rows=16 if kind == "linear" else 40, cols=64, cell_bits=2, adc_bits=5, mapping=mapping,
                         weight_granularity="column", psum_granularity=psum_granularity, input_mode=input_mode,
                         input_bits=2)
     torch.manual_seed(3)
     if kind == "conv":
         layer = CIMConv2d(10, 6, 3, stride=2, padding=2, dilation=2, groups=2, hw=hw, w_bit=5, a_bit=4)
+    elif kind == "conv, one group":  # the merged products skip the padding channels
+        layer = CIMConv2d(13, 6, 3, stride=2, padding=1, hw=hw, w_bit=5, a_bit=4)
     else:
         layer = CIMLinear(37, 5, hw=hw, w_bit=6, a_bit=4)
     assert layer.layout.tiles >= 2 and layer.layout.pad > 0
@@ -30,7 +32,7 @@ def _layer(mapping: str, input_mode: str = "multi-bit", psum_granularity: str = 
 
 
 def _shape(kind: str, items: int) -> tuple:
-    return (items, 10, 9, 9) if kind == "conv" else (items, 3, 37)
+    return {"conv": (items, 10, 9, 9), "conv, one group": (items, 13, 9, 9)}.get(kind, (items, 3, 37))
 
 
 def _set_adc_steps(layer, wide: float, narrow_columns: slice = slice(0, 0)) -> None:
@@ -81,7 +83,7 @@ def _correct(how: str, monkeypatch) -> None:
     monkeypatch.setattr(slice_merge, "SPARSE_SHARE", 0 if how == "entries" else 10**9)
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind", ["conv", "conv, one group", "linear"])
 @pytest.mark.parametrize("mapping", MAPPINGS)
 @pytest.mark.parametrize("clipped", ["none", "few, entries", "few, columns"])
 def test_merged_backward_equals_the_full_backward(kind, mapping, clipped, monkeypatch):
@@ -115,12 +117,12 @@ def test_many_clipped_columns_take_the_full_backward(kind, monkeypatch):
     _assert_close(merged, full)
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind", ["conv", "conv, one group", "linear"])
 @pytest.mark.parametrize("correction", ["entries", "columns"])
 def test_merged_backward_over_recomputed_chunks(kind, correction, monkeypatch):
     """Partial sums made in chunks of images (tokens): each chunk decides on its own clipped columns."""
     _correct(correction, monkeypatch)
-    monkeypatch.setattr("lib.cim.crossbar_adc.PARTIAL_SUM_CHUNK_BYTES", 4096 if kind == "conv" else 256)
+    monkeypatch.setattr("lib.cim.crossbar_adc.PARTIAL_SUM_CHUNK_BYTES", 256 if kind == "linear" else 4096)
     layer = _layer("differential-column", kind=kind)
     _set_adc_steps(layer, wide=8.0, narrow_columns=slice(0, 1))
     merged, routes, full = _merged_and_full(layer, torch.randn(_shape(kind, 5)), monkeypatch)

@@ -128,12 +128,30 @@ class ConvMerge(MergedSlices):
             lay.groups * lay.out_channels_per_group, lay.padded_channels, kh, kw).to(dtype)
 
     def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
+        lay = self.tiles.layout
         dtype = self.weight.dtype
+        real = lay.in_channels_per_group
+        # one group: its padding channels are the tiled input's last ones, so the products can
+        # skip them (a ragged tile of 4 channels pads 32 channels to 56); the gradients are then
+        # laid out tiled again, zero in the padding
+        unpadded = lay.groups == 1 and lay.pad > 0
+        inputs = x.narrow(1, 0, real).contiguous(memory_format=torch.channels_last) if unpadded else x
+        weight = self.weight.narrow(1, 0, real).contiguous() if unpadded else self.weight
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            in_dtype(self._as_image(grad_y, x), dtype), in_dtype(x, dtype), self.weight, None, *self._conv_args(),
-            self.tiles.layout.groups, [need_x, need_q, False])
-        return (None if grad_x is None else in_dtype(grad_x, x.dtype)), \
-            (None if grad_w is None else in_dtype(grad_w, x.dtype))
+            in_dtype(self._as_image(grad_y, x), dtype), in_dtype(inputs, dtype), weight, None, *self._conv_args(),
+            lay.groups, [need_x, need_q, False])
+        if grad_x is not None:
+            grad_x = in_dtype(grad_x, x.dtype)
+            if unpadded:
+                tiled = torch.empty_like(x, memory_format=torch.channels_last)
+                tiled.narrow(1, 0, real).copy_(grad_x)
+                grad_x = tiled
+                grad_x.narrow(1, real, lay.pad).zero_()
+        if grad_w is not None:
+            grad_w = in_dtype(grad_w, x.dtype)
+            if unpadded:
+                grad_w = torch.nn.functional.pad(grad_w, (0, 0, 0, 0, 0, lay.pad))
+        return grad_x, grad_w
 
     def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
         slot = self._slots(clipped, per_array, most)
