@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 
 from lib.cim.adc import step_and_gamma_grads
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.adc_kernels import KERNELS, memory_format_of
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.gradient_products import gradient_dtype
 from lib.cim.scratch import SCRATCH
 from lib.cim.slice_merge import MergedSlices
-from lib.cim.tile_products import MatmulTiles, products_backward, slice_shares
+from lib.cim.tile_products import ConvTiles, MatmulTiles, products_backward, slice_shares, untiled_channels
 
 PARTIAL_SUM_CHUNK_BYTES = 64 * 2**20  # partial sums kept whole up to this size, else made in chunks of it
 
@@ -59,39 +59,44 @@ def _row_dim(tiles) -> int:
 class _CrossbarADC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, w, step, gamma, tiles, plan: CrossbarPlan,
-                lo: int, hi: int, grad_factor: float):
+                lo: int, hi: int, grad_factor: float, source: Optional[torch.Tensor]):
         chunks = row_chunks(tiles, x, gamma.numel())
         ctx.tiles, ctx.q_shape, ctx.chunks = tiles, q.shape, chunks
         ctx.shares = slice_shares(plan, q.dtype, q.device)
         ctx.bounds = (lo, hi, grad_factor)
         main, y = _convert(tiles, x, w, step, gamma, lo, hi, chunks)
-        ctx.save_for_backward(x, tiles.saved(w), main, step, gamma)
+        ctx.by_source = source is not None
+        ctx.save_for_backward(source if ctx.by_source else x, tiles.saved(w), main, step, gamma)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, main, step, gamma = ctx.saved_tensors
-        w_products = ctx.tiles.for_products(w, x) if ctx.chunks is not None else None
-        dtype = gradient_dtype(x)
-        merged = MergedSlices.for_node(ctx.tiles, w, gamma, ctx.shares, x, dtype)
+        saved, w, main, step, gamma = ctx.saved_tensors
+        source = saved if ctx.by_source else None
+        x = _TiledInput(ctx.tiles, saved, ctx.by_source)
+        w_products = ctx.tiles.for_products(w, saved) if ctx.chunks is not None else None
+        dtype = gradient_dtype(saved)
+        merged = MergedSlices.for_node(ctx.tiles, w, gamma, ctx.shares, saved, dtype)
         w = _GradientWeight(ctx.tiles, w, dtype)
         lo, hi, grad_factor = ctx.bounds
-        need_x, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x = ctx.needs_input_grad[10] if ctx.by_source else ctx.needs_input_grad[0]
+        need_q = ctx.needs_input_grad[1]
         grad_y = grad_y.contiguous()
         if ctx.chunks is None:
-            grad_x, grad_q, sum_levels, sum_v = _chunk_backward(ctx, grad_y, x, w, main, step, gamma, need_x, need_q,
-                                                                 merged)
+            grad_x, grad_q, sum_levels, sum_v = _chunk_backward(ctx, grad_y, x, source, w, main, step, gamma, need_x,
+                                                                 need_q, merged)
         else:  # each chunk's partial sums again, then its gradients (see the module docstring)
             dim = _row_dim(ctx.tiles)
-            rows_per_item = grad_y.shape[0] // x.shape[dim]
-            grad_x = torch.empty_like(x) if need_x else None
+            rows_per_item = grad_y.shape[0] // saved.shape[dim]
+            grad_x = torch.empty_like(saved) if need_x else None
             grad_q = sum_levels = sum_v = None
             for start, length in ctx.chunks:
                 x_chunk = x.narrow(dim, start, length)
-                main = _products(ctx.tiles, x_chunk, w_products, gamma)
+                source_chunk = None if source is None else source.narrow(dim, start, length)
+                main = _products(ctx.tiles, x_chunk(), w_products, gamma)
                 grad_y_chunk = grad_y.narrow(0, start * rows_per_item, length * rows_per_item)
-                gx, gq, levels, v = _chunk_backward(ctx, grad_y_chunk, x_chunk, w, main, step, gamma, need_x, need_q,
-                                                    merged)
+                gx, gq, levels, v = _chunk_backward(ctx, grad_y_chunk, x_chunk, source_chunk, w, main, step, gamma,
+                                                    need_x, need_q, merged)
                 if need_x:
                     grad_x.narrow(dim, start, length).copy_(gx)
                 if gq is not None:
@@ -99,7 +104,30 @@ class _CrossbarADC(torch.autograd.Function):
                 sum_levels = levels if sum_levels is None else sum_levels.add_(levels)
                 sum_v = v if sum_v is None else sum_v.add_(v)
         grad_step, grad_gamma = step_and_gamma_grads(step, gamma, sum_levels, sum_v, grad_factor)
-        return grad_x, grad_q, None, grad_step, grad_gamma, None, None, None, None, None
+        grads = [None, grad_q, None, grad_step, grad_gamma, None, None, None, None, None, None]
+        grads[10 if ctx.by_source else 0] = grad_x
+        return tuple(grads)
+
+
+class _TiledInput:
+    """The node's tiled input: as saved, or tiled on first use from the saved untiled source (a
+    one-group conv whose slices merge never needs it)."""
+
+    def __init__(self, tiles, saved: torch.Tensor, is_source: bool) -> None:
+        self.tiles, self.saved, self.is_source = tiles, saved, is_source
+        self._tiled = None if is_source else saved
+
+    def __call__(self) -> torch.Tensor:
+        if self._tiled is None:
+            with torch.no_grad():
+                self._tiled = self.tiles.tile_input(self.saved)
+        return self._tiled
+
+    def narrow(self, dim: int, start: int, length: int) -> "_TiledInput":
+        """The same for a block of rows (the tiling keeps rows)."""
+        if self._tiled is not None:
+            return _TiledInput(self.tiles, self._tiled.narrow(dim, start, length), False)
+        return _TiledInput(self.tiles, self.saved.narrow(dim, start, length), True)
 
 
 def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
@@ -170,19 +198,29 @@ class _GradientWeight:
         return self._wide
 
 
-def _chunk_backward(ctx, grad_y, x, w: _GradientWeight, main, step, gamma, need_x: bool, need_q: bool,
-                    merged: Optional[MergedSlices]):
-    """(grad of x, grad of q, Σ_m grad·level, Σ_m grad·v·on_grid) of one block of rows: merged over
-    the slices where the ADC clipped little (lib.cim.slice_merge), else from the full partial-sum
-    gradient in the reused scratch buffer, in the gradient products' dtype
-    (lib.cim.gradient_products)."""
+def _chunk_backward(ctx, grad_y, x: _TiledInput, source: Optional[torch.Tensor], w: _GradientWeight, main, step,
+                    gamma, need_x: bool, need_q: bool, merged: Optional[MergedSlices]):
+    """(grad of the input, grad of q, Σ_m grad·level, Σ_m grad·v·on_grid) of one block of rows:
+    merged over the slices where the ADC clipped little (lib.cim.slice_merge), else from the full
+    partial-sum gradient in the reused scratch buffer, in the gradient products' dtype
+    (lib.cim.gradient_products). The input's gradient is the untiled `source`'s when given, else
+    the tiled input's."""
     lo, hi, _ = ctx.bounds
     if merged is not None:
         sum_levels, sum_v = KERNELS.clip_sums(grad_y, main, step, lo, hi)
-        grads = merged.backward(grad_y, x, main, step, lo, hi, sum_v, ctx.q_shape, need_x, need_q)
+        grads = merged.backward(grad_y, x, main, step, lo, hi, sum_v, ctx.q_shape, need_x, need_q, source)
         if grads is not None:
             grad_x, grad_q, sum_v = grads
             return grad_x, grad_q, sum_levels, sum_v
+    grad_x, grad_q, sum_levels, sum_v = _full_backward(ctx, grad_y, x(), w, main, step, gamma, need_x, need_q)
+    if source is not None and grad_x is not None:
+        grad_x = untiled_channels(grad_x, 1, source.shape[1], memory_format_of(source))
+    return grad_x, grad_q, sum_levels, sum_v
+
+
+def _full_backward(ctx, grad_y, x, w: _GradientWeight, main, step, gamma, need_x: bool, need_q: bool):
+    """`_chunk_backward` from the full partial-sum gradient, for the tiled input x."""
+    lo, hi, _ = ctx.bounds
     dtype = gradient_dtype(main)
     scratch = SCRATCH.tensor("psum_grad", main.shape, main, dtype)
     grad_main, sum_levels, sum_v = KERNELS.backward(grad_y, main, step, gamma, lo, hi, out=scratch)
@@ -203,16 +241,22 @@ def _products_shape(tiles, x) -> tuple:
 
 def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch.Tensor, tiles,
                          step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None,
-                         constants=None) -> torch.Tensor:
+                         constants=None, source: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM layer whose ADC is `fusable`
     (tiles: its ConvTiles or MatmulTiles),
     from the integer weights q stored as w (`tile_products.crossbar_weight`); `constants`: the
-    ADC's `PartialSumADC.constants` when the layer keeps them."""
+    ADC's `PartialSumADC.constants` when the layer keeps them; `source`: the conv input x_tiled
+    was tiled from (`ConvTiles.tile_input`)."""
     plan = layer.plan
+    # a one-group conv's padding channels are the tiled input's last ones: the node then takes the
+    # gradient to the untiled input itself (the merged backward computes it there directly)
+    by_source = (source is not None and source.requires_grad and isinstance(tiles, ConvTiles)
+                 and tiles.layout.groups == 1 and tiles.layout.pad > 0)
+    node_input, source = (x_tiled.detach(), source) if by_source else (x_tiled, None)
 
     def convert(step, gamma, lo, hi, factor):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x_tiled, q, step, gamma)):
-            return _CrossbarADC.apply(x_tiled, q, w, step, gamma, tiles, plan, lo, hi, factor)
+            return _CrossbarADC.apply(node_input, q, w, step, gamma, tiles, plan, lo, hi, factor, source)
         # nothing to differentiate (evaluation): the outputs without an autograd node
         return _outputs(tiles, x_tiled, w, step, gamma, lo, hi)
     rows = math.prod(tiles.output_size(x_tiled))

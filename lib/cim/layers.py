@@ -418,13 +418,14 @@ class CIMLayerMixin:
         return self.quantized_bias(self.bias_step(scale, weights.step_grid()))
 
     def _converted_outputs(self, x_tiled: torch.Tensor, weights, tiles,
-                           ref: Optional[torch.Tensor]) -> torch.Tensor:
+                           ref: Optional[torch.Tensor], source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
-        One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC."""
+        One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC;
+        `source`: the input x_tiled was tiled from, which that node may take its gradient to."""
         if self.psum_adc.fusable and self.fused_adc:
             q, step_grid, stored, shifts, ref_shift, constants = self._fused_form(weights, tiles, ref is not None)
             return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift,
-                                        constants)
+                                        constants, source)
         lay = self.layout
         psums, step_grid = self._tile_products(x_tiled, weights, tiles)
         psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
@@ -625,12 +626,13 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         lay = self.layout
         planes = self.input_planes
         tiles = self.tiles(self.input_grid(x, scale, planes))
-        x_tiled = tiles.tile_input(self.pad_input(self._split_input(x, scale, planes)))
+        source = self.pad_input(self._split_input(x, scale, planes))
+        x_tiled = tiles.tile_input(source)
         n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        y = self._converted_outputs(x_tiled, weights, tiles, ref)
+        y = self._converted_outputs(x_tiled, weights, tiles, ref, source)
         return self._output_map(self._join_planes(y, planes), h, w, bias)
 
     def _input_codes(self, x) -> Optional[tuple]:

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from lib.cim.adc_kernels import KERNELS
-from lib.cim.tile_products import FLOAT_BLOCK_BYTES, ConvTiles, MatmulTiles, in_dtype
+from lib.cim.adc_kernels import KERNELS, memory_format_of
+from lib.cim.tile_products import FLOAT_BLOCK_BYTES, ConvTiles, MatmulTiles, in_dtype, untiled_channels
 
 MAX_CLIPPED_SHARE = 0.25  # most clipped columns per array, as a share of its columns, for the merged backward
 SPARSE_SHARE = 16  # clipped entries corrected one by one while under 1/16 of the slotted product's rows·slots
@@ -52,13 +52,15 @@ class MergedSlices:
         merge = ConvMerge if isinstance(tiles, ConvTiles) else MatmulMerge
         return merge(tiles, cells, gamma, shares, dtype)
 
-    def backward(self, grad_y: torch.Tensor, x: torch.Tensor, main: torch.Tensor, step: torch.Tensor,
+    def backward(self, grad_y: torch.Tensor, tiled, main: torch.Tensor, step: torch.Tensor,
                  lo: int, hi: int, sum_v: torch.Tensor, q_shape: torch.Size, need_x: bool,
-                 need_q: bool) -> Optional[tuple]:
-        """(grad of the tiled input x, grad of q, Σ_m grad·v·on_grid) from the output gradient
-        grad_y (M, groups, out), the partial sums `main` (M, groups, tiles·slices, out) with their
-        ADC `step` and grid [lo, hi], and `KERNELS.clip_sums`' Σ_m grad·v·on_grid, +inf in the
-        columns that clipped (made exact here); None when too many columns clipped."""
+                 need_q: bool, source: Optional[torch.Tensor] = None) -> Optional[tuple]:
+        """(grad of the input, grad of q, Σ_m grad·v·on_grid) from the output gradient grad_y (M,
+        groups, out), the partial sums `main` (M, groups, tiles·slices, out) with their ADC `step`
+        and grid [lo, hi], and `KERNELS.clip_sums`' Σ_m grad·v·on_grid, +inf in the columns that
+        clipped (made exact here); None when too many columns clipped. `tiled()` gives the tiled
+        input; the input gradient is the untiled `source`'s when given (a one-group conv), else
+        the tiled input's."""
         lay = self.tiles.layout
         columns = self.slices * lay.out_channels_per_group
         dirty = torch.isfinite(sum_v).logical_not_().reshape(-1).nonzero().squeeze(1)
@@ -66,16 +68,22 @@ class MergedSlices:
         most = int(per_array.max()) if dirty.numel() else 0
         if most > MAX_CLIPPED_SHARE * columns:
             return None
-        grad_x, grad_w = self._dense(grad_y, x, need_x, need_q)
+        grad_x, grad_w = self._dense(grad_y, tiled, source, need_x, need_q)
         if need_q:  # (groups, out, tiles, rows per tile), in q's units
             grad_w = grad_w.reshape(lay.groups, lay.out_channels_per_group, lay.tiles, -1).mul_(self.scale.unsqueeze(-1))
         if most:
             sum_v = sum_v.clone()
             clipped = _Clipped(self, grad_y, main, step, lo, hi, dirty, sum_v)
             slots = main.shape[0] * lay.groups * lay.tiles * most
-            subtract = self._subtract_entries if clipped.entries.shape[0] * SPARSE_SHARE <= slots else \
-                self._subtract_columns
-            gw = subtract(grad_x, x, clipped, per_array, most, need_q)
+            if clipped.entries.shape[0] * SPARSE_SHARE <= slots:
+                gw = self._subtract_entries(grad_x, source if source is not None else tiled(), clipped, per_array,
+                                            most, need_q)
+            else:  # a grouped product over the tiled input, its input gradient laid out alike
+                x = tiled()
+                removed = torch.zeros_like(x) if source is not None and grad_x is not None else grad_x
+                gw = self._subtract_columns(removed, x, clipped, per_array, most, need_q)
+                if removed is not grad_x:
+                    grad_x.add_(untiled_channels(removed, 1, source.shape[1], memory_format_of(source)))
             if need_q:
                 self._subtract_weight_grad(grad_w, clipped, gw)
         if need_q:
@@ -83,8 +91,9 @@ class MergedSlices:
             grad_w = grad_w[:, :, :lay.in_channels_per_group].reshape(q_shape)
         return grad_x, grad_w, sum_v
 
-    def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
-        """(grad of x, unscaled weight gradient (groups·out, tiles·rows per tile)) of the merged weight."""
+    def _dense(self, grad_y, tiled, source, need_x: bool, need_q: bool) -> tuple:
+        """(grad of the input (source's when given, else the tiled input's), unscaled weight
+        gradient (groups·out, tiles·rows per tile)) of the merged weight."""
         raise NotImplementedError
 
     def _subtract_columns(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
@@ -127,28 +136,34 @@ class ConvMerge(MergedSlices):
         self.weight = merged.permute(0, 2, 1, 3).reshape(
             lay.groups * lay.out_channels_per_group, lay.padded_channels, kh, kw).to(dtype)
 
-    def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
+    def _dense(self, grad_y, tiled, source, need_x: bool, need_q: bool) -> tuple:
         lay = self.tiles.layout
         dtype = self.weight.dtype
         real = lay.in_channels_per_group
-        # one group: its padding channels are the tiled input's last ones, so the products can
-        # skip them (a ragged tile of 4 channels pads 32 channels to 56); the gradients are then
-        # laid out tiled again, zero in the padding
+        # one group: its padding channels are the tiled input's last ones, so the products skip
+        # them (a ragged tile of 4 channels pads 32 channels to 56), over the untiled input
         unpadded = lay.groups == 1 and lay.pad > 0
-        inputs = x.narrow(1, 0, real).contiguous(memory_format=torch.channels_last) if unpadded else x
+        x = None if source is not None else tiled()
+        if unpadded:
+            inputs = source if source is not None else x.narrow(1, 0, real)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        else:
+            inputs = x
         weight = self.weight.narrow(1, 0, real).contiguous() if unpadded else self.weight
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            in_dtype(self._as_image(grad_y, x), dtype), in_dtype(inputs, dtype), weight, None, *self._conv_args(),
-            lay.groups, [need_x, need_q, False])
+            in_dtype(self._as_image(grad_y, inputs), dtype), in_dtype(inputs, dtype), weight, None,
+            *self._conv_args(), lay.groups, [need_x, need_q, False])
         if grad_x is not None:
-            grad_x = in_dtype(grad_x, x.dtype)
-            if unpadded:
-                tiled = torch.empty_like(x, memory_format=torch.channels_last)
-                tiled.narrow(1, 0, real).copy_(grad_x)
-                grad_x = tiled
-                grad_x.narrow(1, real, lay.pad).zero_()
+            grad_x = in_dtype(grad_x, inputs.dtype)
+            if unpadded and source is None:  # laid out tiled again, zero in the padding
+                tiled_grad = torch.empty_like(x, memory_format=torch.channels_last)
+                tiled_grad.narrow(1, 0, real).copy_(grad_x)
+                tiled_grad.narrow(1, real, lay.pad).zero_()
+                grad_x = tiled_grad
+            elif source is not None:
+                grad_x = grad_x.contiguous(memory_format=memory_format_of(source))
         if grad_w is not None:
-            grad_w = in_dtype(grad_w, x.dtype)
+            grad_w = in_dtype(grad_w, inputs.dtype)
             if unpadded:
                 grad_w = torch.nn.functional.pad(grad_w, (0, 0, 0, 0, 0, lay.pad))
         return grad_x, grad_w
@@ -169,7 +184,9 @@ class ConvMerge(MergedSlices):
 
     def _subtract_entries(self, grad_x, x, clipped: "_Clipped", per_array, most: int, need_q: bool):
         """Each clipped partial sum's gradient times its column's cells, scattered into the input
-        patch it read; that patch, into the column's weight gradient."""
+        patch it read; that patch, into the column's weight gradient. x may be the tiled input or,
+        for one group, the untiled one (its channels are the tiled input's first; the padding
+        channels beyond hold zeros and zero cells, so they contribute nothing and are skipped)."""
         tiles = self.tiles
         per_tile = tiles.layout.channels_per_tile
         kh, kw = tiles.kernel_size
@@ -183,17 +200,20 @@ class ConvMerge(MergedSlices):
         inside = ((iy >= 0) & (iy < x.shape[2])).unsqueeze(2) & ((ix >= 0) & (ix < x.shape[3])).unsqueeze(1)
         entry, ky, kx = inside.nonzero(as_tuple=True)  # every (entry, kernel position) inside the input
         within = torch.arange(per_tile, device=row.device)
-        channels = (clipped.array[column[entry]] * per_tile).unsqueeze(1) + within
-        at = (image[entry].unsqueeze(1), channels, iy[entry, ky].unsqueeze(1), ix[entry, kx].unsqueeze(1))
-        value = clipped.removed[row, column][entry].unsqueeze(1)  # (V, 1)
+        channels = (clipped.array[column[entry]] * per_tile).unsqueeze(1) + within  # (V, per_tile)
+        real = channels < x.shape[1]
+        at = tuple(i.expand_as(channels)[real] for i in
+                   (image[entry].unsqueeze(1), channels, iy[entry, ky].unsqueeze(1), ix[entry, kx].unsqueeze(1)))
+        value = clipped.removed[row, column][entry].unsqueeze(1).expand_as(channels)[real]
+        cell_at = tuple(i.expand_as(channels)[real] for i in
+                        (column[entry].unsqueeze(1), within.expand_as(channels), ky.unsqueeze(1), kx.unsqueeze(1)))
         if grad_x is not None:
             cells = self.cells.index_select(0, clipped.dirty).to(x.dtype)  # (D, per_tile, kh, kw)
-            grad_x.index_put_(at, -value * cells[column[entry], :, ky, kx], accumulate=True)
+            grad_x.index_put_(at, -value * cells[cell_at], accumulate=True)
         if not need_q:
             return None
         gw = x.new_zeros((clipped.dirty.numel(), per_tile, kh, kw))
-        gw.index_put_((column[entry].unsqueeze(1), within, ky.unsqueeze(1), kx.unsqueeze(1)), value * x[at],
-                      accumulate=True)
+        gw.index_put_(cell_at, value * x[at], accumulate=True)
         return gw
 
     def _as_image(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +242,8 @@ class MatmulMerge(MergedSlices):
         self.column_scale = self.by_slice[0].permute(1, 2, 0).unsqueeze(-1)  # (slices, out, tiles, 1)
         self.dtype = dtype
 
-    def _dense(self, grad_y, x, need_x: bool, need_q: bool) -> tuple:
+    def _dense(self, grad_y, tiled, source, need_x: bool, need_q: bool) -> tuple:
+        x = tiled()
         tiles, tokens, rows = x.shape
         grad = in_dtype(grad_y.reshape(tokens, -1), self.dtype)
         grad_x = grad_w = None

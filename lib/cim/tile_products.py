@@ -103,13 +103,18 @@ class _TiledChannels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        n, _, h, w = grad.shape
-        groups, per_group = ctx.groups, ctx.per_group
-        by_group = grad.permute(0, 2, 3, 1).reshape(n, h, w, groups, -1)[..., :per_group]
-        grad_x = torch.empty((n, groups * per_group, h, w), dtype=grad.dtype, device=grad.device,
-                             memory_format=ctx.memory_format)
-        grad_x.permute(0, 2, 3, 1).view(n, h, w, groups, per_group).copy_(by_group)
-        return grad_x, None, None
+        return untiled_channels(grad, ctx.groups, ctx.per_group, ctx.memory_format), None, None
+
+
+def untiled_channels(grad: torch.Tensor, groups: int, per_group: int, memory_format) -> torch.Tensor:
+    """The real channels of a tiled input's gradient (each group's channels followed by padding)
+    copied straight into a tensor of the input's `memory_format`: the inverse of the tiling."""
+    n, _, h, w = grad.shape
+    by_group = grad.permute(0, 2, 3, 1).reshape(n, h, w, groups, -1)[..., :per_group]
+    grad_x = torch.empty((n, groups * per_group, h, w), dtype=grad.dtype, device=grad.device,
+                         memory_format=memory_format)
+    grad_x.permute(0, 2, 3, 1).view(n, h, w, groups, per_group).copy_(by_group)
+    return grad_x
 
 
 @dataclass(frozen=True)
