@@ -118,7 +118,7 @@ def _clip_sums_functional(grad_y, p, step, lo, hi, chunks: int):
 
 
 def clip_sums_eager(grad_y, p, step, lo, hi):
-    """(Σ_m grad·level, Σ_m grad·v·on_grid, +inf in the columns where the ADC clipped)."""
+    """(Σ_m grad·level, Σ_m grad·v·on_grid with +inf in the columns where the ADC clipped)."""
     grad = grad_y.unsqueeze(2)
     v = p / step
     rounded = torch.round(v)
@@ -390,8 +390,8 @@ class _Kernels:
                          compiled_extra=chunks)
 
     def clip_sums(self, grad_y, p, step, lo: int, hi: int):
-        """(Σ_m grad·level, Σ_m grad·v·on_grid, the latter +inf in every column where the ADC
-        clipped): `backward`'s sums without its full-size gradient, for a backward that needs no
+        """(Σ_m grad·level, Σ_m grad·v·on_grid with +inf in every column where the ADC clipped):
+        `backward`'s sums without its full-size gradient, for a backward that needs no
         partial-sum gradient where nothing was clipped (lib.cim.slice_merge)."""
         bounds = grid_bounds(p, lo, hi)
         return self.run("clip_sums", _clip_sums_functional, clip_sums_eager, p, grad_y, p, step, *bounds,

@@ -114,7 +114,7 @@ class _TiledInput:
     one-group conv whose slices merge never needs it)."""
 
     def __init__(self, tiles, saved: torch.Tensor, is_source: bool) -> None:
-        self.tiles, self.saved, self.is_source = tiles, saved, is_source
+        self.tiles, self.saved = tiles, saved
         self._tiled = None if is_source else saved
 
     def __call__(self) -> torch.Tensor:
@@ -248,10 +248,10 @@ def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch
     ADC's `PartialSumADC.constants` when the layer keeps them; `source`: the conv input x_tiled
     was tiled from (`ConvTiles.tile_input`)."""
     plan = layer.plan
-    # a one-group conv's padding channels are the tiled input's last ones: the node then takes the
-    # gradient to the untiled input itself (the merged backward computes it there directly)
-    by_source = (source is not None and source.requires_grad and isinstance(tiles, ConvTiles)
-                 and tiles.layout.groups == 1 and tiles.layout.pad > 0)
+    # a one-group conv's padding channels are the tiled input's last ones: the node then keeps the
+    # untiled input and takes the gradient to it itself (the merged backward computes it there)
+    by_source = (source is not None and isinstance(tiles, ConvTiles) and tiles.layout.groups == 1
+                 and tiles.layout.pad > 0)
     node_input, source = (x_tiled.detach(), source) if by_source else (x_tiled, None)
 
     def convert(step, gamma, lo, hi, factor):

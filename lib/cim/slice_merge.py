@@ -60,13 +60,15 @@ class MergedSlices:
         and grid [lo, hi], and `KERNELS.clip_sums`' Σ_m grad·v·on_grid, +inf in the columns that
         clipped (made exact here); None when too many columns clipped. `tiled()` gives the tiled
         input; the input gradient is the untiled `source`'s when given (a one-group conv), else
-        the tiled input's."""
+        the tiled input's (a one-group conv with a ragged tile, see crossbar_adc_forward)."""
         lay = self.tiles.layout
         columns = self.slices * lay.out_channels_per_group
         dirty = torch.isfinite(sum_v).logical_not_().reshape(-1).nonzero().squeeze(1)
-        per_array = torch.bincount(dirty // columns, minlength=lay.groups * lay.tiles)
-        most = int(per_array.max()) if dirty.numel() else 0
-        if most > MAX_CLIPPED_SHARE * columns:
+        per_array = most = None
+        if dirty.numel():
+            per_array = torch.bincount(dirty // columns, minlength=lay.groups * lay.tiles)
+            most = int(per_array.max())
+        if most is not None and most > MAX_CLIPPED_SHARE * columns:
             return None
         grad_x, grad_w = self._dense(grad_y, tiled, source, need_x, need_q)
         if need_q:  # (groups, out, tiles, rows per tile), in q's units
@@ -139,32 +141,21 @@ class ConvMerge(MergedSlices):
     def _dense(self, grad_y, tiled, source, need_x: bool, need_q: bool) -> tuple:
         lay = self.tiles.layout
         dtype = self.weight.dtype
-        real = lay.in_channels_per_group
-        # one group: its padding channels are the tiled input's last ones, so the products skip
-        # them (a ragged tile of 4 channels pads 32 channels to 56), over the untiled input
-        unpadded = lay.groups == 1 and lay.pad > 0
-        x = None if source is not None else tiled()
-        if unpadded:
-            inputs = source if source is not None else x.narrow(1, 0, real)
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        else:
-            inputs = x
-        weight = self.weight.narrow(1, 0, real).contiguous() if unpadded else self.weight
+        if source is None:
+            inputs, weight = tiled(), self.weight
+        else:  # one group: the padding channels are the tiled input's last ones, skipped here
+            inputs = source.contiguous(memory_format=torch.channels_last)
+            weight = self.weight.narrow(1, 0, lay.in_channels_per_group).contiguous()
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             in_dtype(self._as_image(grad_y, inputs), dtype), in_dtype(inputs, dtype), weight, None,
             *self._conv_args(), lay.groups, [need_x, need_q, False])
         if grad_x is not None:
             grad_x = in_dtype(grad_x, inputs.dtype)
-            if unpadded and source is None:  # laid out tiled again, zero in the padding
-                tiled_grad = torch.empty_like(x, memory_format=torch.channels_last)
-                tiled_grad.narrow(1, 0, real).copy_(grad_x)
-                tiled_grad.narrow(1, real, lay.pad).zero_()
-                grad_x = tiled_grad
-            elif source is not None:
+            if source is not None:
                 grad_x = grad_x.contiguous(memory_format=memory_format_of(source))
         if grad_w is not None:
             grad_w = in_dtype(grad_w, inputs.dtype)
-            if unpadded:
+            if source is not None:  # the padding channels' (zero) gradient, for the tiled layout
                 grad_w = torch.nn.functional.pad(grad_w, (0, 0, 0, 0, 0, lay.pad))
         return grad_x, grad_w
 
