@@ -176,3 +176,20 @@ def test_linear_merged_weight_made_in_blocks_of_outputs(compile_mode, monkeypatc
     merged, routes, full = _merged_and_full(layer, torch.randn(_shape("linear", 4)), monkeypatch)
     assert routes == ["merged"]
     _assert_close(merged, full)
+
+
+def test_one_group_conv_whose_input_needs_no_gradient(monkeypatch):
+    """A first layer (its input needs no gradient) still keeps the untiled input for the merged
+    weight gradient, which equals the full backward's."""
+    layer = _layer("differential-column", kind="conv, one group")
+    _set_adc_steps(layer, wide=8.0)
+    x = torch.randn(_shape("conv, one group", 4))
+    params = [layer.weight, layer.weight_step_module.step, layer.psum_adc.step]
+    results = []
+    for merge in (True, False):
+        if not merge:
+            monkeypatch.setattr(slice_merge.MergedSlices, "for_node", staticmethod(lambda *args: None))
+        with scratch_buffers():
+            out = layer(x)
+            results.append([out.detach()] + list(torch.autograd.grad(out.sum(), params)))
+    _assert_close(*results)
