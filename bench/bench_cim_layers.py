@@ -34,6 +34,7 @@ from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
 from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
+from lib.heap import configure_heap  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
 from lib.model_spec import DEFAULT_HARDWARE  # noqa: E402
@@ -125,6 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"freed memory: {configure_heap()} (lib.heap, as the stage CLIs set it)")
     torch.manual_seed(0)
     hw = HardwareConfig(rows=256, cols=256, cell_bits=2, adc_bits=4, mapping="differential-column",
                         weight_granularity="column", psum_granularity="column", input_mode="multi-bit")

@@ -62,6 +62,7 @@ from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
 from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cli import FlagError, check_minimums, run  # noqa: E402
+from lib.heap import configure_heap  # noqa: E402
 from models import create_model  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
@@ -363,6 +364,7 @@ def _main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     configure_compile()
+    heap = configure_heap()  # the memory probes' own glibc settings (measure_memory) win over it
 
     if args.memory_probe:
         if device.type == "cpu":
@@ -372,7 +374,8 @@ def _main() -> None:
     if args.profile:
         profile_step(NETWORKS[args.profile], args.profile_config, args.profile_batch, device, args.profile_rows)
         return
-    print(f"device {device}, {torch.get_num_threads()} thread(s), w{BITS[0]}a{BITS[1]}; ratios vs FP32")
+    print(f"device {device}, {torch.get_num_threads()} thread(s), w{BITS[0]}a{BITS[1]}, freed memory: {heap}; "
+          "ratios vs FP32")
     if args.only in ("all", "timing"):
         table = {arch: time_network(NETWORKS[arch], configs, args.batch, args.repeats, args.warmup, device)
                  for arch in models}

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from lib.cim.adc_kernels import KERNELS  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
 from lib.fileio import atomic_write_json  # noqa: E402
+from lib.heap import configure_heap  # noqa: E402
 from lib.search import DDPGConfig, SearchConfig, run_search  # noqa: E402
 
 DEMO_INT8 = REPO / "runs" / "workflow" / "demo_resnet20_default" / "stage2_digits" / "int8" / "model_best.pth.tar"
@@ -179,6 +180,7 @@ def main() -> int:
     args = parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    configure_heap()  # as rl_quantize.py's set-up does
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="bench_search_"))
     os.environ.setdefault("CIM_AQ_DATA_CACHE", str(REPO / "data_cache"))
     init = ensure_int8(args, out)

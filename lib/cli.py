@@ -9,19 +9,21 @@ import sys
 from typing import Callable, Mapping
 
 from lib.errors import UserError
+from lib.heap import configure_heap
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup(log_level: str = "info", threads: int = 0) -> None:
-    """Configure logging, the CIM kernels' compile mode ($CIM_AQ_COMPILE) and gradient-product
-    format ($CIM_AQ_GRADIENT_PRODUCTS), both pinned once per process (a bad value exits 2), and,
-    when threads > 0, the number of torch CPU threads."""
+    """Configure logging, the CIM kernels' compile mode ($CIM_AQ_COMPILE), gradient-product
+    format ($CIM_AQ_GRADIENT_PRODUCTS) and what happens to freed memory ($CIM_AQ_FREED_MEMORY,
+    lib.heap), each pinned once per process (a bad value exits 2), and, when threads > 0, the
+    number of torch CPU threads."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     # lazy: these load torch, which --help never needs
     from lib.cim.adc_kernels import configure_compile
     from lib.cim.gradient_products import configure_gradient_products
-    if run(configure_compile) or run(configure_gradient_products):
+    if run(configure_heap) or run(configure_compile) or run(configure_gradient_products):
         raise SystemExit(2)
     if threads > 0:
         import torch

@@ -30,12 +30,13 @@ def unpinned():
 
 
 def test_cli_setup_pins_the_mode_from_the_environment(unpinned, monkeypatch):
+    monkeypatch.setenv("CIM_AQ_FREED_MEMORY", "release")  # this test process's heap stays as it is
     monkeypatch.setenv("CIM_AQ_COMPILE", "0")
     cli.setup("warning")
     assert compile_mode() == "0"
     monkeypatch.setenv("CIM_AQ_COMPILE", "1")  # read once: later changes do not reach the kernels
     assert compile_mode() == "0"
-    assert kernel_report() == {"compile_mode": "0", "eager_after_failed_compile": []}
+    assert kernel_report() == {"compile_mode": "0", "eager_after_failed_compile": [], "freed_memory": "release"}
     KERNELS.unpin()
     assert compile_mode() == "1"  # unpinned, a library follows the variable
 
@@ -135,5 +136,5 @@ def test_the_search_records_the_mode_and_frees_its_scratch(unpinned, tmp_path):
     out = tmp_path / "search"
     run_search(tiny_config(make_int8_checkpoint(tmp_path / "int8"), out, episodes=2))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["kernels"] == {"compile_mode": "0", "eager_after_failed_compile": []}
+    assert summary["kernels"] == {"compile_mode": "0", "eager_after_failed_compile": [], "freed_memory": "release"}
     assert SCRATCH.buffers == {} and SCRATCH.depth == 0

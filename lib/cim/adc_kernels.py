@@ -22,6 +22,7 @@ import torch
 
 from lib.cim.direct_kernels import DirectKernel, Refused, takes_directly
 from lib.errors import UserError
+from lib.heap import heap_policy
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +455,7 @@ def compile_mode() -> str:
 
 
 def kernel_report() -> dict:
-    """What a run's report records about the kernels: the compile mode and the kernels that fell
-    back to eager after a failed compile."""
-    return {"compile_mode": KERNELS.mode, "eager_after_failed_compile": sorted(KERNELS.failed)}
+    """What a run's report records about the kernels and their timings: the compile mode, the
+    kernels that fell back to eager after a failed compile, and the freed-memory policy (lib.heap)."""
+    return {"compile_mode": KERNELS.mode, "eager_after_failed_compile": sorted(KERNELS.failed),
+            "freed_memory": heap_policy()}
