@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from lib.cim import calibrate, crossbar_adc
+from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.hardware import HardwareConfig
-from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, sums_stay_exact
+from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, grid_codes, sums_stay_exact
 from lib.cim.layers import CIMConv2d, CIMLinear
 from lib.cim.scratch import scratch_buffers
 from lib.cim.tile_products import crossbar_weight
@@ -349,3 +350,45 @@ def test_chunked_training_forward_converts_in_the_epilogue_and_recomputes_sums_f
     assert torch.equal(chunked, kept)
     for got, want in zip(chunked_grads, kept_grads):  # sums over chunks: float32 reassociation only
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().clamp_min(1e-6).item())
+
+
+@pytest.mark.parametrize("mode", ["0", "auto"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_tiled_codes_are_the_codes_of_the_tiled_input(signed, mode):
+    """`ConvTiles.tile_codes` (one pass over the input, eager and fused) gives the uint8 codes
+    the int8 products take of the tiled input, channels last, for one group and several, from an
+    NCHW or a channels-last input."""
+    KERNELS.configure(mode)
+    try:
+        for groups in (1, 2):
+            layer = CIMConv2d(10 * groups, 4, 3, padding=1, groups=groups, hw=_hw(), w_bit=5, a_bit=6,
+                              input_signed=signed)
+            x = torch.randn(2, 10 * groups, 5, 6) if signed else torch.rand(2, 10 * groups, 5, 6)
+            calibrate(layer, [x])
+            quantized = layer.input_quant(x)
+            tiles = layer.tiles(_grid(layer, quantized))
+            assert tiles.layout.pad > 0
+            for inp in (quantized.value, quantized.value.contiguous(memory_format=torch.channels_last)):
+                got = tiles.tile_codes(inp)
+                want = grid_codes(tiles.tile_input(inp), tiles.input_grid, signed=False)
+                assert got.dtype == torch.uint8 and got.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(got, want)
+    finally:
+        KERNELS.unpin()
+
+
+@pytest.mark.parametrize("mapping,signed,mode", list(itertools.product(MAPPINGS, [True, False],
+                                                                      ["multi-bit", "bit-serial"])))
+def test_one_group_conv_with_a_ragged_tile_reads_only_the_codes(mapping, signed, mode):
+    """A one-group conv whose last row-tile is ragged tiles the input's codes, not the input (its
+    crossbar node keeps the untiled input for the backward): the outputs and gradients of the float
+    products, which tile the input itself."""
+    torch.manual_seed(1)
+    layer = CIMConv2d(11, 6, 3, padding=1, hw=_hw(mapping=mapping, input_mode=mode), w_bit=5, a_bit=6,
+                      input_signed=signed)
+    x = torch.randn(3, 11, 7, 7) if signed else torch.rand(3, 11, 7, 7)
+    calibrate(layer, [x])
+    tiles = layer.tiles(_grid(layer, layer.input_quant(x)))
+    assert tiles.layout.pad > 0
+    assert layer._tiles_codes(tiles) == (mapping != "offset")  # the offset mapping's reference column reads floats
+    _assert_same_with_and_without_integer_products(layer, x)

@@ -246,16 +246,17 @@ def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch
     (tiles: its ConvTiles or MatmulTiles),
     from the integer weights q stored as w (`tile_products.crossbar_weight`); `constants`: the
     ADC's `PartialSumADC.constants` when the layer keeps them; `source`: the conv input x_tiled
-    was tiled from (`ConvTiles.tile_input`)."""
+    was tiled from (`ConvTiles.tile_input` or, when the node `keeps_source`, `tile_codes`)."""
     plan = layer.plan
     # a one-group conv's padding channels are the tiled input's last ones: the node then keeps the
-    # untiled input and takes the gradient to it itself (the merged backward computes it there)
-    by_source = (source is not None and isinstance(tiles, ConvTiles) and tiles.layout.groups == 1
-                 and tiles.layout.pad > 0)
+    # untiled input and takes the gradient to it itself (the merged backward computes it there);
+    # its tiled input may then be the codes alone (`ConvTiles.tile_codes`)
+    by_source = source is not None and isinstance(tiles, ConvTiles) and tiles.keeps_source
     node_input, source = (x_tiled.detach(), source) if by_source else (x_tiled, None)
+    differentiable_input = source if by_source else x_tiled
 
     def convert(step, gamma, lo, hi, factor):
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_tiled, q, step, gamma)):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (differentiable_input, q, step, gamma)):
             return _CrossbarADC.apply(node_input, q, w, step, gamma, tiles, plan, lo, hi, factor, source)
         # nothing to differentiate (evaluation): the outputs without an autograd node
         return _outputs(tiles, x_tiled, w, step, gamma, lo, hi)

@@ -118,12 +118,13 @@ class _IntegerProducts:
 INTEGER_PRODUCTS = _IntegerProducts()
 
 
-def _codes_functional(x, step: torch.Tensor, offset: int, dtype: torch.dtype):
-    """The input's grid codes plus `offset`, round(x / step) + offset, as `dtype`: one fused pass."""
+def code_values(x, step: torch.Tensor, offset: int, dtype: torch.dtype):
+    """The input's grid codes plus `offset`, round(x / step) + offset, as `dtype`: one fused pass
+    (the kernel `grid_codes` runs, also composed with the conv tiling, `ConvTiles.tile_codes`)."""
     return (torch.round(x / step) + offset).to(dtype)
 
 
-def _codes_eager(x, step: torch.Tensor, offset: int, dtype: torch.dtype):
+def code_values_eager(x, step: torch.Tensor, offset: int, dtype: torch.dtype):
     return torch.round(x / step).add_(offset).to(dtype)
 
 
@@ -134,7 +135,7 @@ def grid_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
     offset, dtype = (grid.zero_point - 128, torch.int8) if signed else (grid.zero_point, torch.uint8)
     name = f"grid_codes_{str(dtype).rsplit('.', 1)[-1]}"
     step = torch.tensor(grid.step, dtype=x.dtype, device=x.device)
-    return KERNELS.run(name, _codes_functional, _codes_eager, x, x, step, offset, dtype)
+    return KERNELS.run(name, code_values, code_values_eager, x, x, step, offset, dtype)
 
 
 def _quantized_codes_functional(x, scale, lo, hi, offset: int):

@@ -627,13 +627,20 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         planes = self.input_planes
         tiles = self.tiles(self.input_grid(x, scale, planes))
         source = self.pad_input(self._split_input(x, scale, planes))
-        x_tiled = tiles.tile_input(source)
+        x_tiled = tiles.tile_codes(source) if self._tiles_codes(tiles) else tiles.tile_input(source)
         n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
         y = self._converted_outputs(x_tiled, weights, tiles, ref, source)
         return self._output_map(self._join_planes(y, planes), h, w, bias)
+
+    def _tiles_codes(self, tiles: ConvTiles) -> bool:
+        """Whether the crossbar forward tiles the input's integer codes rather than the input: its
+        fused crossbar + ADC node keeps the untiled input for the backward (`ConvTiles.keeps_source`)
+        and reads only the codes (integer products, no offset reference column)."""
+        return (tiles.input_grid is not None and tiles.keeps_source and not self.uses_reference_column
+                and self.psum_adc.fusable and self.fused_adc)
 
     def _input_codes(self, x) -> Optional[tuple]:
         """x's uint8 codes on the crossbar input grid straight from the unquantized input, one

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from lib.cim.adc_kernels import KERNELS, memory_format_of
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 from lib.cim.gradient_products import gradient_dtype
-from lib.cim.integer_products import (InputGrid, LevelsConvWeight, PackedConvWeight, conv_levels, integer_conv,
-                                     integer_matmul, level_dtype, pack_conv_weight, pack_levels_weight,
-                                     pack_matmul_weight)
+from lib.cim.integer_products import (InputGrid, LevelsConvWeight, PackedConvWeight, code_values, code_values_eager,
+                                     conv_levels, integer_conv, integer_matmul, level_dtype, pack_conv_weight,
+                                     pack_levels_weight, pack_matmul_weight)
 
 
 _SHARES: dict = {}
@@ -82,12 +82,23 @@ def products_backward(tiles, x: torch.Tensor, w: torch.Tensor, grad_p: torch.Ten
     return grad_x, grad_q
 
 
-def _tiled_channels(x: torch.Tensor, groups: int, pad: int) -> torch.Tensor:
-    """(N, C, H, W) → each group's channels followed by `pad` zero channels, channels_last: one cat."""
+def _tiled_channels(x: torch.Tensor, groups: int, pad: int, fill: int = 0) -> torch.Tensor:
+    """(N, C, H, W) → each group's channels followed by `pad` channels of `fill` (zero, or a grid's
+    code of zero), channels_last: one cat."""
     n, channels, h, w = x.shape
     by_group = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, channels // groups)
-    zeros = x.new_zeros(()).expand(n, h, w, groups, pad)
-    return torch.cat([by_group, zeros], dim=4).view(n, h, w, -1).permute(0, 3, 1, 2)
+    padding = x.new_full((), fill).expand(n, h, w, groups, pad)
+    return torch.cat([by_group, padding], dim=4).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _tiled_codes_functional(x, step: torch.Tensor, offset: int, groups: int, pad: int) -> torch.Tensor:
+    """`_tiled_channels` of x's uint8 grid codes (`code_values`), padded with the code of zero: one
+    pass over x."""
+    return _tiled_channels(code_values(x, step, offset, torch.uint8), groups, pad, offset)
+
+
+def _tiled_codes_eager(x, step: torch.Tensor, offset: int, groups: int, pad: int) -> torch.Tensor:
+    return _tiled_channels(code_values_eager(x, step, offset, torch.uint8), groups, pad, offset)
 
 
 class _TiledChannels(torch.autograd.Function):
@@ -198,6 +209,22 @@ class ConvTiles:
         if torch.is_grad_enabled() and x.requires_grad:
             return _TiledChannels.apply(x, lay.groups, lay.pad)
         return _tiled_channels(x, lay.groups, lay.pad)  # no autograd node to make (evaluation, codes)
+
+    @property
+    def keeps_source(self) -> bool:
+        """Whether a crossbar node over these arrays keeps the untiled input for its backward and
+        takes the input gradient there (lib.cim.crossbar_adc): one group with padding channels,
+        which are then the tiled input's last ones, skipped by the merged backward's products."""
+        return self.layout.groups == 1 and self.layout.pad > 0
+
+    def tile_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """`tile_input` of x's unsigned codes on `input_grid` (`grid_codes`: what the int8 products
+        read of it), made in one pass over x: the tiled float input is never written. For a node
+        that `keeps_source`, the tiled codes are all its forward reads."""
+        lay, grid = self.layout, self.input_grid
+        step = torch.tensor(grid.step, dtype=x.dtype, device=x.device)
+        return KERNELS.run("tiled_codes", _tiled_codes_functional, _tiled_codes_eager, x, x, step, grid.zero_point,
+                           lay.groups, lay.pad)
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int, int]:
         """(N, H_out, W_out) of the conv over the tiled input x."""
