@@ -9,7 +9,7 @@ from torch import nn
 
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim.adc_kernels import KERNELS, grid_bounds, powers_of_two
-from lib.cim.fused_quant import fake_quant
+from lib.cim.fused_quant import fake_quant, fake_quant_abs_sum
 
 
 def _hw(**kw):
@@ -51,8 +51,9 @@ def _run(layer, x):
 @pytest.mark.parametrize("index", range(3))
 def test_direct_input_quantizer_equals_brevitas_proxy_chain(index):
     """Training forwards, after a change of input bits, and in evaluation: the same outputs and
-    gradients bit for bit; the step's running |x| mean (summed in the fake-quant kernel rather
-    than by its own pass) up to summation order."""
+    the input's and weight's gradients bit for bit; the steps' gradients and the input step's
+    running |x| mean (sums over the whole input, which a conv's direct quantizer reads in another
+    layout, or in the fake-quant kernel rather than in a pass of their own) up to summation order."""
     layer, x = _layers()[index]
     calibrate(layer, [x])
     layer.train()
@@ -64,8 +65,10 @@ def test_direct_input_quantizer_equals_brevitas_proxy_chain(index):
         out, grads = _run(layer, x)
         out_p, grads_p = _run(proxy, x)
         assert torch.equal(out, out_p)
-        for g, g_p in zip(grads, grads_p):
+        for g, g_p in zip(grads[:2], grads_p[:2]):
             assert torch.equal(g, g_p)
+        for g, g_p in zip(grads[2:], grads_p[2:]):
+            assert torch.allclose(g, g_p, rtol=1e-5, atol=0)
         assert torch.allclose(layer.input_step_module.running_abs_mean, proxy.input_step_module.running_abs_mean,
                               rtol=1e-6, atol=0)
     layer.eval()
@@ -153,3 +156,53 @@ def test_hooks_on_the_input_quantizer_still_run():
     handle.remove()
     assert len(seen) == 1 and torch.equal(hooked, plain)
     assert torch.equal(seen[0], layer._quantize_input(x)[0])
+
+
+@pytest.mark.parametrize("compile_mode", ["auto", "0"])
+@pytest.mark.parametrize("with_abs_sum", [False, True])
+def test_quantizing_into_channels_last_keeps_the_values_and_the_inputs_gradient_layout(compile_mode, with_abs_sum):
+    """The fake quantization written channels_last from an NCHW input (fused kernel and eager
+    fallback): the same values and Σ|x|, NHWC memory; its backward, given the NHWC gradient the
+    conv's crossbar path returns, gives the input's gradient in NCHW and the step's, both equal
+    to those of the NCHW quantization given an NCHW gradient."""
+    KERNELS.configure(compile_mode)
+    try:
+        x = torch.randn(2, 6, 5, 7)
+        scale, lo, hi = torch.tensor(0.3), torch.tensor(-8.0), torch.tensor(7.0)
+        grad = torch.randn(2, 5, 7, 6).permute(0, 3, 1, 2)  # NHWC memory
+        results = []
+        for channels_last in (False, True):
+            xg, sg = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+            quantize = fake_quant_abs_sum if with_abs_sum else fake_quant
+            out = quantize(xg, sg, lo, hi, channels_last)
+            value, abs_sum = out if with_abs_sum else (out, None)
+            assert value.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            grad_x, grad_s = torch.autograd.grad(value, [xg, sg], grad if channels_last else grad.contiguous())
+            assert grad_x.is_contiguous()  # as the backward returned it (a leaf's .grad would be made so)
+            results.append((value, abs_sum, grad_x, grad_s))
+    finally:
+        KERNELS.unpin()
+    (value, abs_sum, grad_x, grad_s), (value_cl, abs_sum_cl, grad_x_cl, grad_s_cl) = results
+    assert torch.equal(value_cl, value) and torch.equal(grad_x_cl, grad_x)
+    assert torch.allclose(grad_s_cl, grad_s, rtol=1e-5, atol=1e-6)
+    if with_abs_sum:
+        assert torch.allclose(abs_sum_cl, abs_sum, rtol=1e-6)
+
+
+@pytest.mark.parametrize("input_mode", ["multi-bit", "bit-serial"])
+def test_a_conv_quantizes_an_nchw_input_channels_last_with_the_same_results(input_mode, monkeypatch):
+    """A CIM conv's crossbar path quantizes an NCHW input straight into channels_last: the
+    outputs and every gradient (the input's NCHW) as when it quantizes it NCHW and its crossbar
+    path changes the layout itself."""
+    torch.manual_seed(3)
+    layer = CIMConv2d(11, 6, 3, padding=1, hw=_hw(input_mode=input_mode, input_bits=2), w_bit=4, a_bit=4)
+    x = torch.randn(2, 11, 6, 6)
+    calibrate(layer, [x])
+    layer.train()
+    assert layer._quantizes_channels_last(x)
+    direct = _run(layer, x)
+    monkeypatch.setattr(CIMConv2d, "_quantizes_channels_last", lambda self, inp: False)
+    converted = _run(layer, x)
+    assert torch.equal(direct[0], converted[0])
+    for got, want in zip(direct[1], converted[1]):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

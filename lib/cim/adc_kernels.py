@@ -152,42 +152,51 @@ def _reduction_chunks(rows: int) -> int:
     return 1
 
 
-def quant_forward_eager(x, scale, lo, hi):
-    """clamp(round(x / scale), lo, hi) · scale."""
-    return torch.round(x / scale).clamp_(lo, hi).mul_(scale)
+def _laid_out(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t, written channels_last when asked (a 4-d quantizer output its conv reads NHWC)."""
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
 
-def quant_forward_abs_sum_eager(x, scale, lo, hi):
+def quant_forward_eager(x, scale, lo, hi, channels_last: bool = False):
+    """clamp(round(x / scale), lo, hi) · scale (channels_last: in that memory format)."""
+    return _laid_out(torch.round(x / scale).clamp_(lo, hi).mul_(scale), channels_last)
+
+
+def quant_forward_abs_sum_eager(x, scale, lo, hi, channels_last: bool = False):
     """(clamp(round(x / scale), lo, hi) · scale, Σ|x|)."""
-    return quant_forward_eager(x, scale, lo, hi), torch.linalg.vector_norm(x, ord=1)
+    return quant_forward_eager(x, scale, lo, hi, channels_last), torch.linalg.vector_norm(x, ord=1)
 
 
 def quant_backward_eager(grad, x, scale, lo, hi):
-    """LSQ: (grad wrt x where round(x/scale) is on the grid, Σ grad·(level − v·on_grid))."""
+    """LSQ: (grad wrt x where round(x/scale) is on the grid, in x's memory format whatever grad's;
+    Σ grad·(level − v·on_grid))."""
     v = x / scale
     rounded = torch.round(v)
     levels = rounded.clamp(lo, hi)
     on_grid = rounded.eq_(levels)
-    grad_x = grad * on_grid
+    grad_x = on_grid * grad  # the first operand's layout: x's
     return grad_x, (levels.sub_(v.mul_(on_grid))).mul_(grad).sum()
 
 
-def _quant_forward_functional(x, scale, lo, hi):
-    return torch.clamp(torch.round(x / scale), lo, hi) * scale
+def _quant_forward_functional(x, scale, lo, hi, channels_last: bool = False):
+    return _laid_out(torch.clamp(torch.round(x / scale), lo, hi) * scale, channels_last)
 
 
-def _quant_forward_abs_sum_functional(x, scale, lo, hi):
+def _quant_forward_abs_sum_functional(x, scale, lo, hi, channels_last: bool = False):
     """The fake quantization and the input's Σ|x| in one pass over x (Inductor fuses the sum into
-    the elementwise loop): a training forward's running |x| statistic at no extra read."""
-    return torch.clamp(torch.round(x / scale), lo, hi) * scale, x.abs().sum()
+    the elementwise loop): a training forward's running |x| statistic at no extra read. With
+    channels_last the output is written NHWC whatever x's layout, in the same pass."""
+    return _laid_out(torch.clamp(torch.round(x / scale), lo, hi) * scale, channels_last), x.abs().sum()
 
 
 def _quant_backward_functional(grad, x, scale, lo, hi):
+    """`quant_backward_eager` in one pass; grad and x may differ in layout (an NHWC gradient of
+    an NCHW input's channels-last quantized copy): the input's gradient takes x's."""
     v = x / scale
     rounded = torch.round(v)
     levels = torch.clamp(rounded, lo, hi)
     on_grid = (rounded == levels).to(x.dtype)
-    return grad * on_grid, (grad * (levels - v * on_grid)).sum()
+    return on_grid * grad, (grad * (levels - v * on_grid)).sum()
 
 
 def slice_share_eager(grad, shares):
@@ -358,16 +367,18 @@ class _Kernels:
             out.copy_(accumulate_eager(levels, coef))
         return out
 
-    def quant_forward(self, x, scale, lo, hi):
-        """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors)."""
-        return self.run("quant_forward", _quant_forward_functional, quant_forward_eager, x, x, scale, lo, hi)
+    def quant_forward(self, x, scale, lo, hi, channels_last: bool = False):
+        """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors), written channels_last when asked."""
+        return self.run("quant_forward", _quant_forward_functional, quant_forward_eager, x, x, scale, lo, hi,
+                        channels_last)
 
-    def quant_forward_abs_sum(self, x, scale, lo, hi):
+    def quant_forward_abs_sum(self, x, scale, lo, hi, channels_last: bool = False):
         """`quant_forward` and Σ|x| (a 0-d tensor) from one pass over x."""
         return self.run("quant_forward_abs_sum", _quant_forward_abs_sum_functional, quant_forward_abs_sum_eager,
-                        x, x, scale, lo, hi)
+                        x, x, scale, lo, hi, channels_last)
 
     def quant_backward(self, grad, x, scale, lo, hi):
+        """LSQ's gradients of `quant_forward`: the input's (in x's memory format) and Σ for the step."""
         return self.run("quant_backward", _quant_backward_functional, quant_backward_eager, x, grad, x, scale, lo, hi)
 
     def slice_share(self, grad, shares, out=None):

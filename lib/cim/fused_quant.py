@@ -13,19 +13,20 @@ from lib.cim.adc_kernels import KERNELS, dense
 
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, with_abs_sum: bool):
+    def forward(ctx, x, scale, lo, hi, with_abs_sum: bool, channels_last: bool):
         ctx.save_for_backward(x, scale, lo, hi)
         if not with_abs_sum:
-            return KERNELS.quant_forward(x, scale, lo, hi)
-        out, abs_sum = KERNELS.quant_forward_abs_sum(x, scale, lo, hi)
+            return KERNELS.quant_forward(x, scale, lo, hi, channels_last)
+        out, abs_sum = KERNELS.quant_forward_abs_sum(x, scale, lo, hi, channels_last)
         ctx.mark_non_differentiable(abs_sum)
         return out, abs_sum
 
     @staticmethod
     def backward(ctx, grad, *_abs_sum_grad):
         x, scale, lo, hi = ctx.saved_tensors
-        grad_x, grad_scale = KERNELS.quant_backward(dense(grad, like=x), x, scale, lo, hi)
-        return grad_x, grad_scale.reshape(scale.shape), None, None, None
+        # the kernel reads grad in its own dense layout and writes x's gradient in x's
+        grad_x, grad_scale = KERNELS.quant_backward(dense(grad), x, scale, lo, hi)
+        return grad_x, grad_scale.reshape(scale.shape), None, None, None, None
 
 
 class FusedIntQuant(nn.Module):
@@ -57,20 +58,22 @@ class FusedIntQuant(nn.Module):
         return fake_quant(x, scale, lo, hi)
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+               channels_last: bool = False) -> torch.Tensor:
     """clamp(round(x / scale), lo, hi) · scale with LSQ's gradients (one step; lo, hi: 0-d tensors
-    of x's dtype); the kernel alone where autograd records nothing (evaluation)."""
+    of x's dtype); the kernel alone where autograd records nothing (evaluation). channels_last:
+    the output is written NHWC whatever x's layout (x's gradient keeps x's)."""
     scale = scale.to(x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return _FakeQuant.apply(x, scale, lo, hi, False)
-    return KERNELS.quant_forward(x, scale, lo, hi)
+        return _FakeQuant.apply(x, scale, lo, hi, False, channels_last)
+    return KERNELS.quant_forward(x, scale, lo, hi, channels_last)
 
 
-def fake_quant_abs_sum(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
-                       hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fake_quant_abs_sum(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                       channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(`fake_quant`, Σ|x| as a 0-d tensor without gradient) from one pass over x: what a training
     forward needs for the input step's running |x| mean (lib.cim.steps.ActStep)."""
     scale = scale.to(x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return _FakeQuant.apply(x, scale, lo, hi, True)
-    return KERNELS.quant_forward_abs_sum(x, scale, lo, hi)
+        return _FakeQuant.apply(x, scale, lo, hi, True, channels_last)
+    return KERNELS.quant_forward_abs_sum(x, scale, lo, hi, channels_last)

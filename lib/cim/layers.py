@@ -195,12 +195,18 @@ class CIMLayerMixin:
         step_module = tensor_quant.scaling_impl
         records = step_module.prepare(x, threshold)
         scale = step_module.scaled_step(x, threshold)
+        channels_last = self._quantizes_channels_last(x)
         if not records:
-            return fake_quant(x, scale, *grid_bounds(x, lo, hi)), scale
+            return fake_quant(x, scale, *grid_bounds(x, lo, hi), channels_last), scale
         # the running |x| mean's sum from the quantizing pass itself, not a pass of its own
-        value, abs_sum = fake_quant_abs_sum(x, scale, *grid_bounds(x, lo, hi))
+        value, abs_sum = fake_quant_abs_sum(x, scale, *grid_bounds(x, lo, hi), channels_last)
         step_module.record_abs_sum(abs_sum, x.numel())
         return value, scale
+
+    def _quantizes_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether `_quantize_input` writes the quantized input channels_last whatever x's layout
+        (a conv's crossbar path reads it so); layers that read it as it comes return False."""
+        return False
 
     def _plain_input_quant(self):
         """The input quantizer's RescalingIntQuant when it is the CIM one (lib.cim.quantizers:
@@ -634,6 +640,13 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
         y = self._converted_outputs(x_tiled, weights, tiles, ref, source)
         return self._output_map(self._join_planes(y, planes), h, w, bias)
+
+    def _quantizes_channels_last(self, x: torch.Tensor) -> bool:
+        """The crossbar path reads its input NHWC (tiled or kept whole for the merged backward's
+        channels-last conv): an NCHW input is quantized straight into that layout, in the
+        quantizer's own pass, and its gradient comes back NCHW from the quantizer's backward (no
+        layout copies on either side)."""
+        return x.dim() == 4 and self.padding_mode == "zeros" and (self.psum_adc.enabled or self.force_crossbar)
 
     def _tiles_codes(self, tiles: ConvTiles) -> bool:
         """Whether the crossbar forward tiles the input's integer codes rather than the input: its
