@@ -134,7 +134,7 @@ def test_training_with_bfloat16_gradients_follows_the_float32_run():
                 loss = torch.nn.functional.cross_entropy(model(x), y)
                 loss.backward()
                 opt.step()
-                curve.append(float(loss))
+                curve.append(loss.item())
         losses[products] = torch.tensor(curve)
     assert losses["bfloat16"][-1] < 0.8 * losses["bfloat16"][0]
     assert torch.allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
