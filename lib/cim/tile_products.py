@@ -158,13 +158,13 @@ class ConvTiles:
         w = slices.reshape(n_slices, lay.groups * lay.out_channels_per_group, lay.in_channels_per_group, -1)
         if lay.pad:
             w = F.pad(w, (0, 0, 0, lay.pad))
-        return self.weight_from_tiled(w.reshape(n_slices, w.shape[1], lay.tiles, -1))
+        return self.weight_from_tiled(w.reshape(n_slices, w.shape[1], lay.tiles, -1), padding_is_zero=True)
 
-    def weight_from_tiled(self, tiled: torch.Tensor) -> torch.Tensor:
+    def weight_from_tiled(self, tiled: torch.Tensor, padding_is_zero: bool = False) -> torch.Tensor:
         """`weight`'s result from slices already cut into row-tiles, (slices, groups·out, tiles,
         channels_per_tile·k_h·k_w), as the fused weight kernel writes them (its padding channels hold
         whatever the kernel computed for zero weights): one copy into the array layout, then the
-        padding channels zeroed."""
+        padding channels zeroed, unless `padding_is_zero` (slices padded with zeros, as `weight` does)."""
         lay = self.layout
         kh, kw = self.kernel_size
         n_slices = tiled.shape[0]
@@ -172,7 +172,7 @@ class ConvTiles:
         w = tiled.new_empty((lay.groups, lay.tiles, n_slices, lay.out_channels_per_group, lay.channels_per_tile,
                              kh * kw))
         w.copy_(by_tile.permute(1, 3, 0, 2, 4, 5))
-        if lay.pad:
+        if lay.pad and not padding_is_zero:
             w[:, -1, :, :, lay.channels_per_tile - lay.pad:].zero_()
         return w.view(-1, lay.channels_per_tile, kh, kw)
 
