@@ -180,7 +180,7 @@ def main() -> int:
     args = parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    configure_heap()  # as rl_quantize.py's set-up does
+    print(f"freed memory: {configure_heap()} (lib.heap, as rl_quantize.py's set-up does)")
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="bench_search_"))
     os.environ.setdefault("CIM_AQ_DATA_CACHE", str(REPO / "data_cache"))
     init = ensure_int8(args, out)

@@ -8,12 +8,14 @@ however it adapts) with a fresh mapping and unmaps it on free, so the next step 
 pages in again, 4 KiB at a time, each zero-filled by the kernel. On this project's CPUs that was a
 fifth of a CIM conv's forward+backward. `keep` turns those mappings off and the heap's trimming
 with it (glibc's mallopt): freed blocks stay in the heap, and the next step's tensors of the same
-sizes take them over without a fault. The process's resident memory then stays at its peak, as
-with a caching allocator on a GPU.
+sizes take them over without a fault. Each process's resident memory then stays at its own peak
+(every torchrun rank, every DataLoader worker forked after the set-up), as with a GPU's caching
+allocator.
 
-Set once per process by `configure_heap` ($CIM_AQ_FREED_MEMORY, default keep). glibc's own
-MALLOC_* settings, when a user gave any, win: the policy is left to them. Elsewhere than glibc
-(musl, macOS, Windows) there is nothing to set and `release` is what happens.
+Set once per process by `configure_heap` ($CIM_AQ_FREED_MEMORY, default keep). A user who set
+glibc's own variables for these knobs (`GLIBC_SETTINGS`, or their `GLIBC_TUNABLES` names) chose
+the policy: it is left to them. Without glibc (musl, macOS, Windows) there is nothing to set and
+`release` is what happens.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ POLICIES = ("keep", "release")
 GLIBC_ENVIRONMENT = "glibc environment"  # what the policy reads where a user set glibc's own variables
 # glibc's environment settings of the same knobs: a user who sets one has chosen the policy
 GLIBC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+GLIBC_TUNABLE_SETTINGS = ("glibc.malloc.mmap_max", "glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold",
+                          "glibc.malloc.top_pad")
 
 # mallopt parameters and glibc's defaults for them
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -52,14 +56,34 @@ def _parse(value: str, source: str) -> str:
 
 def _glibc() -> Optional[ctypes.CDLL]:
     """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
-    name = ctypes.util.find_library("c")
+    if os.name != "posix":
+        return None
     try:
-        libc = ctypes.CDLL(name)
-    except OSError:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))  # None: the process's own symbols, libc's among them
+    except (OSError, TypeError):
         return None
     if not all(hasattr(libc, symbol) for symbol in ("mallopt", "malloc_trim", "gnu_get_libc_version")):
         return None
     return libc
+
+
+def _user_settings() -> list[str]:
+    """glibc's own variables for the knobs `keep` sets, where a user set any."""
+    chosen = [name for name in GLIBC_SETTINGS if name in os.environ]
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    chosen += [name for name in GLIBC_TUNABLE_SETTINGS if name + "=" in tunables]
+    return chosen
+
+
+def _mallopt_all(libc: ctypes.CDLL, settings: list[tuple[int, int, int]]) -> bool:
+    """Apply (parameter, value, value to restore) in order; on a refusal, restore those applied
+    already and return False."""
+    for done, (parameter, value, _) in enumerate(settings):
+        if not libc.mallopt(parameter, value):
+            for earlier, _, restore in settings[:done]:
+                libc.mallopt(earlier, restore)
+            return False
+    return True
 
 
 class _Heap:
@@ -75,15 +99,15 @@ class _Heap:
         return self._policy or "release"
 
     def configure(self, value: Optional[str] = None) -> str:
-        """Apply `value` (None: $CIM_AQ_FREED_MEMORY, default keep); returns the policy in force."""
+        """Apply `value` (None: $CIM_AQ_FREED_MEMORY, default keep); returns the policy in force.
+        `release` after `keep` in one process (tests, benchmarks) restores glibc's default values,
+        which glibc then holds fixed rather than adapting them as it does before any mallopt."""
         if value is None:
             value, source = os.environ.get(HEAP_ENV) or "keep", HEAP_ENV
         else:
             source = "freed memory"
         wanted = _parse(value, source)
-        chosen = [name for name in GLIBC_SETTINGS if name in os.environ]
-        if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-            chosen.append("GLIBC_TUNABLES")
+        chosen = _user_settings()
         if chosen:
             log.debug("freed memory left to glibc's own settings (%s)", ", ".join(chosen))
             self._policy = GLIBC_ENVIRONMENT
@@ -93,14 +117,17 @@ class _Heap:
             log.debug("no glibc here: freed memory goes back to the system")
             return self.policy
         if wanted == "keep":
-            applied = libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
+            applied = _mallopt_all(libc, [(M_MMAP_MAX, 0, DEFAULT_MMAP_MAX),
+                                          (M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)])
         elif self._policy != "keep":  # nothing kept before: glibc's behaviour is release
-            applied = 1
-        else:  # back to glibc's default values, and what the heap kept handed back
-            applied = libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX) and libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-            libc.malloc_trim(0)
+            applied = True
+        else:  # glibc's default values again, and what the heap kept handed back
+            applied = _mallopt_all(libc, [(M_MMAP_MAX, DEFAULT_MMAP_MAX, 0),
+                                          (M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)])
+            if applied:
+                libc.malloc_trim(0)
         if not applied:
-            log.warning("glibc refused the %r freed-memory policy; its defaults stay", wanted)
+            log.warning("glibc refused the %r freed-memory policy; the %r policy stays", wanted, self.policy)
             return self.policy
         self._policy = wanted
         return wanted

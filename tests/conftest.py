@@ -25,6 +25,20 @@ def digits_cache(tmp_path_factory) -> Path:
         os.environ["CIM_AQ_DATA_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def freed_memory_released():
+    """CLIs run in-process (and their subprocesses) leave this test process's heap as glibc runs it:
+    the freed-memory policy is process-wide, and tests/test_heap.py checks `keep` in fresh
+    interpreters of its own."""
+    previous = os.environ.get("CIM_AQ_FREED_MEMORY")
+    os.environ["CIM_AQ_FREED_MEMORY"] = "release"
+    yield
+    if previous is None:
+        os.environ.pop("CIM_AQ_FREED_MEMORY", None)
+    else:
+        os.environ["CIM_AQ_FREED_MEMORY"] = previous
+
+
 @pytest.fixture(autouse=True)
 def compile_mode_follows_the_environment():
     """A CLI run in-process pins the kernels' compile mode; unpin it so that the next test's

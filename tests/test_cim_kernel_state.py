@@ -30,7 +30,6 @@ def unpinned():
 
 
 def test_cli_setup_pins_the_mode_from_the_environment(unpinned, monkeypatch):
-    monkeypatch.setenv("CIM_AQ_FREED_MEMORY", "release")  # this test process's heap stays as it is
     monkeypatch.setenv("CIM_AQ_COMPILE", "0")
     cli.setup("warning")
     assert compile_mode() == "0"

@@ -141,7 +141,6 @@ def test_training_with_bfloat16_gradients_follows_the_float32_run():
 
 
 def test_format_is_pinned_from_the_environment(monkeypatch):
-    monkeypatch.setenv("CIM_AQ_FREED_MEMORY", "release")  # this test process's heap stays as it is
     monkeypatch.delenv("CIM_AQ_GRADIENT_PRODUCTS", raising=False)
     cli.setup("warning")
     assert GRADIENT_PRODUCTS.format == "float32"  # the default

@@ -37,7 +37,8 @@ print(json.dumps({{"policy": policy, "faults": faults, "growth": resident() - lo
 
 
 def probe(setup: str, **env_changes) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CIM_AQ_FREED_MEMORY"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("CIM_AQ_FREED_MEMORY", "GLIBC_TUNABLES")}
     env.update(env_changes)
     done = subprocess.run([sys.executable, "-c", PROBE.format(setup=setup)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -67,10 +68,14 @@ def test_the_cli_setup_keeps_freed_memory_unless_told_otherwise():
 
 @needs_glibc
 def test_glibcs_own_settings_win():
-    """A user who set glibc's MALLOC_* variables chose the policy: `keep` leaves them in force."""
-    result = probe("from lib.heap import configure_heap\npolicy = configure_heap('keep')",
-                   MALLOC_MMAP_THRESHOLD_="131072")
-    assert result["policy"] == "glibc environment" and result["faults"] > 4 * PAGES
+    """A user who set glibc's own variables for these knobs chose the policy: `keep` leaves them in
+    force. A tunable of another knob does not count."""
+    keep = "from lib.heap import configure_heap\npolicy = configure_heap('keep')"
+    for setting in (dict(MALLOC_MMAP_THRESHOLD_="131072"),
+                    dict(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")):
+        result = probe(keep, **setting)
+        assert result["policy"] == "glibc environment" and result["faults"] > 4 * PAGES
+    assert probe(keep, GLIBC_TUNABLES="glibc.malloc.tcache_count=0")["policy"] == "keep"
 
 
 def test_a_bad_policy_is_refused_by_name(monkeypatch):

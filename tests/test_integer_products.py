@@ -379,16 +379,20 @@ def test_tiled_codes_are_the_codes_of_the_tiled_input(signed, mode):
 
 @pytest.mark.parametrize("mapping,signed,mode", list(itertools.product(MAPPINGS, [True, False],
                                                                       ["multi-bit", "bit-serial"])))
-def test_one_group_conv_with_a_ragged_tile_reads_only_the_codes(mapping, signed, mode):
+def test_one_group_conv_with_a_ragged_tile_reads_only_the_codes(mapping, signed, mode, monkeypatch):
     """A one-group conv whose last row-tile is ragged tiles the input's codes, not the input (its
     crossbar node keeps the untiled input for the backward): the outputs and gradients of the float
-    products, which tile the input itself."""
-    torch.manual_seed(1)
-    layer = CIMConv2d(11, 6, 3, padding=1, hw=_hw(mapping=mapping, input_mode=mode), w_bit=5, a_bit=6,
-                      input_signed=signed)
-    x = torch.randn(3, 11, 7, 7) if signed else torch.rand(3, 11, 7, 7)
-    calibrate(layer, [x])
-    tiles = layer.tiles(_grid(layer, layer.input_quant(x)))
-    assert tiles.layout.pad > 0
-    assert layer._tiles_codes(tiles) == (mapping != "offset")  # the offset mapping's reference column reads floats
-    _assert_same_with_and_without_integer_products(layer, x)
+    products, which tile the input itself, with zero or reflected padding, and with the partial
+    sums kept or made in chunks (recomputed in the backward from the kept input)."""
+    for padding_mode, chunk_bytes in itertools.product(["zeros", "reflect"],
+                                                       [crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 256]):
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
+        torch.manual_seed(1)
+        layer = CIMConv2d(11, 6, 3, padding=1, padding_mode=padding_mode, hw=_hw(mapping=mapping, input_mode=mode),
+                          w_bit=5, a_bit=6, input_signed=signed)
+        x = torch.randn(3, 11, 7, 7) if signed else torch.rand(3, 11, 7, 7)
+        calibrate(layer, [x])
+        tiles = layer.tiles(_grid(layer, layer.input_quant(x)))
+        assert tiles.layout.pad > 0
+        assert layer._tiles_codes(tiles) == (mapping != "offset")  # the offset mapping's reference column reads floats
+        _assert_same_with_and_without_integer_products(layer, x)

@@ -163,7 +163,7 @@ def quant_forward_eager(x, scale, lo, hi, channels_last: bool = False):
 
 
 def quant_forward_abs_sum_eager(x, scale, lo, hi, channels_last: bool = False):
-    """(clamp(round(x / scale), lo, hi) · scale, Σ|x|)."""
+    """(clamp(round(x / scale), lo, hi) · scale (channels_last: in that memory format), Σ|x|)."""
     return quant_forward_eager(x, scale, lo, hi, channels_last), torch.linalg.vector_norm(x, ord=1)
 
 
@@ -466,7 +466,8 @@ def compile_mode() -> str:
 
 
 def kernel_report() -> dict:
-    """What a run's report records about the kernels and their timings: the compile mode, the
-    kernels that fell back to eager after a failed compile, and the freed-memory policy (lib.heap)."""
+    """What a run's report records about how its kernels ran: the compile mode, the kernels that
+    fell back to eager after a failed compile, and the freed-memory policy (lib.heap), which the
+    large kernels' speed depends on."""
     return {"compile_mode": KERNELS.mode, "eager_after_failed_compile": sorted(KERNELS.failed),
             "freed_memory": heap_policy()}

@@ -219,8 +219,8 @@ class ConvTiles:
 
     def tile_codes(self, x: torch.Tensor) -> torch.Tensor:
         """`tile_input` of x's unsigned codes on `input_grid` (`grid_codes`: what the int8 products
-        read of it), made in one pass over x: the tiled float input is never written. For a node
-        that `keeps_source`, the tiled codes are all its forward reads."""
+        read of it; tiles with integer products only), made in one pass over x: the tiled float
+        input is never written. For a node that `keeps_source`, the codes are all its forward reads."""
         lay, grid = self.layout, self.input_grid
         step = torch.tensor(grid.step, dtype=x.dtype, device=x.device)
         return KERNELS.run("tiled_codes", _tiled_codes_functional, _tiled_codes_eager, x, x, step, grid.zero_point,
