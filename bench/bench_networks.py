@@ -41,7 +41,6 @@ and prints the top ops by self CPU (or CUDA) time and by memory.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -62,7 +61,7 @@ from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
 from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cli import FlagError, check_minimums, run  # noqa: E402
-from lib.heap import configure_heap  # noqa: E402
+from lib.heap import configure_heap, trim_heap  # noqa: E402
 from models import create_model  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
@@ -218,10 +217,7 @@ def _peak_resident_bytes(reset: bool) -> int:
 def _trim() -> None:
     """Hand freed heap memory back to the system, so resident memory counts live tensors only."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    trim_heap()
 
 
 def _available_bytes() -> int:

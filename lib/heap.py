@@ -125,7 +125,7 @@ class _Heap:
             applied = _mallopt_all(libc, [(M_MMAP_MAX, DEFAULT_MMAP_MAX, 0),
                                           (M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)])
             if applied:
-                libc.malloc_trim(0)
+                trim_heap()
         if not applied:
             log.warning("glibc refused the %r freed-memory policy; the %r policy stays", wanted, self.policy)
             return self.policy
@@ -139,6 +139,16 @@ HEAP = _Heap()
 def configure_heap(value: Optional[str] = None) -> str:
     """Set this process's freed-memory policy (None: from $CIM_AQ_FREED_MEMORY); returns the one in force."""
     return HEAP.configure(value)
+
+
+def trim_heap() -> bool:
+    """Hand the heap's free memory back to the system now (glibc's malloc_trim), so that resident
+    memory counts live blocks only; False without glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def heap_policy() -> str:

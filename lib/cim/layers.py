@@ -203,6 +203,12 @@ class CIMLayerMixin:
         step_module.record_abs_sum(abs_sum, x.numel())
         return value, scale
 
+    @property
+    def _takes_crossbar_path(self) -> bool:
+        """Whether `_forward_quantized` takes `crossbar_forward` (the ADC on, or forced) rather
+        than the plain layer on dequantized tensors."""
+        return self.psum_adc.enabled or self.force_crossbar
+
     def _quantizes_channels_last(self, x: torch.Tensor) -> bool:
         """Whether `_quantize_input` writes the quantized input channels_last whatever x's layout
         (a conv's crossbar path reads it so); layers that read it as it comes return False."""
@@ -474,7 +480,7 @@ class CIMLayerMixin:
         With the ADC off the crossbar sum equals the plain layer on dequantized tensors exactly
         (an invariant the tests check), so that case takes the cheap path unless force_crossbar."""
         bias = self._bias_for(scale, weights)
-        if self.psum_adc.enabled or self.force_crossbar:
+        if self._takes_crossbar_path:
             return self.crossbar_forward(x, scale, weights, bias)
         return self.dequantized_forward(x, weights.value, bias)
 
@@ -646,7 +652,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         channels-last conv): an NCHW input is quantized straight into that layout, in the
         quantizer's own pass, and its gradient comes back NCHW from the quantizer's backward (no
         layout copies on either side)."""
-        return x.dim() == 4 and self.padding_mode == "zeros" and (self.psum_adc.enabled or self.force_crossbar)
+        return x.dim() == 4 and self.padding_mode == "zeros" and self._takes_crossbar_path
 
     def _tiles_codes(self, tiles: ConvTiles) -> bool:
         """Whether the crossbar forward tiles the input's integer codes rather than the input: its
