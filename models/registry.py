@@ -19,6 +19,7 @@ from torch import nn
 from models.cifar_resnet import CifarResNet
 from models.tiny import TinyCNN
 from lib.errors import UserError
+from lib.finite import NonFiniteError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"{path} holds no state dict (expected tensors, or a dict with one of {STATE_DICT_KEYS})")
+    try:
+        require_finite(obj, f"weights file {path}")
+    except NonFiniteError as err:
+        raise ModelError(f"{err}; weights holding them give no usable start") from None
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 

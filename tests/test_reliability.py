@@ -275,13 +275,14 @@ def test_finetune_and_export_refuse_to_overwrite_existing_work(tmp_path, int8_st
 
 
 # ------------------------------------------------------------------ user errors: exit 2, one line, before any work
-def test_a_loss_that_becomes_nan_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path, expect_refusal):
+def test_training_that_diverges_names_epoch_batch_and_tensor_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                                                 expect_refusal):
     out = tmp_path / "run"
     # epoch 1 trains at 0.1; the step schedule then multiplies the learning rate by 1e30
     line = expect_refusal(pretrain.main, QUICK + ["--epochs", "3", "--lr", "0.1", "--scheduler", "step",
                                                   "--step-size", "1", "--gamma", "1e30", "--output-dir", out],
-                          "epoch 2/3", "loss became", "lower the learning rate", "checkpoint.pth.tar (epoch 1) is kept",
-                          untouched=tmp_path / "nothing")
+                          "epoch 2/3", "became non-finite", "lower the learning rate",
+                          "checkpoint.pth.tar (epoch 1) is kept", untouched=tmp_path / "nothing")
     assert " batch " in line and load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 1
 
 

@@ -232,18 +232,32 @@ def current_policy(model: nn.Module) -> Policy:
                   [l.adc_bits for _, l in layers], [n for n, _ in layers])
 
 
+BATCH_NORM_STATISTICS = ("batch", "running")
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, max_batches: int = 4) -> None:
+def calibrate(model: nn.Module, batches: Iterable, max_batches: int = 4, batch_norm: str = "batch") -> None:
     """Initialise input/ADC steps and running statistics from a few training batches.
 
-    Runs in train mode so quantizers take their statistics, with BatchNorm layers held in eval
-    mode so their running statistics are untouched; restores every module's mode afterwards.
+    Runs in train mode so quantizers take their statistics; BatchNorm running statistics stay
+    untouched. batch_norm: which activations the steps are fitted to. "batch" (for training
+    next): BatchNorm layers normalise each batch by its own statistics, as the training forward
+    does; "running" (for evaluating next): by their running statistics, as evaluation does. The
+    two differ much for a badly trained start, and steps fitted to the other mode's activations
+    can round whole channels to zero, whose BatchNorm backward then multiplies the gradient by
+    1/sqrt(eps). Restores every module's mode afterwards.
     """
+    if batch_norm not in BATCH_NORM_STATISTICS:
+        raise ValueError(f"batch_norm={batch_norm!r}: expected one of {BATCH_NORM_STATISTICS}")
     modes = {m: m.training for m in model.modules()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = {m: m.track_running_stats for m in norms}
     model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    for module in norms:
+        if batch_norm == "running":
             module.eval()
+        else:  # batch statistics in the forward, running buffers neither read nor updated
+            module.track_running_stats = False
     device = next(model.parameters()).device
     try:
         for index, batch in enumerate(batches):
@@ -254,3 +268,5 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int = 4) -> None
     finally:
         for module, training in modes.items():
             module.training = training
+        for module, track in tracking.items():
+            module.track_running_stats = track

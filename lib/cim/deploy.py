@@ -38,5 +38,5 @@ def faithful_copy(model: nn.Module, calibration: Iterable, batches: int = 4) -> 
     if changed:
         log.info("%d layer(s) switched to bit-serial inputs: recalibrating their ADC steps on %d batch(es)",
                  changed, batches)
-        calibrate(faithful, calibration, max_batches=batches)
+        calibrate(faithful, calibration, max_batches=batches, batch_norm="running")  # evaluated next
     return faithful, changed

@@ -14,6 +14,7 @@ the export form and the cost model read.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -41,6 +42,7 @@ from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
 from lib.cim.fused_weight import FusedWeights
 from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, quantized_codes, sums_stay_exact
 from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
+from lib.finite import NonFiniteError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ class CIMLayerMixin:
         )
 
     def _setup_crossbar(self, hw: HardwareConfig, layout: TileLayout, adc_bits: Optional[int],
-                        input_signed: bool, grid_switch: GridSwitch) -> None:
+                        input_signed: bool, grid_switch: GridSwitch, name: str) -> None:
+        self.layer_name = name  # the model's module path, for messages
         self.hw = hw
         self._grid_switch = grid_switch
         self.layout = layout
@@ -377,7 +380,15 @@ class CIMLayerMixin:
         if (zero_point is None or plan.slicing.storage_dtype != torch.int8
                 or not sums_stay_exact(rows, 2 ** plan.cell_bits - 1)):
             return None
-        return InputGrid(float(scale.detach().reshape(())), zero_point)
+        step = float(scale.detach().reshape(()))
+        if not math.isfinite(step):
+            raise NonFiniteError(f"the input step of {self.layer_name} is {step}: it cannot make integer codes",
+                                 f"the input step of {self.layer_name}")
+        return InputGrid(step, zero_point)
+
+    def check_codes_input(self, x: torch.Tensor) -> None:
+        """Refuse an input holding NaN/inf before it becomes integer codes (which would hide it)."""
+        require_finite(x, f"the input of {self.layer_name} to convert to integer codes")
 
     def adc_floor(self, crossbar_input: torch.Tensor) -> Optional[torch.Tensor]:
         """Least mean |partial sum| per (array, read-out column) an ADC step may be initialised from:
@@ -526,7 +537,10 @@ class ComposedWeights:
 
     def _crossbar(self, tiles):
         q = self.quant_weight.value / self.quant_weight.scale
-        return q, self.step_grid(), crossbar_weight(q, tiles, self.layer.plan)
+        step_grid = self.step_grid()
+        if not _tracing():  # a traced graph holds no values to check
+            require_finite({"integer weights": q, "weight step": step_grid}, self.layer.layer_name)
+        return q, step_grid, crossbar_weight(q, tiles, self.layer.plan)
 
 
 def _set_training(modules, mode: bool) -> None:
@@ -588,7 +602,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
             self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
             dilation=dilation, groups=groups, padding_mode=padding_mode, bias=bias, device=device,
             dtype=dtype, **quant)
-        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"])
+        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"], name)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, hw: HardwareConfig, w_bit: int, a_bit: int,
@@ -638,6 +652,8 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         lay = self.layout
         planes = self.input_planes
         tiles = self.tiles(self.input_grid(x, scale, planes))
+        if tiles.input_grid is not None:
+            self.check_codes_input(x)
         source = self.pad_input(self._split_input(x, scale, planes))
         x_tiled = tiles.tile_codes(source) if self._tiles_codes(tiles) else tiles.tile_input(source)
         n, h, w = tiles.output_size(x_tiled)
@@ -681,6 +697,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         if grid_form is None:
             return None
         scale, grid, lo, hi = grid_form
+        self.check_codes_input(x)
         return quantized_codes(x, scale, lo, hi, grid), grid, scale
 
     def _codes_grid(self, x: torch.Tensor, tensor_quant) -> Optional[tuple]:
@@ -726,7 +743,7 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         layout = TileLayout.for_layer(hw, 1, in_features, out_features, 1, name)
         quant = self._quant_kwargs(hw, layout, w_bit, a_bit, input_signed, 2)
         QuantLinear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype, **quant)
-        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"])
+        self._setup_crossbar(hw, layout, adc_bits, input_signed, quant["weight_grid_switch"], name)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, hw: HardwareConfig, w_bit: int, a_bit: int,
@@ -764,6 +781,8 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         lead = x.shape[:-1]
         planes = self.input_planes
         tiles = self.tiles(self.input_grid(x, scale, planes))
+        if tiles.input_grid is not None:
+            self.check_codes_input(x)
         xt = tiles.tile_input(self._split_input(x.reshape(-1, self.in_features), scale, planes))
         ref = self.reference_sums(xt)
         if ref is not None:

@@ -28,6 +28,7 @@ from lib.export import graph as graph_tools
 from lib.export.layers import ExportCIMLayer, ExportFormError, check_calibrated
 from lib.fileio import atomic_write
 from lib.errors import UserError
+from lib.finite import NonFiniteError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,10 @@ def export_model(model: nn.Module, output: str | Path, images: torch.Tensor, *,
     if not any(isinstance(m, CIMLayerMixin) for m in model.modules()):
         raise ExportError(f"{type(model).__name__} has no CIM layers: nothing quantized to export "
                           f"(convert it with lib.cim.quantize_model and train/calibrate it first)")
+    try:
+        require_finite(model.state_dict(), f"the {type(model).__name__} to export")
+    except NonFiniteError as err:
+        raise ExportError(f"{err}: integer codes of NaN/inf mean nothing") from None
     try:  # before any forward pass: an uncalibrated step would initialise itself from this data
         for name, layer in model.named_modules():  # (no tracing: that would run the model)
             if isinstance(layer, CIMLayerMixin):

@@ -33,6 +33,7 @@ from torch import nn
 from lib.cim.crossbar import stored_slices
 from lib.cim.input_planes import join_planes, plane_values
 from lib.cim.layers import CIMConv2d, CIMLayerMixin, CIMLinear
+from lib.finite import NonFiniteError, require_finite
 from lib.export.quantizers import (BREVITAS_MAX_BITS, FixedQDQ, Int32Bias, act_quant, brevitas_can_export, grid,
                                    weight_quant)
 
@@ -153,6 +154,10 @@ class ExportCIMLayer(nn.Module):
             q = torch.round(qw.value.detach() / scale)
             step_grid = layer.weight_step_grid().detach()  # (groups, tiles, out_per_group), positive
             a_step = layer.input_step().detach()
+        try:
+            require_finite({"integer weights": q, "weight step": step_grid, "input step": a_step}, name)
+        except NonFiniteError as err:
+            raise ExportFormError(str(err)) from None
         self.w_bit, self.a_bit, self.cell_bits = layer.w_bit, layer.a_bit, hw.cell_bits
         self.adc_bits = layer.adc_bits if self.adc else None
         plan = layer.plan

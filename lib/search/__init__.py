@@ -2,8 +2,8 @@
 rewarded by accuracy after a short finetune and by the crossbar latency of the cost model."""
 from lib.search.agent import DDPGAgent, RandomAgent, ReplayMemory
 from lib.search.config import DDPGConfig, SearchConfig, SearchConfigError
-from lib.search.search import KILL_ENV, SearchResult, prepare, run_search
+from lib.search.search import DIVERGE_ENV, KILL_ENV, SearchError, SearchResult, prepare, run_search
 from lib.search.space import BitSpace, action_to_bits
 
 __all__ = ["DDPGAgent", "RandomAgent", "ReplayMemory", "DDPGConfig", "SearchConfig", "SearchConfigError", "KILL_ENV",
-           "SearchResult", "prepare", "run_search", "BitSpace", "action_to_bits"]
+           "DIVERGE_ENV", "SearchError", "SearchResult", "prepare", "run_search", "BitSpace", "action_to_bits"]

@@ -26,7 +26,7 @@ from torch import nn
 from lib.cim import apply_policy, calibrate
 from lib.distributed import SINGLE, DistContext, broadcast_module_state, ddp_model
 from lib.policy import Policy
-from lib.training import OptimConfig, build_optimizer, evaluate, seed_epoch, train_one_epoch
+from lib.training import DivergedError, OptimConfig, build_optimizer, evaluate, seed_epoch, train_one_epoch
 
 # Seeds evaluations apart from the agent's own generators and the data split.
 EVAL_SEED_OFFSET = 7919
@@ -34,11 +34,16 @@ EVAL_SEED_OFFSET = 7919
 
 @dataclass
 class Evaluation:
-    """A policy's accuracy (top-1 %, search split) and where the time went (seconds)."""
+    """A policy's accuracy (top-1 %, search split) and where the time went (seconds).
 
-    accuracy: float
+    diverged: where the finetune produced a NaN/inf ({"batch", "kind", "tensor", "what"}: see
+    lib.training.DivergedError), else None;
+    accuracy is then None (the policy has no accuracy to measure)."""
+
+    accuracy: Optional[float]
     finetune_seconds: float
     eval_seconds: float
+    diverged: Optional[dict] = None
 
 
 def snapshot(model: nn.Module) -> OrderedDict:
@@ -76,23 +81,32 @@ class PolicyEvaluator:
         """Back to the INT8 start: weights, steps, BN statistics and bits."""
         self.model.load_state_dict(self.start_state, strict=True)
 
-    def evaluate(self, policy: Policy, steps: int) -> Evaluation:
+    def evaluate(self, policy: Policy, steps: int, lr: Optional[float] = None) -> Evaluation:
+        """Restore, apply `policy`, calibrate, finetune `steps` batches (at `lr`, default the
+        search's), score; a finetune that diverges is reported in `Evaluation.diverged`."""
         started = time.perf_counter()
         self.restore()
         apply_policy(self.model, policy)
         seed_epoch(self.seed, 0, self.train_loader, self.dist.rank)
-        calibrate(self.model, self.train_loader, max_batches=self.calibration_batches)
+        calibrate(self.model, self.train_loader, max_batches=self.calibration_batches,
+                  batch_norm="batch" if steps > 0 else "running")  # the mode that comes next
         broadcast_module_state(self.model, self.dist)
         if steps > 0:
-            optimizer = build_optimizer(self.model, OptimConfig(epochs=1, lr=self.lr, scheduler="constant"))
+            lr = self.lr if lr is None else lr
+            optimizer = build_optimizer(self.model, OptimConfig(epochs=1, lr=lr, scheduler="constant"))
             done, epoch = 0, 0
-            with ddp_model(self.model, self.dist) as train_model:  # anew: apply_policy may replace steps
-                while done < steps:
-                    seed_epoch(self.seed, epoch, self.train_loader, self.dist.rank)
-                    batches = min(steps - done, len(self.train_loader))
-                    train_one_epoch(train_model, self.train_loader, self.criterion, optimizer, self.device,
-                                    max_batches=batches, progress=False, dist=self.dist)
-                    done, epoch = done + batches, epoch + 1
+            try:
+                with ddp_model(self.model, self.dist) as train_model:  # anew: apply_policy may replace steps
+                    while done < steps:
+                        seed_epoch(self.seed, epoch, self.train_loader, self.dist.rank)
+                        batches = min(steps - done, len(self.train_loader))
+                        train_one_epoch(train_model, self.train_loader, self.criterion, optimizer, self.device,
+                                        max_batches=batches, progress=False, dist=self.dist)
+                        done, epoch = done + batches, epoch + 1
+            except DivergedError as err:  # every rank stops at the same batch (lib.training.loop)
+                self.restore()  # no NaN stays in the model
+                where = {"batch": done + err.step, "kind": err.kind, "tensor": err.tensor, "what": err.what()}
+                return Evaluation(None, time.perf_counter() - started, 0.0, where)
             broadcast_module_state(self.model, self.dist)  # the buffers the last batch updated per rank
         finetuned = time.perf_counter()
         accuracy = evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"]

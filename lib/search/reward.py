@@ -29,6 +29,13 @@ def episode_reward(accuracy: float, latency_ratio: float, baseline: float, targe
     return cim_aq_reward(accuracy, latency_ratio, target)
 
 
+def worst_reward(baseline: float, target: float, latency_budget: Optional[float]) -> float:
+    """The lowest reward the shape gives (0% accuracy at any latency): what a diverged policy scores."""
+    if latency_budget is not None:
+        return budget_reward(0.0, baseline)
+    return -10.0 * max(target, 0.0)
+
+
 def is_feasible(accuracy: float, latency_ratio: float, target: float, latency_budget: Optional[float]) -> bool:
     """Meets the accuracy target (and, in budget mode, the latency budget)."""
     return accuracy >= target and (latency_budget is None or latency_ratio <= latency_budget + 1e-12)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ from lib.cim.adc_kernels import kernel_report
 from lib.cim.scratch import scratch_buffers
 from lib.data import DatasetError, HoldoutSpec, build_loaders
 from lib.distributed import DistContext, barrier, broadcast_object
+from lib.errors import UserError
 from lib.fileio import atomic_torch_save, atomic_write, atomic_write_json
 from lib.model_spec import ModelSpec, cost_model_for, layer_order_of, model_at_policy
 from lib.policy import Policy
@@ -41,7 +43,7 @@ from lib.search.agent import DDPGAgent, RandomAgent
 from lib.search.budget import check_budget_reachable, lower_to_budget
 from lib.search.config import SearchConfig, SearchConfigError
 from lib.search.evaluator import PolicyEvaluator
-from lib.search.reward import episode_reward, is_feasible
+from lib.search.reward import episode_reward, is_feasible, worst_reward
 from lib.search.space import ADC, INPUT, WEIGHT, BitSpace
 from lib.search.state import StateEncoder
 from lib.simulator import CostModel
@@ -55,6 +57,12 @@ STATE_FORMAT = "cim-aq/search-state"
 OUTPUTS = ("best_policy.npy", "best_policy.json", "episodes.jsonl", "summary.json", STATE_NAME, "tb")
 # Test hook: SIGKILL this process right after the state of episode N (1-based count) is written.
 KILL_ENV = "CIM_AQ_SEARCH_KILL_AFTER"
+# Test hook: finetune the policy of episode N (1-based count) at an infinite learning rate, so it diverges.
+DIVERGE_ENV = "CIM_AQ_SEARCH_DIVERGE_EPISODE"
+
+
+class SearchError(UserError, RuntimeError):
+    """The search cannot produce a policy from what it observed (its start diverges, or every policy did)."""
 
 
 @dataclass
@@ -80,6 +88,24 @@ class Setup:
     cost_model: CostModel
     space: BitSpace
     names: list
+
+
+def baseline_diverged_message(config: SearchConfig, diverged: dict, steps: Optional[int] = None) -> str:
+    """Why the search cannot start: its INT8 start diverges in the search's own finetune."""
+    what = diverged["what"]
+    if diverged["batch"] == 1 and diverged["kind"] != "parameter":
+        cause = (f"before any weight update, so the start checkpoint {config.init} itself gives it: it is not a "
+                 f"usable INT8 start (train it again with pretrain.py --quant uniform)")
+    else:
+        cause = f"the updates made it: lower --finetune-lr (or check the start checkpoint {config.init})"
+    budget = f"{steps}-batch" if steps is not None else "per-episode"
+    return (f"the INT8 baseline (the start checkpoint {config.init} at its own bits) diverged in the search's "
+            f"{budget} finetune at batch {diverged['batch']}: {what} became non-finite at --finetune-lr "
+            f"{config.finetune_lr:g}; {cause}")
+
+
+def _percent(value: Optional[float]) -> str:
+    return "diverged" if value is None else f"{value:.2f}%"
 
 
 def policy_key(policy: Policy) -> tuple:
@@ -265,14 +291,19 @@ class Search:
         adc = bits[ADC] if space.adc_bits is not None else None
         return Policy(bits[WEIGHT], bits[INPUT], adc, list(self.setup.names)), transitions
 
-    def evaluate(self, policy: Policy, steps: int) -> tuple[float, float, float, bool]:
-        """(accuracy, finetune s, eval s, cached?) for the per-episode budget, from the cache when seen."""
+    def evaluate(self, policy: Policy, steps: int) -> tuple[Optional[float], float, float, bool, Optional[dict]]:
+        """(accuracy, finetune s, eval s, cached?, diverged) for the per-episode budget, from the
+        cache when seen; a diverged finetune has no accuracy and is cached as such."""
         key = policy_key(policy)
         if key in self.cache:
-            return self.cache[key], 0.0, 0.0, True
-        result = self.evaluator.evaluate(policy, steps)
-        self.cache[key] = result.accuracy
-        return result.accuracy, result.finetune_seconds, result.eval_seconds, False
+            value = self.cache[key]
+            if isinstance(value, dict):
+                return None, 0.0, 0.0, True, value["diverged"]
+            return value, 0.0, 0.0, True, None
+        forced = int(os.environ.get(DIVERGE_ENV, "0") or 0) == self.episode + 1
+        result = self.evaluator.evaluate(policy, steps, lr=math.inf if forced else None)
+        self.cache[key] = {"diverged": result.diverged} if result.diverged else result.accuracy
+        return result.accuracy, result.finetune_seconds, result.eval_seconds, False, result.diverged
 
     def run_episode(self) -> dict:
         started = time.perf_counter()
@@ -283,15 +314,25 @@ class Search:
             if cfg.latency_budget is not None:
                 policy = lower_to_budget(policy, self.setup.cost_model, self.setup.space, cfg.latency_budget)
         policy = broadcast_object(policy, self.dist)
-        accuracy, t_finetune, t_eval, cached = self.evaluate(policy, self.steps)
+        accuracy, t_finetune, t_eval, cached, diverged = self.evaluate(policy, self.steps)
         ratio = self.setup.cost_model.policy_cost(policy).ratio
-        reward = episode_reward(accuracy, ratio, self.baseline, self.target, cfg.latency_budget)
+        if diverged is None:
+            reward = episode_reward(accuracy, ratio, self.baseline, self.target, cfg.latency_budget)
+            feasible = is_feasible(accuracy, ratio, self.target, cfg.latency_budget)
+        else:
+            reward = worst_reward(self.baseline, self.target, cfg.latency_budget)
+            feasible = False
+            if not cached:
+                log.warning("episode %d: the finetune of its policy diverged at batch %d (%s became non-finite); "
+                            "scored as infeasible, the search goes on from the INT8 start", self.episode + 1,
+                            diverged["batch"], diverged["what"])
         if self.dist.is_main:
             self.agent.observe_episode(transitions, reward, self.episode)
         record = {"episode": self.episode, "policy": policy.as_array().tolist(), "accuracy": accuracy,
-                  "latency_ratio": ratio, "reward": reward,
-                  "feasible": is_feasible(accuracy, ratio, self.target, cfg.latency_budget),
-                  "cached": cached, "strategy": cfg.strategy}
+                  "latency_ratio": ratio, "reward": reward, "feasible": feasible, "cached": cached,
+                  "strategy": cfg.strategy, "status": "ok" if diverged is None else "diverged"}
+        if diverged is not None:
+            record["diverged"] = diverged
         rest = time.perf_counter() - started - t_finetune - t_eval
         record["seconds"] = {"finetune": round(t_finetune, 4), "eval": round(t_eval, 4), "rest": round(rest, 4)}
         return record
@@ -317,7 +358,10 @@ class Search:
         started = time.time()
         if self.baseline is None:
             base = Policy.uniform(self.setup.names, 8, 8)
-            self.baseline = self.evaluator.evaluate(base, self.steps).accuracy
+            evaluation = self.evaluator.evaluate(base, self.steps)
+            if evaluation.diverged is not None:
+                raise SearchError(baseline_diverged_message(cfg, evaluation.diverged))
+            self.baseline = evaluation.accuracy
             log.info("baseline: INT8 after the same %d-batch finetune reaches %.2f%% on the search split; target "
                      "%.2f%%", self.steps, self.baseline, self.target)
             self.save_state()
@@ -336,11 +380,13 @@ class Search:
                 self.save_state()
                 # the writes belong to this episode's "rest"; the log on disk gets it with the next write
                 record["seconds"]["rest"] = round(record["seconds"]["rest"] + time.perf_counter() - persisting, 4)
-                tracker.log({"search/reward": record["reward"], "search/accuracy": record["accuracy"],
-                             "search/latency_ratio": record["latency_ratio"],
-                             "search/best_reward": max(r["reward"] for r in self.records)}, self.episode)
+                scalars = {"search/reward": record["reward"], "search/latency_ratio": record["latency_ratio"],
+                           "search/best_reward": max(r["reward"] for r in self.records)}
+                if record["accuracy"] is not None:
+                    scalars["search/accuracy"] = record["accuracy"]
+                tracker.log(scalars, self.episode)
                 best = max(self.records, key=lambda r: r["reward"])
-                bar.set_postfix(best_reward=f"{best['reward']:.2f}", acc=f"{best['accuracy']:.1f}",
+                bar.set_postfix(best_reward=f"{best['reward']:.2f}", acc=_percent(best["accuracy"]),
                                 speedup=f"{1 / best['latency_ratio']:.2f}x")
                 bar.update(1)
                 if on_episode is not None:
@@ -368,31 +414,40 @@ class Search:
             return []
         steps = cfg.top_k_finetune_steps
         names = self.setup.names
-        baseline = self.evaluator.evaluate(Policy.uniform(names, 8, 8), steps).accuracy
+        evaluation = self.evaluator.evaluate(Policy.uniform(names, 8, 8), steps)
+        if evaluation.diverged is not None:
+            raise SearchError(baseline_diverged_message(cfg, evaluation.diverged, steps))
+        baseline = evaluation.accuracy
         target = baseline - cfg.max_accuracy_drop
         results = []
         for record in candidates:
             array = np.asarray(record["policy"])
             policy = Policy(array[:, 0], array[:, 1], array[:, 2] if array.shape[1] == 3 else None, names)
-            accuracy = self.evaluator.evaluate(policy, steps).accuracy
-            ratio = record["latency_ratio"]
-            results.append({"episode": record["episode"], "policy": record["policy"], "accuracy": accuracy,
-                            "latency_ratio": ratio, "search_accuracy": record["accuracy"],
-                            "reward": episode_reward(accuracy, ratio, baseline, target, cfg.latency_budget),
-                            "feasible": is_feasible(accuracy, ratio, target, cfg.latency_budget),
-                            "baseline_accuracy": baseline, "finetune_steps": steps})
-            log.info("top-k: episode %d re-evaluated with %d batches: %.2f%% (search %.2f%%), ratio %.3f",
-                     record["episode"], steps, accuracy, record["accuracy"], ratio)
+            evaluation = self.evaluator.evaluate(policy, steps)
+            accuracy, ratio = evaluation.accuracy, record["latency_ratio"]
+            result = {"episode": record["episode"], "policy": record["policy"], "accuracy": accuracy,
+                      "latency_ratio": ratio, "search_accuracy": record["accuracy"],
+                      "baseline_accuracy": baseline, "finetune_steps": steps}
+            if evaluation.diverged is None:
+                result.update(reward=episode_reward(accuracy, ratio, baseline, target, cfg.latency_budget),
+                              feasible=is_feasible(accuracy, ratio, target, cfg.latency_budget), status="ok")
+            else:
+                result.update(reward=worst_reward(baseline, target, cfg.latency_budget), feasible=False,
+                              status="diverged", diverged=evaluation.diverged)
+            results.append(result)
+            log.info("top-k: episode %d re-evaluated with %d batches: %s (search %.2f%%), ratio %.3f",
+                     record["episode"], steps, _percent(accuracy), record["accuracy"], ratio)
         return results
 
     def finish(self, top_k: list[dict], seconds: float) -> SearchResult:
         cfg, setup = self.config, self.setup
-        if top_k:
-            feasible = [r for r in top_k if r["feasible"]] or top_k
-            best = max(feasible, key=lambda r: r["reward"])
-        else:
-            feasible = [r for r in self.records if r["feasible"]] or self.records
-            best = max(feasible, key=lambda r: r["reward"])
+        candidates = [r for r in (top_k or self.records) if r["accuracy"] is not None] or \
+            [r for r in self.records if r["accuracy"] is not None]
+        if not candidates:
+            raise SearchError(f"every one of the {len(self.records)} explored policies diverged in its finetune "
+                              f"(--finetune-lr {cfg.finetune_lr:g}); lower --finetune-lr or raise --min-bit")
+        feasible = [r for r in candidates if r["feasible"]] or candidates
+        best = max(feasible, key=lambda r: r["reward"])
         best = {k: best[k] for k in ("episode", "policy", "accuracy", "latency_ratio", "reward", "feasible")}
         if not self.dist.is_main:
             barrier(self.dist)  # while rank 0 writes the outputs

@@ -1,5 +1,7 @@
 """Training checkpoints: one self-describing dict, written atomically, validated on load.
 
+Every tensor of a checkpoint is finite: a state holding NaN or inf is neither written nor read.
+
 Format (a dict, `format` == CHECKPOINT_FORMAT):
   version, epoch (epochs completed), state_dict, optimizer, scheduler, best_acc1, best_epoch,
   metrics (last validation), history (per-epoch metrics), args (plain, JSON-able: everything
@@ -15,8 +17,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from lib.fileio import atomic_torch_save
 from lib.errors import UserError
+from lib.fileio import atomic_torch_save
+from lib.finite import NonFiniteError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,10 @@ def save_checkpoint(state: dict, out_dir: str | Path, is_best: bool = False, nam
     Best first: a crash between the two writes leaves the checkpoint one epoch behind, so a resume
     redoes that epoch and rewrites both; the best file is never older than the checkpoint says.
     `between` runs after the best write, before the checkpoint write (a testing hook).
+    A state holding a NaN or infinite tensor is refused (NonFiniteError) and nothing is written.
     """
     out_dir = Path(out_dir)
+    require_finite(state, f"refusing to write a checkpoint into {out_dir}")
     if is_best:
         atomic_torch_save(state, out_dir / best_name)
     if between is not None:
@@ -117,6 +122,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks field(s) {missing}")
+    try:
+        require_finite(state, f"checkpoint {path}")
+    except NonFiniteError as err:
+        raise CheckpointError(f"{err}; a model holding them gives no usable start: train it again") from None
     return state
 
 

@@ -51,6 +51,16 @@ class FitResult:
     best_checkpoint: Optional[Path] = None
 
 
+def divergence_advice(err: DivergedError, first_update: bool) -> str:
+    """What to change, from what went non-finite and when."""
+    if first_update:
+        return ("that is before any weight update, so the learning rate is not the cause: the starting weights "
+                "(or their quantization) give it")
+    if err.kind == "parameter":
+        return "the optimizer step made it: lower the learning rate (--lr)"
+    return "lower the learning rate (--lr)"
+
+
 @scratch_buffers()
 def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: str | Path, *,
         args: Optional[Mapping[str, Any]] = None, device: torch.device | str = "cpu", seed: int = 0,
@@ -67,7 +77,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: s
     dist: this process's place in a torchrun run (default: one process); sync_bn: SyncBatchNorm
     while training under DDP (GPUs only). The result is the same on every rank; it returns once
     rank 0's files are written.
-    A NaN/infinite loss raises DivergedError naming the epoch and batch; the last checkpoint stays.
+    A NaN/infinite loss, gradient or parameter raises DivergedError naming the epoch, the batch
+    and the first bad tensor; the last checkpoint stays, and none is written holding such a value.
     """
     out_dir = Path(out_dir)
     if dist.is_main:
@@ -104,9 +115,11 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: OptimConfig, out_dir: s
                                               desc=f"epoch {epoch + 1}/{cfg.epochs}", dist=dist)
             except DivergedError as err:
                 kept = f"{ckpt_path} (epoch {epoch}) is kept" if ckpt_path.exists() else "no checkpoint was written"
-                raise DivergedError(f"training diverged in epoch {epoch + 1}/{cfg.epochs}: the loss became {err.loss} at "
-                                    f"batch {err.step} with learning rate {lr:.4g}; lower the learning rate (--lr); {kept}",
-                                    err.step, err.loss) from None
+                first_update = epoch == 0 and err.step == 1 and err.kind != "parameter"
+                raise DivergedError(f"training diverged in epoch {epoch + 1}/{cfg.epochs} at batch {err.step}: "
+                                    f"{err.what()} became non-finite (learning rate {lr:.4g}); "
+                                    f"{divergence_advice(err, first_update)}; {kept}",
+                                    err.step, err.kind, err.tensor, err.loss) from None
             broadcast_module_state(model, dist)
             scheduler.step()
             last = evaluate(model, val_loader, criterion, device, dist=dist)

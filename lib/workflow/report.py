@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -71,6 +72,7 @@ def stage_markdown(label: str, title: str, ev: dict, seconds: dict[str, float]) 
 def plot_pareto(episodes: list[dict], summary: dict, path: Path) -> None:
     """Every explored policy (search-split accuracy vs latency ratio), INT8 baseline, target, choice."""
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    episodes = [e for e in episodes if e.get("accuracy") is not None]  # a diverged policy has no accuracy
     feasible = [e for e in episodes if e.get("feasible", True)]
     infeasible = [e for e in episodes if not e.get("feasible", True)]
     for group, style, label in ((feasible, dict(c="tab:blue"), "explored (meets the constraints)"),
@@ -113,7 +115,7 @@ def plot_search(episodes: list[dict], path: Path) -> None:
         if best_any is None or e["reward"] > best_any["reward"]:
             best_any = e
         best = best_feasible or best_any
-        best_acc.append(best["accuracy"])
+        best_acc.append(math.nan if best["accuracy"] is None else best["accuracy"])  # None: it diverged
         best_speed.append(1 / best["latency_ratio"])
     ax_b.step(xs, best_acc, where="post", c="tab:blue")
     ax_b.set_ylabel("its top-1 on search split (%)", color="tab:blue")
