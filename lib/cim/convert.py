@@ -245,7 +245,8 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int = 4, batch_n
     does; "running" (for evaluating next): by their running statistics, as evaluation does. The
     two differ much for a badly trained start, and steps fitted to the other mode's activations
     can round whole channels to zero, whose BatchNorm backward then multiplies the gradient by
-    1/sqrt(eps). Restores every module's mode afterwards.
+    1/sqrt(eps). A batch of one image has no batch statistics and is run with the running ones.
+    Restores every module's mode afterwards.
     """
     if batch_norm not in BATCH_NORM_STATISTICS:
         raise ValueError(f"batch_norm={batch_norm!r}: expected one of {BATCH_NORM_STATISTICS}")
@@ -253,17 +254,16 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int = 4, batch_n
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     tracking = {m: m.track_running_stats for m in norms}
     model.train()
-    for module in norms:
-        if batch_norm == "running":
-            module.eval()
-        else:  # batch statistics in the forward, running buffers neither read nor updated
-            module.track_running_stats = False
     device = next(model.parameters()).device
     try:
         for index, batch in enumerate(batches):
             if index >= max_batches:
                 break
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            per_batch = batch_norm == "batch" and inputs.shape[0] > 1  # one image has no batch statistics
+            for module in norms:  # batch statistics: running buffers neither read nor updated
+                module.train(per_batch)
+                module.track_running_stats = tracking[module] and not per_batch
             model(inputs.to(device))
     finally:
         for module, training in modes.items():
