@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 import rl_quantize
-from lib.cim.energy_config import BitCurve, EnergyConfigError
+from lib.cim.energy_config import BitCurve
 from lib.cim.hardware import HardwareConfig, HardwareConfigError
 from lib.policy import Policy
 from lib.search import DDPGConfig, prepare, run_search
