@@ -52,8 +52,9 @@ def check_budget_reachable(cost_model: CostModel, space: BitSpace, base: Policy,
         ratio = ratios[name]
         if ratio > limit:
             given = f"latency_budget={limit}" if name == "latency" else f"budget {name}={limit}"
-            raise SearchConfigError(f"{given} is not reachable: the lowest allowed bits give a{'n' * (name[0] in 'ae')} "
-                                    f"{name} ratio of {ratio:.4f}; expected a budget in [{ratio:.4f}, 1]")
+            article = "an" if name[0] in "ae" else "a"
+            raise SearchConfigError(f"{given} is not reachable: the lowest allowed bits give {article} {name} ratio "
+                                    f"of {ratio:.4f}; expected a budget in [{ratio:.4f}, 1]")
 
 
 def lower_to_budget(policy: Policy, cost_model: CostModel, space: BitSpace, budget: Budget,

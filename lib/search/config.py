@@ -179,7 +179,7 @@ class SearchConfig:
             if name not in OBJECTIVES:
                 raise SearchConfigError(f"budget {name!r} is not allowed: expected budgets on {list(OBJECTIVES)}")
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-                raise SearchConfigError(f"budget {name}={ratio!r} is not allowed: expected a {name} ratio vs "
+                raise SearchConfigError(f"budget {name}={ratio!r} is not allowed: expected a ratio of {name} vs "
                                         f"uniform 8-bit in (0, 1]")
         for key in ("search_holdout", "search_train_size"):
             value = getattr(self, key)

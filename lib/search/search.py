@@ -3,7 +3,8 @@
 One episode walks the quantizable layers in call order; per layer the agent picks the weight
 bits, then the input bits (then the ADC bits with search_adc). The policy is (optionally)
 lowered to the budgets, evaluated (cache by policy), priced (latency, and energy / EDP / area
-where the hardware has them), rewarded by the objective's ratio, and the agent learns from it. After every episode the whole search state is written atomically, so a killed
+where the hardware has them), rewarded by the objective's ratio, and the agent learns from it.
+After every episode the whole search state is written atomically, so a killed
 search resumes at the last finished episode and continues exactly as it would have.
 
 Under torchrun rank 0 runs the agent and sends each policy to every rank; all ranks evaluate it
