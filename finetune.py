@@ -264,6 +264,8 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         "latency_us": cost.total_latency, "baseline_latency_us": cost.baseline_latency,
         "baseline_bits": list(cost.baseline_bits), "latency_ratio": cost.ratio, "arrays": cost.arrays,
         "executes": cost.executes, "adc_conversions": cost.adc_conversions,
+        # energy_pj, energy/edp/area ratios, area_mm2, energy_split_pj: None where the hardware has no energy model
+        **{k: v for k, v in cost.summary().items() if k not in ("latency_us", "latency_ratio")},
         "hardware": hw.to_dict(), "hardware_priced_vs_simulated": hw.pricing_differences(),
         "arch": spec.arch, "dataset": spec.dataset,
         "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,

@@ -12,7 +12,9 @@ Every episode starts from the INT8 checkpoint (--init), applies the agent's poli
 few batches on the training images (minus a held-out search split), measures top-1 on the
 search split (the val set is never used) and prices the policy with the crossbar cost model.
 Reward (CIM-AQ): below target = baseline − max-accuracy-drop, −10·shortfall; else
-100·(1/latency_ratio − 1) + 0.1·(acc − target). With --latency-budget, HAQ's hard budget.
+100·(1/ratio − 1) + 0.1·(acc − target), where ratio is --objective's (latency by default, as
+CIM-AQ; energy, edp or area with an `energy` section in the hardware YAML). With
+--latency-budget / --budget latency=0.5,energy=0.6, HAQ's hard budgets, all met at once.
 
 Writes into --output-dir: best_policy.npy (CIM-AQ format) / best_policy.json, episodes.jsonl,
 summary.json, search_state.pth (resume with --resume auto), tb/. CIM-AQ's underscored flag
@@ -26,7 +28,9 @@ import sys
 from typing import Optional
 
 from lib import cli
+from lib.objectives import OBJECTIVES
 from lib.search import DDPGConfig, SearchConfig, run_search
+from lib.search.config import parse_budgets
 
 # CIM-AQ / HAQ spellings that are not just the dashed flag with underscores.
 ALIASES = {"--acc_drop": "--max-accuracy-drop", "--train_episode": "--episodes", "--finetune_epoch": "--finetune-epochs",
@@ -75,6 +79,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="percentage points below the INT8 baseline that still count as feasible")
     g.add_argument("--latency-budget", type=float, default=None, metavar="RATIO",
                    help="hard budget: lower bits until latency/uniform-8-bit <= RATIO before evaluating")
+    g.add_argument("--budget", action="append", default=[], metavar="NAME=RATIO[,NAME=RATIO]",
+                   help=f"hard budgets on any of {', '.join(OBJECTIVES)} (ratios vs uniform 8-bit), met together, "
+                        f"e.g. latency=0.5,energy=0.6 (repeatable)")
+    g.add_argument("--objective", default="latency", metavar="NAME",
+                   help=f"the ratio the reward prices: {' | '.join(OBJECTIVES)} (default: latency, CIM-AQ's); "
+                        f"energy, edp and area need an `energy` section in the hardware YAML")
     g.add_argument("--finetune-steps", type=int, default=100, help="finetune batches per episode")
     g.add_argument("--finetune-epochs", type=float, default=None, help="finetune epochs per episode (overrides "
                    "--finetune-steps)")
@@ -136,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         calibration_batches=args.calibration_batches, search_adc=args.search_adc, min_adc_bit=args.min_adc_bit,
         max_adc_bit=args.max_adc_bit, force_first_last=args.force_first_last,
         cell_resolution_constraint=args.cell_resolution_constraint, latency_budget=args.latency_budget,
+        budgets=parse_budgets(args.budget), objective=args.objective,
         strategy=args.strategy, top_k=args.top_k, top_k_finetune_steps=args.top_k_finetune_steps,
         search_holdout=args.search_holdout, search_train_size=args.search_train_size, seed=args.seed,
         resume=args.resume == "auto", overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
@@ -150,7 +161,8 @@ def search(args: argparse.Namespace) -> None:
     if not ctx.is_main:
         return
     print(json.dumps({"best_episode": result.best["episode"], "accuracy": result.best["accuracy"],
-                      "latency_ratio": result.best["latency_ratio"], "reward": result.best["reward"],
+                      "latency_ratio": result.best["latency_ratio"], "objective": result.best["objective"],
+                      "objective_ratio": result.best["objective_ratio"], "reward": result.best["reward"],
                       "baseline_accuracy": result.baseline_accuracy, "output_dir": str(result.output_dir)}))
 
 

@@ -55,6 +55,7 @@ def test_finetune_from_uniform_int8_with_a_cim_aq_npy_policy(tmp_path, starts, c
     assert 0 < report["latency_ratio"] < 1 and report["baseline_bits"] == [8, 8]
     assert report["latency_us"] < report["baseline_latency_us"]
     assert report["arrays"] >= 4 and report["adc_conversions"] > 0
+    assert report["energy_pj"] is None and report["energy_ratio"] is None  # CIM-AQ's layout: no energy model
     assert report["ort_top1_agreement"] >= 0.99 and report["ort_max_abs_diff"] < 0.05
     assert printed["ort_top1_agreement"] == report["ort_top1_agreement"]
     assert (out / "model.onnx").is_file() and list((out / "tb").glob("events.out.tfevents.*"))
@@ -91,6 +92,8 @@ def test_finetune_from_fp32_with_a_json_policy_other_hardware_and_adc_bits(tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["hardware"]["cell_bits"] == 2
     assert [l["adc_bits"] for l in report["policy"]["layers"]] == [6, 5, 5, 7]
+    split = report["energy_split_pj"]  # cell2bit.yaml has an energy model: energy beside latency
+    assert report["energy_pj"] == pytest.approx(sum(split.values())) and 0 < report["energy_ratio"] < 1
     assert report["ort_top1_agreement"] >= 0.99
     model, _ = model_from_checkpoint(out / "model_best.pth.tar")
     from lib.cim import quantizable_layers

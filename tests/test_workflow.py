@@ -56,10 +56,13 @@ def test_test_config_runs_both_stages_end_to_end(experiment):
         assert [(row["layer"], row["w_bit"], row["a_bit"]) for row in stage["policy"]] == [
             (layer["name"], layer["w_bit"], layer["a_bit"]) for layer in search_policy["layers"]]
         assert sum(row["latency_share"] for row in stage["policy"]) == pytest.approx(1.0)
+        assert sum(row["energy_share"] for row in stage["policy"]) == pytest.approx(1.0)  # default.yaml: energy
+        assert stage["ratios"]["energy"] == pytest.approx(stage["energy"]["energy_ratio"])
         assert Path(stage["onnx"]).is_file() and stage["ort_top1_agreement"] >= 0.99
     assert set(results["step_seconds"]) == {step.name for step in plan if step.name != "report"}
     markdown = (exp / "results.md").read_text()
     assert "Stage 1 (search)" in markdown and "Stage 2 (large dataset)" in markdown and "row-tiles" in markdown
+    assert "energy ratio vs uniform 8-bit" in markdown and "share of energy" in markdown
     for figure in ("pareto.png", "search.png"):
         assert (exp / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -127,3 +127,23 @@ def test_gpu_id_reaches_every_step_and_compile_kernels_takes_only_booleans(tmp_p
     assert step_environment(load_config(write_config(tmp_path, data))) == {"CUDA_VISIBLE_DEVICES": "0,1"}
     data = experiment_data(tmp_path, device={"compile_kernels": "sometimes"})
     assert "device.compile_kernels" in refused(write_config(tmp_path, data, "bad.yaml"))
+
+
+def test_objective_and_budgets_reach_the_search_and_need_an_energy_model(tmp_path):
+    data = experiment_data(tmp_path, quantization={"objective": "energy", "budgets": {"energy": 0.6, "latency": 0.5}})
+    search = next(s for s in build_plan(load_config(write_config(tmp_path, data))) if s.name == "stage1/search")
+    argv = list(search.argv)
+    assert argv[argv.index("--objective") + 1] == "energy"
+    assert argv[argv.index("--budget") + 1] == "energy=0.6,latency=0.5"
+    plain = next(s for s in build_plan(load_config(write_config(tmp_path, experiment_data(tmp_path))))
+                 if s.name == "stage1/search")
+    assert "--objective" not in plain.argv and "--budget" not in plain.argv  # unchanged unless asked
+    assert "quantization.budgets.power.[key]" in refused(
+        write_config(tmp_path, experiment_data(tmp_path, quantization={"budgets": {"power": 0.5}})))
+    assert "quantization.objective" in refused(
+        write_config(tmp_path, experiment_data(tmp_path, quantization={"objective": "speed"})))
+    message = refused(write_config(tmp_path, experiment_data(tmp_path, quantization={"objective": "edp"},
+                                                             hardware={"config": "run/hardware/cim_aq_default.yaml"})))
+    assert "quantization objective/budgets ['edp'] need an `energy` section" in message
+    assert "disagree" in refused(write_config(tmp_path, experiment_data(
+        tmp_path, quantization={"latency_budget": 0.5, "budgets": {"latency": 0.6}})))

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
+from lib.cim.energy_config import EnergyConfig, EnergyConfigError
 from lib.errors import UserError
 
 MAPPINGS = ("offset", "differential-column", "differential-row")
@@ -57,6 +58,9 @@ class HardwareConfig:
         ceil((b-1)/c) slices) or 'full-range' (CIM-AQ: ceil(b/c) slices, grid down to -2^(b-1)).
     column_placement: 'whole-pairs' (a differential pair never spans two arrays) or 'dense'
         (CIM-AQ: ceil(physical columns / C); the same unless differential-column with odd cols).
+    energy: per-operation energies and per-unit areas (lib.cim.energy_config), or None: no energy
+        model. They price the hardware and change nothing the layers compute, so they take no
+        part in equality (a model quantized on hardware that differs only in them is the same).
     """
 
     rows: int = 256
@@ -76,6 +80,7 @@ class HardwareConfig:
     row_tiling: str = "channel"
     weight_slicing: str = "magnitude"
     column_placement: str = "whole-pairs"
+    energy: Optional[EnergyConfig] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         mapping = MAPPING_ALIASES.get(self.mapping, self.mapping)
@@ -104,6 +109,13 @@ class HardwareConfig:
             raise HardwareConfigError(f"rows={self.rows} is not allowed with differential-row mapping: need >= 2")
         if self.mapping == "differential-column" and self.cols < 2:
             raise HardwareConfigError(f"cols={self.cols} is not allowed with differential-column mapping: need >= 2")
+        if self.energy is not None:
+            try:
+                energy = self.energy if isinstance(self.energy, EnergyConfig) else EnergyConfig.from_dict(self.energy)
+                energy.check_adc_bits(self.adc_bits)
+            except EnergyConfigError as err:
+                raise HardwareConfigError(str(err)) from None
+            object.__setattr__(self, "energy", energy)
 
     # ----------------------------------------------------------------- derived
     @property
@@ -139,7 +151,9 @@ class HardwareConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["energy"] = self.energy.to_dict() if self.energy is not None else None
+        return data
 
     # ----------------------------------------------------------------- reading
     @classmethod

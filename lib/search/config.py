@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from lib.bit_limits import BIT_RANGES
 from lib.errors import UserError
+from lib.objectives import OBJECTIVES
 
 STRATEGIES = ("ddpg", "random")
 LAYER_BIT_RANGE = BIT_RANGES["w_bit"]
@@ -60,6 +61,9 @@ class SearchConfig:
     finetune_steps / finetune_epochs: per-episode finetune budget (batches, or epochs when set).
     force_first_last: bits (weights and inputs) fixed for the first and last layer; None = searched.
     latency_budget: HAQ's hard-budget mode: every evaluated policy is lowered to ≤ this latency ratio.
+    budgets: hard budgets on other objectives ({"energy": 0.6, ...}, ratios vs uniform 8-bit), met
+        together with latency_budget; a "latency" entry is moved to latency_budget.
+    objective: the ratio the reward prices: latency (CIM-AQ's), energy, edp or area.
     search_holdout: training images held out as the search's accuracy split (count or fraction).
     search_train_size: cap on the training images used for finetuning (None = all the rest).
     """
@@ -87,6 +91,8 @@ class SearchConfig:
     force_first_last: Optional[int] = None
     cell_resolution_constraint: bool = False
     latency_budget: Optional[float] = None
+    budgets: dict = field(default_factory=dict)
+    objective: str = "latency"
     strategy: str = "ddpg"
     top_k: int = 3
     top_k_finetune_steps: int = 300
@@ -102,6 +108,25 @@ class SearchConfig:
     progress: bool = True
     tensorboard: bool = True
     ddpg: DDPGConfig = field(default_factory=DDPGConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budgets, Mapping):
+            raise SearchConfigError(f"budgets={self.budgets!r} is not allowed: expected a mapping "
+                                    f"{{objective: ratio}} over {list(OBJECTIVES)}")
+        budgets = dict(self.budgets)
+        if "latency" in budgets:  # one place for the latency budget, whichever way it was given
+            latency = budgets.pop("latency")
+            if self.latency_budget is not None and self.latency_budget != latency:
+                raise SearchConfigError(f"two latency budgets: latency_budget={self.latency_budget} and "
+                                        f"budget latency={latency}; give one")
+            object.__setattr__(self, "latency_budget", latency)
+        object.__setattr__(self, "budgets", budgets)
+
+    @property
+    def all_budgets(self) -> dict:
+        """{objective: ratio} of every hard budget, latency first (empty: no budget mode)."""
+        latency = {} if self.latency_budget is None else {"latency": self.latency_budget}
+        return {**latency, **self.budgets}
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the value and what is allowed."""
@@ -147,6 +172,15 @@ class SearchConfig:
         if self.latency_budget is not None and not 0 < self.latency_budget <= 1:
             raise SearchConfigError(f"latency_budget={self.latency_budget!r} is not allowed: expected a latency "
                                     f"ratio vs uniform 8-bit in (0, 1]")
+        if self.objective not in OBJECTIVES:
+            raise SearchConfigError(f"objective={self.objective!r} is not allowed: expected one of "
+                                    f"{list(OBJECTIVES)}")
+        for name, ratio in self.budgets.items():
+            if name not in OBJECTIVES:
+                raise SearchConfigError(f"budget {name!r} is not allowed: expected budgets on {list(OBJECTIVES)}")
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise SearchConfigError(f"budget {name}={ratio!r} is not allowed: expected a ratio of {name} vs "
+                                        f"uniform 8-bit in (0, 1]")
         for key in ("search_holdout", "search_train_size"):
             value = getattr(self, key)
             if value is None and key == "search_train_size":
@@ -165,6 +199,27 @@ class SearchConfig:
         data = dict(data)
         ddpg = DDPGConfig(**data.pop("ddpg", {}))
         return cls(**data, ddpg=ddpg)
+
+
+def parse_budgets(texts: Sequence[str]) -> dict:
+    """{objective: ratio} from 'NAME=RATIO[,NAME=RATIO...]' strings (e.g. 'latency=0.5,energy=0.6')."""
+    budgets: dict = {}
+    for text in texts:
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, eq, value = item.partition("=")
+            name = name.strip()
+            if not eq or name not in OBJECTIVES:
+                raise SearchConfigError(f"budget {item!r} is not allowed: expected NAME=RATIO with NAME one of "
+                                        f"{list(OBJECTIVES)}, e.g. latency=0.5,energy=0.6")
+            try:
+                ratio = float(value)
+            except ValueError:
+                raise SearchConfigError(f"budget {item!r} is not allowed: {value.strip()!r} is not a number; "
+                                        f"expected a ratio in (0, 1]") from None
+            if name in budgets and budgets[name] != ratio:
+                raise SearchConfigError(f"budget {name!r} is given twice ({budgets[name]} and {ratio}); give it once")
+            budgets[name] = ratio
+    return budgets
 
 
 def _int_at_least(key: str, value, low: int) -> None:

@@ -2,8 +2,9 @@
 
 One episode walks the quantizable layers in call order; per layer the agent picks the weight
 bits, then the input bits (then the ADC bits with search_adc). The policy is (optionally)
-lowered to the latency budget, evaluated (cache by policy), priced, rewarded, and the agent
-learns from it. After every episode the whole search state is written atomically, so a killed
+lowered to the budgets, evaluated (cache by policy), priced (latency, and energy / EDP / area
+where the hardware has them), rewarded by the objective's ratio, and the agent learns from it.
+After every episode the whole search state is written atomically, so a killed
 search resumes at the last finished episode and continues exactly as it would have.
 
 Under torchrun rank 0 runs the agent and sends each policy to every rank; all ranks evaluate it
@@ -43,6 +44,7 @@ from lib.search.agent import DDPGAgent, RandomAgent
 from lib.search.budget import check_budget_reachable, lower_to_budget
 from lib.search.config import SearchConfig, SearchConfigError
 from lib.search.evaluator import PolicyEvaluator
+from lib.search.objective import COST_KEYS, check_objectives, cost_fields
 from lib.search.reward import episode_reward, is_feasible, worst_reward
 from lib.search.space import ADC, INPUT, WEIGHT, BitSpace
 from lib.search.state import StateEncoder
@@ -141,8 +143,9 @@ def prepare(config: SearchConfig) -> Setup:
     cost_model = cost_model_for(spec, hw, max_bit=max_bit, layer_dims=config.layer_dims)
     space = BitSpace.build(config, hw.cell_bits, len(cost_model))
     names = list(cost_model.layer_names)
-    if config.latency_budget is not None:
-        check_budget_reachable(cost_model, space, Policy.uniform(names, 8, 8), config.latency_budget)
+    check_objectives(config, cost_model, space, hw_source)
+    if config.all_budgets:
+        check_budget_reachable(cost_model, space, Policy.uniform(names, 8, 8), config.all_budgets)
     return Setup(spec, hw, hw_source, start_state, cost_model, space, names)
 
 
@@ -152,7 +155,7 @@ def saved_search(config: SearchConfig) -> Optional[dict]:
     state_path = out / STATE_NAME
     if config.resume and state_path.exists():
         state = load_search_state(state_path)
-        if state["config"] != plain(_resumable(config)):
+        if _with_new_defaults(state["config"]) != plain(_resumable(config)):
             raise SearchConfigError(f"{out} holds a search with other settings; resume it with the same settings "
                                     f"or start over with --overwrite")
         return state
@@ -180,6 +183,12 @@ def _resumable(config: SearchConfig) -> dict:
                 "top_k_finetune_steps"):
         data.pop(key)
     return data
+
+
+def _with_new_defaults(saved: dict) -> dict:
+    """A saved search's settings with the keys added since it was written at their defaults (so it resumes)."""
+    defaults = plain(_resumable(SearchConfig(init="", output_dir="")))
+    return {**{key: value for key, value in defaults.items() if key not in saved}, **saved}
 
 
 def load_search_state(path: Path) -> dict:
@@ -311,16 +320,17 @@ class Search:
         policy = transitions = None
         if self.dist.is_main:  # the agent lives on rank 0; every rank evaluates its policy
             policy, transitions = self.propose()
-            if cfg.latency_budget is not None:
-                policy = lower_to_budget(policy, self.setup.cost_model, self.setup.space, cfg.latency_budget)
+            if cfg.all_budgets:
+                policy = lower_to_budget(policy, self.setup.cost_model, self.setup.space, cfg.all_budgets)
         policy = broadcast_object(policy, self.dist)
         accuracy, t_finetune, t_eval, cached, diverged = self.evaluate(policy, self.steps)
-        ratio = self.setup.cost_model.policy_cost(policy).ratio
+        cost = self.setup.cost_model.policy_cost(policy)
         if diverged is None:
-            reward = episode_reward(accuracy, ratio, self.baseline, self.target, cfg.latency_budget)
-            feasible = is_feasible(accuracy, ratio, self.target, cfg.latency_budget)
+            reward = episode_reward(accuracy, cost.ratio_of(cfg.objective), self.baseline, self.target,
+                                    cfg.all_budgets)
+            feasible = is_feasible(accuracy, cost.ratios, self.target, cfg.all_budgets)
         else:
-            reward = worst_reward(self.baseline, self.target, cfg.latency_budget)
+            reward = worst_reward(self.baseline, self.target, cfg.all_budgets)
             feasible = False
             if not cached:
                 log.warning("episode %d: the finetune of its policy diverged at batch %d (%s became non-finite); "
@@ -329,8 +339,9 @@ class Search:
         if self.dist.is_main:
             self.agent.observe_episode(transitions, reward, self.episode)
         record = {"episode": self.episode, "policy": policy.as_array().tolist(), "accuracy": accuracy,
-                  "latency_ratio": ratio, "reward": reward, "feasible": feasible, "cached": cached,
-                  "strategy": cfg.strategy, "status": "ok" if diverged is None else "diverged"}
+                  "latency_ratio": cost.ratio, "reward": reward, "feasible": feasible, "cached": cached,
+                  "strategy": cfg.strategy, "status": "ok" if diverged is None else "diverged",
+                  **cost_fields(cost, cfg.objective)}
         if diverged is not None:
             record["diverged"] = diverged
         rest = time.perf_counter() - started - t_finetune - t_eval
@@ -381,6 +392,7 @@ class Search:
                 # the writes belong to this episode's "rest"; the log on disk gets it with the next write
                 record["seconds"]["rest"] = round(record["seconds"]["rest"] + time.perf_counter() - persisting, 4)
                 scalars = {"search/reward": record["reward"], "search/latency_ratio": record["latency_ratio"],
+                           "search/objective_ratio": record["objective_ratio"],
                            "search/best_reward": max(r["reward"] for r in self.records)}
                 if record["accuracy"] is not None:
                     scalars["search/accuracy"] = record["accuracy"]
@@ -424,19 +436,21 @@ class Search:
             array = np.asarray(record["policy"])
             policy = Policy(array[:, 0], array[:, 1], array[:, 2] if array.shape[1] == 3 else None, names)
             evaluation = self.evaluator.evaluate(policy, steps)
-            accuracy, ratio = evaluation.accuracy, record["latency_ratio"]
+            accuracy = evaluation.accuracy
+            cost = self.setup.cost_model.policy_cost(policy)
+            ratio = cost.ratio_of(cfg.objective)
             result = {"episode": record["episode"], "policy": record["policy"], "accuracy": accuracy,
-                      "latency_ratio": ratio, "search_accuracy": record["accuracy"],
-                      "baseline_accuracy": baseline, "finetune_steps": steps}
+                      "latency_ratio": cost.ratio, "search_accuracy": record["accuracy"],
+                      "baseline_accuracy": baseline, "finetune_steps": steps, **cost_fields(cost, cfg.objective)}
             if evaluation.diverged is None:
-                result.update(reward=episode_reward(accuracy, ratio, baseline, target, cfg.latency_budget),
-                              feasible=is_feasible(accuracy, ratio, target, cfg.latency_budget), status="ok")
+                result.update(reward=episode_reward(accuracy, ratio, baseline, target, cfg.all_budgets),
+                              feasible=is_feasible(accuracy, cost.ratios, target, cfg.all_budgets), status="ok")
             else:
-                result.update(reward=worst_reward(baseline, target, cfg.latency_budget), feasible=False,
+                result.update(reward=worst_reward(baseline, target, cfg.all_budgets), feasible=False,
                               status="diverged", diverged=evaluation.diverged)
             results.append(result)
-            log.info("top-k: episode %d re-evaluated with %d batches: %s (search %.2f%%), ratio %.3f",
-                     record["episode"], steps, _percent(accuracy), record["accuracy"], ratio)
+            log.info("top-k: episode %d re-evaluated with %d batches: %s (search %.2f%%), %s ratio %.3f",
+                     record["episode"], steps, _percent(accuracy), record["accuracy"], cfg.objective, ratio)
         return results
 
     def finish(self, top_k: list[dict], seconds: float) -> SearchResult:
@@ -448,13 +462,15 @@ class Search:
                               f"(--finetune-lr {cfg.finetune_lr:g}); lower --finetune-lr or raise --min-bit")
         feasible = [r for r in candidates if r["feasible"]] or candidates
         best = max(feasible, key=lambda r: r["reward"])
-        best = {k: best[k] for k in ("episode", "policy", "accuracy", "latency_ratio", "reward", "feasible")}
+        best = {**{k: best[k] for k in ("episode", "policy", "accuracy", "latency_ratio", "reward", "feasible")},
+                **{k: best.get(k) for k in COST_KEYS}}
         if not self.dist.is_main:
             barrier(self.dist)  # while rank 0 writes the outputs
             return SearchResult(best, self.baseline, self.target, len(self.records), self.out, top_k)
         array = np.asarray(best["policy"], dtype=np.int64)
         policy = Policy(array[:, 0], array[:, 1], array[:, 2] if array.shape[1] == 3 else None, setup.names,
                         meta={"accuracy": best["accuracy"], "latency_ratio": best["latency_ratio"],
+                              **{k: best[k] for k in COST_KEYS},
                               "reward": best["reward"], "episode": best["episode"], "feasible": best["feasible"],
                               "hardware": setup.hw.to_dict(), "hardware_source": setup.hw_source,
                               "arch": setup.spec.arch, "baseline_accuracy": self.baseline})

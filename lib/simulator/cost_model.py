@@ -3,7 +3,8 @@
 `CostModel(hw, layer_dims, max_bit)` holds the CIM-AQ-compatible table
 `table[layer, w_bit-1, a_bit-1]` (µs) and prices whole policies exactly (counts as integers),
 including against a uniform baseline whose bits may exceed max_bit (priced by the formula,
-not looked up).
+not looked up). Where the hardware has an energy section, a policy's price also holds its
+energy, EDP and area (lib.simulator.layer_energy / policy_energy) and every objective's ratio.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from lib.cim.hardware import ROW_TILINGS
 from lib.simulator.crossbar_cost import CostError, LayerCost, layer_cost
 from lib.simulator.dims_yaml import read_layer_dims
 from lib.simulator.layer_dims import LayerDims, trace_layer_dims
+from lib.simulator.layer_energy import LayerEnergy, layer_energy
+from lib.simulator.objectives import Totals, check_objective
+from lib.simulator.policy_energy import EnergyCost, energy_totals, price_energy
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +34,11 @@ PolicyLike = Union[Policy, np.ndarray, Sequence[Sequence[int]]]
 
 @dataclass
 class PolicyCost:
-    """A policy's price: totals over layers (per image) and the per-layer breakdown."""
+    """A policy's price: totals over layers (per image) and the per-layer breakdown.
+
+    `ratio` is the latency ratio (CIM-AQ's); `energy` is None where the hardware has no energy
+    model, and `ratios` then gives None for energy, EDP and area.
+    """
 
     total_latency: float
     baseline_latency: float
@@ -40,12 +48,39 @@ class PolicyCost:
     arrays: int = 0
     executes: int = 0
     adc_conversions: int = 0
+    energy: Optional[EnergyCost] = None
+
+    @property
+    def ratios(self) -> dict:
+        """{objective: ratio to the baseline} for every objective (None where unavailable)."""
+        energy = self.energy
+        return {"latency": self.ratio, "energy": energy.energy_ratio if energy else None,
+                "edp": energy.edp_ratio if energy else None, "area": energy.area_ratio if energy else None}
+
+    def ratio_of(self, objective: str) -> float:
+        """The ratio of one objective; an error where the hardware has no energy model for it."""
+        value = self.ratios[check_objective(objective)]
+        if value is None:
+            raise CostError(f"objective {objective!r} needs the hardware's `energy` section (per-operation energy "
+                            f"and area); this hardware has none")
+        return value
+
+    def summary(self) -> dict:
+        """Flat totals and ratios for logs and reports (energy keys None without an energy model)."""
+        energy = self.energy
+        return {"latency_us": self.total_latency, "latency_ratio": self.ratio,
+                "energy_pj": energy.energy_pj if energy else None,
+                "energy_ratio": energy.energy_ratio if energy else None,
+                "edp_pj_us": energy.edp_pj_us if energy else None, "edp_ratio": energy.edp_ratio if energy else None,
+                "area_mm2": energy.area_mm2 if energy else None, "area_ratio": energy.area_ratio if energy else None,
+                "energy_split_pj": dict(energy.split_pj) if energy else None}
 
     def to_dict(self) -> dict:
         return {"total_latency_us": self.total_latency, "baseline_latency_us": self.baseline_latency,
                 "baseline_bits": list(self.baseline_bits), "ratio": self.ratio, "arrays": self.arrays,
                 "executes": self.executes, "adc_conversions": self.adc_conversions,
-                "per_layer": [c.to_dict() for c in self.per_layer]}
+                "per_layer": [c.to_dict() for c in self.per_layer], "ratios": self.ratios,
+                "energy": self.energy.to_dict() if self.energy is not None else None}
 
 
 def latency_table(layer_dims: Sequence[LayerDims], hw: HardwareConfig, max_bit: int,
@@ -107,6 +142,8 @@ class CostModel:
         self.row_tiling = hw.row_tiling
         self.baseline_bits = self._check_baseline(baseline_bits)
         self.table = latency_table(self.layer_dims, hw, self.max_bit)
+        self._metrics: dict = {}
+        self._baselines: dict = {}
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -132,6 +169,44 @@ class CostModel:
     def layer_cost(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> LayerCost:
         """Full footprint/latency of one layer (any bits >= 1, not limited to max_bit)."""
         return layer_cost(self.layer_dims[index], self.hw, w_bit, a_bit, adc_bits)
+
+    @property
+    def energy_available(self) -> bool:
+        """Whether the hardware has an energy model (else energy, EDP and area are unavailable)."""
+        return self.hw.energy is not None
+
+    def layer_energy(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> LayerEnergy:
+        """Counts, energy and area of one layer (an error without an energy model)."""
+        return layer_energy(self.layer_dims[index], self.hw, w_bit, a_bit, adc_bits)
+
+    def layer_totals(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> Totals:
+        """One layer's latency, energy and area (mm²), remembered: the search's budget lowering asks often."""
+        adc = self.hw.adc_bits if adc_bits is None else adc_bits
+        key = (index, w_bit, a_bit, adc)
+        found = self._metrics.get(key)
+        if found is None:
+            latency = self.latency(index, w_bit, a_bit, adc_bits)
+            if self.energy_available:
+                layer = self.layer_energy(index, w_bit, a_bit, adc)
+                found = Totals(latency, layer.energy_pj, layer.area_um2 * 1e-6)
+            else:
+                found = Totals(latency)
+            self._metrics[key] = found
+        return found
+
+    def baseline_totals(self, baseline_bits: Optional[tuple] = None) -> Totals:
+        """The uniform baseline's totals (ADCs at the hardware's adc_bits), summed as policy_cost sums."""
+        bits = self.baseline_bits if baseline_bits is None else self._check_baseline(baseline_bits)
+        found = self._baselines.get(bits)
+        if found is None:
+            latency = self.uniform_latency(*bits)
+            if self.energy_available:
+                energy_pj, area_mm2 = energy_totals([self.layer_energy(i, *bits) for i in range(len(self))])
+                found = Totals(latency, energy_pj, area_mm2)
+            else:
+                found = Totals(latency)
+            self._baselines[bits] = found
+        return found
 
     def latency(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> float:
         """Latency (µs) of one layer; from the table when the bits are inside it."""
@@ -175,13 +250,18 @@ class CostModel:
     def _priced(self, per_layer: list, baseline: tuple) -> PolicyCost:
         baseline_latency = self.uniform_latency(*baseline)
         total = float(sum(c.latency for c in per_layer))
+        energy = None
+        if self.energy_available:
+            layers = [self.layer_energy(i, c.w_bit, c.a_bit, c.adc_bits) for i, c in enumerate(per_layer)]
+            energy = price_energy(layers, total, self.baseline_totals(baseline))
         return PolicyCost(
             total_latency=total, baseline_latency=baseline_latency, baseline_bits=tuple(baseline),
             ratio=total / baseline_latency if baseline_latency > 0 else float("nan"),
             per_layer=per_layer,
             arrays=sum(c.arrays for c in per_layer),
             executes=sum(c.executes for c in per_layer),
-            adc_conversions=sum(c.adc_conversions for c in per_layer))
+            adc_conversions=sum(c.adc_conversions for c in per_layer),
+            energy=energy)
 
     def _check_length(self, policy: Policy) -> None:
         if len(policy) != len(self):

@@ -69,7 +69,8 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_bits(name: str, key: str, value) -> int:
+def check_bits(name: str, key: str, value) -> int:
+    """`value` as an integer >= 1, or a CostError naming the layer, the key and the value."""
     if not isinstance(value, int) or isinstance(value, bool):
         try:
             if int(value) != value:
@@ -106,9 +107,9 @@ def layer_cost(dims: LayerDims, hw: HardwareConfig, w_bit: int, a_bit: int,
         if row_tiling not in ROW_TILINGS:
             raise CostError(f"row_tiling={row_tiling!r} is not allowed: expected one of {list(ROW_TILINGS)}")
         hw = hw.with_overrides(row_tiling=row_tiling)
-    w_bit = _check_bits(dims.name, "w_bit", w_bit)
-    a_bit = _check_bits(dims.name, "a_bit", a_bit)
-    adc_bits = hw.adc_bits if adc_bits is None else _check_bits(dims.name, "adc_bits", adc_bits)
+    w_bit = check_bits(dims.name, "w_bit", w_bit)
+    a_bit = check_bits(dims.name, "a_bit", a_bit)
+    adc_bits = hw.adc_bits if adc_bits is None else check_bits(dims.name, "adc_bits", adc_bits)
 
     plan = plan_for(dims, hw, w_bit, a_bit)
     col_tiles, row_tiles = plan.col_tiles, plan.row_tiles

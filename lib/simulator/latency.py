@@ -1,4 +1,4 @@
-"""Latency lookup table and cost report CLI.
+"""Latency lookup table and cost report CLI (latency, and energy / EDP / area where the hardware has them).
 
     python -m lib.simulator.latency --arch resnet18 --num-classes 1000 --input-size 224 \\
         --hardware run/hardware/cim_aq_default.yaml --max-bit 8 --output table.npy \\
@@ -6,7 +6,9 @@
 
 Traces the model's layer dims (or reads CIM-AQ's `layer_dimensions` YAML), writes the
 CIM-AQ-compatible table [layer, w_bit-1, a_bit-1] (µs) and prints a per-layer report; with
---policy also that policy's breakdown and its ratio to a uniform baseline.
+--policy also that policy's breakdown and its ratios to a uniform baseline. With an `energy`
+section in the hardware YAML both also give energy (split into ADC / DAC / array / digital /
+write), EDP and area; without one they say energy is unavailable.
 Table rows are the model's Conv2d/Linear layers in call order (the policy rows);
 --include-attention adds nn.MultiheadAttention projections and Q·Kᵀ / A·V matmuls (CIM-AQ's ViT rows).
 A traced model's `.npy` policy rows follow its construction order, as CIM-AQ's files do; with
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lib.simulator.latency",
         description="Build the CIM latency lookup table [layer, w_bit-1, a_bit-1] (µs) for a model on a "
-                    "crossbar and report per-layer costs (and a policy's cost).")
+                    "crossbar and report per-layer costs: latency, and energy, EDP and area where the hardware "
+                    "has an energy section (and a policy's cost).")
     source = parser.add_argument_group("layer dims (trace a model, or read a YAML)")
     source.add_argument("--arch", help="model name in the models registry (models.create_model), e.g. resnet18")
     source.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
@@ -132,6 +135,7 @@ def run(args) -> dict:
     print(f"hardware: {args.hardware}: {describe_hardware(model.hw)}")
     print(format_layer_report(model, bw, ba))
     report = {"source": source, "hardware": model.hw.to_dict(), "max_bit": model.max_bit,
+              "energy_available": model.energy_available,
               "layers": [d.to_dict() for d in model.layer_dims],
               "uniform": model.uniform_cost(bw, ba).to_dict()}
     if args.output is not None:

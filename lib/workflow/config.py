@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lib.bit_limits import BIT_RANGES
 from lib.cim.hardware import PSUM_GRANULARITIES, WEIGHT_GRANULARITIES, HardwareConfig
 from lib.errors import UserError
+from lib.objectives import ENERGY_OBJECTIVES, OBJECTIVES
 from lib.workflow import names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,6 +67,8 @@ class Quantization(Section):
     min_adc_bit: int = 4
     max_adc_bit: int = 8
     latency_budget: Optional[float] = Field(None, gt=0, le=1)
+    objective: Literal[OBJECTIVES] = "latency"  # type: ignore[valid-type]
+    budgets: dict[Literal[OBJECTIVES], Annotated[float, Field(gt=0, le=1)]] = {}  # type: ignore[valid-type]
 
 
 class Hardware(Section):
@@ -246,6 +249,13 @@ def resolve(config: WorkflowConfig, source: Path) -> ResolvedConfig:
             raise WorkflowConfigError(f"{source}: quantization.min_adc_bit={q.min_adc_bit} > "
                                       f"quantization.max_adc_bit={q.max_adc_bit}; min must be <= max")
     hardware = _hardware(config.hardware, source)
+    if q.latency_budget is not None and q.budgets.get("latency", q.latency_budget) != q.latency_budget:
+        raise WorkflowConfigError(f"{source}: quantization.latency_budget={q.latency_budget} and "
+                                  f"quantization.budgets.latency={q.budgets['latency']} disagree; give one")
+    needs = sorted({name for name in (q.objective, *q.budgets) if name in ENERGY_OBJECTIVES})
+    if needs and hardware.energy is None:
+        raise WorkflowConfigError(f"{source}: quantization objective/budgets {needs} need an `energy` section in "
+                                  f"hardware.config={config.hardware.config!r}, which has none")
     if q.consider_cell_resolution:
         usable = [b for b in range(q.min_bit, q.max_bit + 1) if b % hardware.cell_bits == 0]
         if not usable:

@@ -3,7 +3,8 @@
 Gathers what the stage's steps measured (FP32 and INT8 test top-1 from pretrain.py, the
 mixed-precision test top-1 from finetune.py, onnxruntime agreement from the export) and prices
 the policy with the cost model (row-tiles and share of latency per layer, ratio vs uniform
-8-bit). Writes one `evaluation.json`. Run by the workflow as `python -m lib.workflow.evaluate`.
+8-bit; energy, its split, EDP and area where the hardware has an energy section). Writes one
+`evaluation.json`. Run by the workflow as `python -m lib.workflow.evaluate`.
 """
 from __future__ import annotations
 
@@ -25,18 +26,25 @@ def read_json(path: Path) -> dict:
 
 
 def policy_table(policy: Policy, arch: str, num_classes: int, hw, input_size: int) -> tuple[list[dict], object]:
-    """One row per layer (name, bits, row-tiles, latency and its share) and the whole PolicyCost."""
+    """One row per layer (name, bits, row-tiles, latency and energy and their shares) and the whole PolicyCost."""
     from lib.simulator.cost_model import CostModel  # pulls in torch model tracing; only this step needs it
     from models import create_model
 
     cost_model = CostModel.from_model(create_model(arch, num_classes), hw, input_size)
     cost = cost_model.policy_cost(policy)
     rows = []
+    energy = cost.energy
     for index, layer in enumerate(cost.per_layer):
         w, a, adc = policy.layer(index)
-        rows.append({"layer": layer.name, "w_bit": w, "a_bit": a, "adc_bits": adc, "row_tiles": layer.row_tiles,
-                     "arrays": layer.arrays, "latency_us": layer.latency,
-                     "latency_share": layer.latency / cost.total_latency if cost.total_latency else 0.0})
+        row = {"layer": layer.name, "w_bit": w, "a_bit": a, "adc_bits": adc, "row_tiles": layer.row_tiles,
+               "arrays": layer.arrays, "latency_us": layer.latency,
+               "latency_share": layer.latency / cost.total_latency if cost.total_latency else 0.0,
+               "energy_pj": None, "energy_share": None, "adc_energy_share": None}
+        if energy is not None:
+            part = energy.per_layer[index]
+            row.update(energy_pj=part.energy_pj, energy_share=part.energy_pj / energy.energy_pj if energy.energy_pj
+                       else 0.0, adc_energy_share=part.adc_pj / part.energy_pj if part.energy_pj else 0.0)
+        rows.append(row)
     return rows, cost
 
 
@@ -63,6 +71,8 @@ def evaluate_stage(config_path: str, stage: str) -> dict:
         "accuracy_constraint_met": bool(mixed_top1 >= int8_top1 - drop),
         "latency_ratio": cost.ratio, "speedup": (1.0 / cost.ratio) if cost.ratio else None,
         "latency_us": cost.total_latency, "baseline_latency_us": cost.baseline_latency,
+        "objective": config.raw.quantization.objective, "ratios": cost.ratios,
+        "energy": cost.energy.to_dict(per_layer=False) if cost.energy is not None else None,
         "policy": rows, "onnx": export.get("onnx"), "ort_top1_agreement": export.get("ort_top1_agreement"),
         "ort_max_abs_diff": export.get("ort_max_abs_diff"), "ort_images": export.get("ort_images"),
     }

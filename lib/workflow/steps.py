@@ -209,6 +209,10 @@ def _search_step(config: ResolvedConfig, stage: StageData, base: Path, hardware:
         argv.append("--cell-resolution-constraint")
     if q.latency_budget is not None:
         argv += ["--latency-budget", str(q.latency_budget)]
+    if q.budgets:
+        argv += ["--budget", ",".join(f"{name}={ratio}" for name, ratio in q.budgets.items())]
+    if q.objective != "latency":  # only when set, so existing experiments keep their search step as it was
+        argv += ["--objective", q.objective]
     for knob in ("hidden1", "hidden2", "lr_actor", "lr_critic", "rmsize", "window_length", "tau", "discount",
                  "bsize", "init_delta", "delta_decay"):
         argv += [f"--{knob.replace('_', '-')}", str(getattr(rl, knob))]
