@@ -187,6 +187,6 @@ def test_evaluator_restores_int8_exactly_and_the_cache_is_exact(int8_ckpt, tmp_p
     search.evaluator.evaluate(Policy.uniform(search.setup.names, 2, 2), 2)
     assert search.evaluator.evaluate(policy, 2).accuracy == first.accuracy
     assert all(torch.equal(model.state_dict()[k], v) for k, v in finetuned.items())
-    accuracy, t_finetune, t_eval, cached = search.evaluate(policy, 2)
-    assert (accuracy, cached) == (first.accuracy, False)
-    assert search.evaluate(policy, 2) == (first.accuracy, 0.0, 0.0, True)
+    accuracy, t_finetune, t_eval, cached, diverged = search.evaluate(policy, 2)
+    assert (accuracy, cached, diverged) == (first.accuracy, False, None)
+    assert search.evaluate(policy, 2) == (first.accuracy, 0.0, 0.0, True, None)

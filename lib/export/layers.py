@@ -33,9 +33,9 @@ from torch import nn
 from lib.cim.crossbar import stored_slices
 from lib.cim.input_planes import join_planes, plane_values
 from lib.cim.layers import CIMConv2d, CIMLayerMixin, CIMLinear
-from lib.finite import NonFiniteError, require_finite
 from lib.export.quantizers import (BREVITAS_MAX_BITS, FixedQDQ, Int32Bias, act_quant, brevitas_can_export, grid,
                                    weight_quant)
+from lib.finite import NonFiniteError, require_finite
 
 log = logging.getLogger(__name__)
 
