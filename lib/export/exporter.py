@@ -190,7 +190,7 @@ def export_model(model: nn.Module, output: str | Path, images: torch.Tensor, *,
         with torch.no_grad():
             reference = work(images)
         lap("copy_and_reference")
-        meta = {"producer": "cim-aq lib.export", "export_form": "per-tile/per-slice QCDQ (see README, ONNX export)",
+        meta = {"producer": "cim-aq lib.export", "export_form": "per-tile/per-slice QCDQ (see docs/export.md)",
                 **model_metadata(work, tuple(images.shape[1:])), **dict(metadata or {})}
         lap("metadata")
         form, infos = build_export_form(work)
