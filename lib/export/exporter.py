@@ -121,7 +121,11 @@ def _brevitas_export(form: nn.Module, example: torch.Tensor, opset: int) -> onnx
     """Brevitas QCDQ export of the export form (TorchScript path: the one whose handlers export int32 biases)."""
     import tempfile
 
-    from brevitas.export import export_onnx_qcdq
+    with warnings.catch_warnings():
+        # Brevitas' export imports its graph equalisation, which warns that an optional kernel
+        # package (fast_hadamard_transform) is missing: the export uses none of its kernels
+        warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+        from brevitas.export import export_onnx_qcdq
 
     with tempfile.TemporaryDirectory(prefix="cim_export_") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
