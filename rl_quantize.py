@@ -29,8 +29,7 @@ from typing import Optional
 
 from lib import cli
 from lib.objectives import OBJECTIVES
-from lib.search import DDPGConfig, SearchConfig, run_search
-from lib.search.config import parse_budgets
+from lib.search.config import DDPGConfig, SearchConfig, parse_budgets
 
 # CIM-AQ / HAQ spellings that are not just the dashed flag with underscores.
 ALIASES = {"--acc_drop": "--max-accuracy-drop", "--train_episode": "--episodes", "--finetune_epoch": "--finetune-epochs",
@@ -155,6 +154,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 
 def search(args: argparse.Namespace) -> None:
+    from lib.search import run_search  # lazy: the search loads torch, which --help and flag errors never need
+
     config = config_from_args(args)
     ctx = cli.init_context(args.device)  # under torchrun: rank 0 runs the agent, every rank finetunes its shard
     result = run_search(config, progress=not args.no_progress, dist=ctx)

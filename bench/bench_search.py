@@ -16,7 +16,7 @@ says so.
 
   .venv/bin/python bench/bench_search.py                       # 60 episodes, seeds 0 1 2, both hardwares
   .venv/bin/python bench/bench_search.py --episodes 5 --seeds 0 --hardware run/hardware/default.yaml
-  # the README's figures: HAQ's hard budget at 2x, first/last layer 8-bit
+  # docs/performance.md's figures: HAQ's hard budget at 2x, first/last layer 8-bit
   .venv/bin/python bench/bench_search.py --episodes 60 --warmup 10 --seeds 0 1 --latency-budget 0.5 \
       --force-first-last 8 --min-bit 3 --finetune-steps 10 --top-k 3 --top-k-finetune-steps 40 --final-epochs 10
 """

@@ -13,7 +13,6 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lib.layer_trace import layer_order
 from lib.policy import MAX_BITS, Policy, PolicyError
 
 
@@ -59,6 +58,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    # lazy: the models and the layer trace load torch, which --help and flag errors never need
+    from lib.layer_trace import layer_order
     from models import ModelError, create_model
 
     try:

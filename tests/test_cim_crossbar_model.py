@@ -10,6 +10,7 @@ import torchvision
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate, quantizable_layers, quantize_model
 from lib.cim.adc import adc_range
 from lib.cim.crossbar import stored_slices
+from lib.cim.steps import lsq_init
 from lib.policy import Policy
 from lib.simulator import CostModel
 
@@ -43,6 +44,41 @@ def test_no_adc_column_is_dead_after_calibration(mapping, cell_bits):
             ideal, moved = _adc_off(layer, x) - ideal_before, layer(x) - before
         follow = (moved * ideal).sum(dim=(0, 2, 3)) / ideal.pow(2).sum(dim=(0, 2, 3))
         assert ((follow > 0.7) & (follow < 1.3)).all(), (w_bit, follow)
+
+
+@pytest.mark.parametrize("case", ["conv-ragged", "conv-reflect", "linear-130"])
+def test_adc_floor_is_largest_cell_times_mean_input_over_real_inputs(case):
+    """A column that reads only zero cells at calibration gets the step of its floor: its slice's
+    largest cell value times the mean |input| over the real inputs, not over a ragged tile's
+    padding channels (64 channels in 3 tiles of 28 = 84; 130 inputs in 2 tiles of 128) nor a
+    reflected border."""
+    torch.manual_seed(0)
+    linear = case.startswith("linear")
+    hw = HardwareConfig(rows=128 if linear else 256, cols=256, cell_bits=4, adc_bits=8,
+                        mapping="differential-column", weight_granularity="layer", psum_granularity="column",
+                        input_mode="multi-bit")
+    if linear:
+        layer = CIMLinear(130, 6, bias=False, hw=hw, w_bit=8, a_bit=6, input_signed=False)
+        x = torch.rand(32, 130)
+    else:
+        layer = CIMConv2d(64, 6, 3, padding=1, bias=False, padding_mode="reflect" if case == "conv-reflect" else "zeros",
+                          hw=hw, w_bit=8, a_bit=6, input_signed=False)
+        x = torch.rand(4, 64, 6, 6)
+        x[:, :, 0, :] += 3.0  # a bright border row: reflecting it would change the mean
+    assert layer.layout.pad > 0, "case must exercise a ragged row-tile"
+    with torch.no_grad():
+        layer.weight[3:] = 0  # output channels 3..5: every cell of their columns is zero
+    calibrate(layer, [x])
+    layer.eval()
+    with torch.no_grad():
+        mean_input = layer.input_quant(x).value.abs().mean()
+    plan, adc = layer.plan, layer.psum_adc
+    _, hi = adc.grid_range()
+    step = adc.full_step()  # (arrays, slice-major read-out columns)
+    for s, largest in enumerate(plan.slice_max()):
+        expected = lsq_init(largest * mean_input, hi)
+        for o in range(3, 6):
+            torch.testing.assert_close(step[:, s * 6 + o], expected.expand(step.shape[0]), rtol=1e-5, atol=0)
 
 
 def _adc_off(layer, x):

@@ -1,4 +1,4 @@
-"""Crossbar invariants of CIMConv2d / CIMLinear (README, "The crossbar model") on real Brevitas layers."""
+"""Crossbar invariants of CIMConv2d / CIMLinear (docs/crossbar-model.md) on real Brevitas layers."""
 import itertools
 
 import pytest

@@ -227,7 +227,7 @@ def test_model_is_unchanged_by_export_even_when_it_fails(tmp_path, digits8):
 
 
 def test_silently_broken_graph_is_caught_by_onnxruntime(tmp_path, digits8):
-    """Brevitas exports a weight step varying along input channels without complaint (README, "The exported graph"):
+    """Brevitas exports a weight step varying along input channels without complaint (docs/export.md, "The graph"):
     exporting the CIM layers as they are, through the exporter's own Brevitas path, yields a graph
     only onnxruntime rejects — at run time, which is why export_model always runs it."""
     calib, images = digits8

@@ -14,6 +14,18 @@ def _slices(hw: HardwareConfig, w_bit: int) -> int:
     return CrossbarPlan(hw, 1, 8, 8, 9, w_bit, 8).slices
 
 
+def test_slice_count_follows_the_documented_rule():
+    """HardwareConfig's docstring: magnitude slicing of a differential mapping takes
+    ceil(max(b-1, 1)/c) slices (one for a 1-bit weight), full-range and offset ceil(b/c)."""
+    for cell_bits in range(1, 9):
+        for mapping in ("offset", "differential-column", "differential-row"):
+            for slicing in ("magnitude", "full-range"):
+                hw = HardwareConfig(cell_bits=cell_bits, mapping=mapping, weight_slicing=slicing)
+                for w_bit in range(1, 17):
+                    stored = max(w_bit - 1, 1) if mapping != "offset" and slicing == "magnitude" else w_bit
+                    assert _slices(hw, w_bit) == -(-stored // cell_bits), (cell_bits, mapping, slicing, w_bit)
+
+
 def test_shipped_cim_aq_layout_reads_unchanged_with_cim_aq_counting():
     hw = HardwareConfig.from_yaml(ROOT / "run/hardware/cim_aq_default.yaml")
     assert (hw.rows, hw.cols, hw.cell_bits, hw.input_bits) == (256, 256, 4, 1)

@@ -55,7 +55,8 @@ class HardwareConfig:
     row_tiling: 'channel' (row-tiles hold whole input channels: what the layers simulate) or
         'dense' (CIM-AQ: ceil(rows / R), priced only).
     weight_slicing: 'magnitude' (differential mappings store magnitudes of a symmetric grid:
-        ceil((b-1)/c) slices) or 'full-range' (CIM-AQ: ceil(b/c) slices, grid down to -2^(b-1)).
+        ceil(max(b-1, 1)/c) slices; a 1-bit weight keeps {-1, 0} in one) or 'full-range'
+        (CIM-AQ: ceil(b/c) slices, grid down to -2^(b-1)). The offset mapping takes ceil(b/c).
     column_placement: 'whole-pairs' (a differential pair never spans two arrays) or 'dense'
         (CIM-AQ: ceil(physical columns / C); the same unless differential-column with odd cols).
     energy: per-operation energies and per-unit areas (lib.cim.energy_config), or None: no energy

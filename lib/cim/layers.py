@@ -393,7 +393,9 @@ class CIMLayerMixin:
     def adc_floor(self, crossbar_input: torch.Tensor) -> Optional[torch.Tensor]:
         """Least mean |partial sum| per (array, read-out column) an ADC step may be initialised from:
         the column's largest cell value (its slice's; the reference cell's) times the mean |input|
-        the arrays see. None once the ADC is initialised (nothing to compute)."""
+        over the real inputs. `crossbar_input`: the quantized input (or its stacked DAC planes)
+        before any padding, so that neither a ragged row-tile's padding channels nor a padded
+        border lower the mean. None once the ADC is initialised (nothing to compute)."""
         if self.psum_adc.initialized or not self.psum_adc.enabled:
             return None
         plan = self.plan
@@ -440,11 +442,12 @@ class CIMLayerMixin:
             return None
         return self.quantized_bias(self.bias_step(scale, weights.step_grid()))
 
-    def _converted_outputs(self, x_tiled: torch.Tensor, weights, tiles,
-                           ref: Optional[torch.Tensor], source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _converted_outputs(self, x_tiled: torch.Tensor, weights, tiles, ref: Optional[torch.Tensor],
+                           floor: Optional[torch.Tensor], source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
         One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC;
-        `source`: the input x_tiled was tiled from, which that node may take its gradient to."""
+        `floor`: `adc_floor` of the real input (None once the ADC is initialised); `source`: the
+        input x_tiled was tiled from, which that node may take its gradient to."""
         if self.psum_adc.fusable and self.fused_adc:
             q, step_grid, stored, shifts, ref_shift, constants = self._fused_form(weights, tiles, ref is not None)
             return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift,
@@ -452,7 +455,7 @@ class CIMLayerMixin:
         lay = self.layout
         psums, step_grid = self._tile_products(x_tiled, weights, tiles)
         psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
-        return self._convert(psums, step_grid, ref, self.adc_floor(x_tiled))
+        return self._convert(psums, step_grid, ref, floor)
 
     def _fused_form(self, weights, tiles, has_ref: bool) -> tuple:
         """What the fused crossbar + ADC node reads besides the input: (q, step grid, array weight,
@@ -654,13 +657,14 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         tiles = self.tiles(self.input_grid(x, scale, planes))
         if tiles.input_grid is not None:
             self.check_codes_input(x)
-        source = self.pad_input(self._split_input(x, scale, planes))
+        inputs = self._split_input(x, scale, planes)
+        source = self.pad_input(inputs)
         x_tiled = tiles.tile_codes(source) if self._tiles_codes(tiles) else tiles.tile_input(source)
         n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        y = self._converted_outputs(x_tiled, weights, tiles, ref, source)
+        y = self._converted_outputs(x_tiled, weights, tiles, ref, self.adc_floor(inputs), source)
         return self._output_map(self._join_planes(y, planes), h, w, bias)
 
     def _quantizes_channels_last(self, x: torch.Tensor) -> bool:
@@ -722,7 +726,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         tiles = self.tiles(grid)
         x_tiled = tiles.tile_input(codes)
         _, h, w = tiles.output_size(x_tiled)
-        y = self._converted_outputs(x_tiled, weights, tiles, None)
+        y = self._converted_outputs(x_tiled, weights, tiles, None, None)  # the codes path runs initialised ADCs only
         return self._output_map(y, h, w, self._bias_for(scale, weights))
 
     def _output_map(self, y: torch.Tensor, h: int, w: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -783,9 +787,11 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         tiles = self.tiles(self.input_grid(x, scale, planes))
         if tiles.input_grid is not None:
             self.check_codes_input(x)
-        xt = tiles.tile_input(self._split_input(x.reshape(-1, self.in_features), scale, planes))
+        inputs = self._split_input(x.reshape(-1, self.in_features), scale, planes)
+        xt = tiles.tile_input(inputs)
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = _plus_bias(self._join_planes(self._converted_outputs(xt, weights, tiles, ref), planes), bias).squeeze(1)
+        y = self._converted_outputs(xt, weights, tiles, ref, self.adc_floor(inputs))
+        y = _plus_bias(self._join_planes(y, planes), bias).squeeze(1)
         return y.reshape(lead + (self.out_features,))

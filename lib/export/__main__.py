@@ -15,13 +15,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from lib import cli
 from lib.fileio import atomic_write_json, remove_stale_temp_files
 from lib.run_dir import add_overwrite_arg, check_output_file
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -122,7 +122,11 @@ def _brevitas_export(form: nn.Module, example: torch.Tensor, opset: int) -> onnx
     """Brevitas QCDQ export of the export form (TorchScript path: the one whose handlers export int32 biases)."""
     import tempfile
 
-    from brevitas.export import export_onnx_qcdq
+    with warnings.catch_warnings():
+        # Brevitas' export imports its graph equalisation, which warns that an optional kernel
+        # package (fast_hadamard_transform) is missing: the export uses none of its kernels
+        warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+        from brevitas.export import export_onnx_qcdq
 
     with tempfile.TemporaryDirectory(prefix="cim_export_") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -195,7 +199,7 @@ def export_model(model: nn.Module, output: str | Path, images: torch.Tensor, *,
         with torch.no_grad():
             reference = work(images)
         lap("copy_and_reference")
-        meta = {"producer": "cim-aq lib.export", "export_form": "per-tile/per-slice QCDQ (see README, ONNX export)",
+        meta = {"producer": "cim-aq lib.export", "export_form": "per-tile/per-slice QCDQ (see docs/export.md)",
                 **model_metadata(work, tuple(images.shape[1:])), **dict(metadata or {})}
         lap("metadata")
         form, infos = build_export_form(work)

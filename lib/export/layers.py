@@ -2,7 +2,7 @@
 
 A CIM layer computes every row-tile × slice partial sum in one fused grouped conv, which no
 ONNX quantization format can describe (its weight steps vary along input channels). Its export
-form spells the same arithmetic out in pieces ONNX can carry (see README, "ONNX export"):
+form spells the same arithmetic out in pieces ONNX can carry (see docs/export.md):
 
 ADC off: input Q/DQ (a_bit) → one conv per row-tile (Slice/Gather of the tile's input
     channels, weight Q/DQ at w_bit with that tile's per-output-channel step) → Add over tiles →
@@ -46,7 +46,7 @@ class ExportFormError(RuntimeError):
 
 @dataclass
 class ExportLayerInfo:
-    """What the export form of one layer looks like (for the report and the README's table)."""
+    """What the export form of one layer looks like (recorded in the export report)."""
 
     name: str
     kind: str

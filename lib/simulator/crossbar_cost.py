@@ -38,7 +38,7 @@ class LayerCost:
     executes: array activations per image = repeat · I · tiles · input_cycles.
     adc_conversions: ADC reads per image = repeat · I · input_cycles · row_tiles · adc_columns,
         where adc_columns = m·S read-out columns per row-tile (a differential pair is read as one
-        difference, DESIGN §2) plus offset mapping's reference column.
+        difference) plus offset mapping's reference column.
     write_latency / execute_latency: the two parts of `latency` (µs).
     """
 

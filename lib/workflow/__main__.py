@@ -20,9 +20,6 @@ import yaml
 
 from lib import cli
 from lib.fileio import atomic_write
-from lib.workflow.config import WorkflowConfigError, load_config
-from lib.workflow.runner import Runner
-from lib.workflow.steps import HARDWARE_FILE, build_plan, step_environment
 
 log = logging.getLogger("workflow")
 
@@ -38,15 +35,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_hardware(config) -> None:
-    """The experiment's hardware YAML (the config's file with its overrides), rewritten only on change."""
-    path = config.experiment_dir / HARDWARE_FILE
+def write_hardware(config, path) -> None:
+    """The experiment's hardware YAML at `path` (the config's file with its overrides), rewritten only on change."""
     text = yaml.safe_dump(config.hardware.to_dict(), sort_keys=True)
     if not path.is_file() or path.read_text() != text:
         atomic_write(path, lambda handle: handle.write(text))
 
 
 def run(args: argparse.Namespace) -> None:
+    # lazy: the config schema, steps and runner load torch, which --help and flag errors never need
+    from lib.workflow.config import WorkflowConfigError, load_config
+    from lib.workflow.runner import Runner
+    from lib.workflow.steps import HARDWARE_FILE, build_plan, step_environment
+
     config = load_config(args.config)
     plan = build_plan(config)
     if args.until is not None:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
     if config.raw.amp.enable:
         log.warning("amp.enable is accepted for CIM-AQ configs but ignored: every stage runs in float32 "
                     "(device.gradient_products: bfloat16 runs the CIM layers' gradient products in bfloat16)")
-    write_hardware(config)
+    write_hardware(config, config.experiment_dir / HARDWARE_FILE)
     Runner(config.experiment_dir, env=step_environment(config)).run(plan)
     if args.until is not None:
         return
