@@ -77,14 +77,24 @@ def _local_links(page: Path) -> list[str]:
     return [target for target in LINK.findall(text) if not re.match(r"[a-z]+:|#", target)]
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
 def test_readme_links_the_docs_pages_and_every_local_link_resolves():
     readme_links = {link.split("#")[0] for link in _local_links(REPO / "README.md")}
     docs = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
     assert len(docs) >= 8 and docs <= readme_links, sorted(docs - readme_links)
     for page in PAGES:
         for link in _local_links(page):
-            path = (page.parent / link.split("#")[0]).resolve()
+            target, _, anchor = link.partition("#")
+            path = (page.parent / target).resolve()
             assert path.exists(), f"{page.relative_to(REPO)} links to {link}, which does not exist"
+            if anchor:
+                assert anchor in _anchors(path), f"{page.relative_to(REPO)} links to {link}: no such heading"
 
 
 def test_readme_stays_short():
