@@ -29,7 +29,8 @@ from typing import Optional
 from torch import nn
 
 from lib import cli
-from lib.cim.adc_kernels import kernel_report
+from lib.cim.layers import route_counts
+from lib.cim.runtime import RUNTIME
 from lib.data import HoldoutSpec, build_loaders, first_images
 from lib.distributed import SINGLE, DistContext, barrier, broadcast_module_state
 from lib.errors import UserError
@@ -269,7 +270,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         "hardware": hw.to_dict(), "hardware_priced_vs_simulated": hw.pricing_differences(),
         "arch": spec.arch, "dataset": spec.dataset,
         "checkpoint": str(result.best_checkpoint), "epochs": cfg.epochs, "history": result.history,
-        "kernels": kernel_report(),
+        "kernels": RUNTIME.report(), "routes": route_counts(model),
     }
     if not ctx.is_main:
         barrier(ctx)  # while rank 0 writes the report and exports

@@ -30,11 +30,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.cim import calibrate  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
-from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
-from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
+from lib.cim.runtime import RUNTIME  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cim.layers import CIMConv2d, CIMLinear  # noqa: E402
-from lib.heap import configure_heap  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
 from lib.model_spec import DEFAULT_HARDWARE  # noqa: E402
@@ -57,10 +55,10 @@ def bfloat16_gradients(layer):
 def products_mode(layer) -> ExitStack:
     """The integer-products and gradient-products settings a layer is timed under."""
     stack = ExitStack()
+    changes = {"gradient_products": "bfloat16" if getattr(layer, "bench_bfloat16_gradients", False) else "float32"}
     if getattr(layer, "bench_float_products", False):
-        stack.enter_context(INTEGER_PRODUCTS.use(False))
-    stack.enter_context(GRADIENT_PRODUCTS.use(
-        "bfloat16" if getattr(layer, "bench_bfloat16_gradients", False) else "float32"))
+        changes["integer_products"] = False
+    stack.enter_context(RUNTIME.use(**changes))
     return stack
 
 
@@ -126,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"freed memory: {configure_heap()} (lib.heap, as the stage CLIs set it)")
+    print(f"freed memory: {RUNTIME.apply_heap()} (lib.heap, as the stage CLIs set it)")
     torch.manual_seed(0)
     hw = HardwareConfig(rows=256, cols=256, cell_bits=2, adc_bits=4, mapping="differential-column",
                         weight_granularity="column", psum_granularity="column", input_mode="multi-bit")

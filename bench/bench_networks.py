@@ -56,12 +56,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib.cim import HardwareConfig, calibrate, quantize_model  # noqa: E402
-from lib.cim.adc_kernels import KERNELS, configure_compile  # noqa: E402
-from lib.cim.gradient_products import GRADIENT_PRODUCTS  # noqa: E402
-from lib.cim.integer_products import INTEGER_PRODUCTS  # noqa: E402
+from lib.cim.runtime import RUNTIME  # noqa: E402
 from lib.cim.scratch import scratch_buffers  # noqa: E402
 from lib.cli import FlagError, check_minimums, run  # noqa: E402
-from lib.heap import configure_heap, trim_heap  # noqa: E402
+from lib.heap import trim_heap  # noqa: E402
 from models import create_model  # noqa: E402
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 
@@ -85,7 +83,7 @@ class Crossbar:
     overrides: tuple = ()
     integer_products: bool = True  # False: partial sums in float32 even on an int8-capable CPU
     gradient_products: str = "float32"  # lib.cim.gradient_products format
-    direct_kernels: bool = True  # False: CPU kernels through torch.compile (KERNELS.direct_kernels)
+    direct_kernels: bool = True  # False: CPU kernels through torch.compile (the runtime's direct_kernels)
 
     def hardware(self) -> HardwareConfig:
         return HardwareConfig.from_yaml(HARDWARE_DIR / self.yaml_name).with_overrides(**dict(self.overrides))
@@ -161,8 +159,8 @@ def with_products_of(config: str, step):
     crossbar = CROSSBARS[config]
 
     def run():
-        with INTEGER_PRODUCTS.use(crossbar.integer_products), GRADIENT_PRODUCTS.use(crossbar.gradient_products), \
-                KERNELS.direct_kernels(crossbar.direct_kernels):
+        with RUNTIME.use(integer_products=crossbar.integer_products, gradient_products=crossbar.gradient_products,
+                         direct_kernels=crossbar.direct_kernels):
             step()
     return run
 
@@ -359,8 +357,7 @@ def _main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    configure_compile()
-    heap = configure_heap()  # the memory probes' own glibc settings (measure_memory) win over it
+    heap = RUNTIME.apply_heap()  # the memory probes' own glibc settings (measure_memory) win over it
 
     if args.memory_probe:
         if device.type == "cpu":

@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib.cim.adc_kernels import KERNELS  # noqa: E402
+from lib.cim.fused_op import COMPILED  # noqa: E402
+from lib.cim.runtime import RUNTIME  # noqa: E402
 from lib.cim.hardware import HardwareConfig  # noqa: E402
 from lib.fileio import atomic_write_json  # noqa: E402
-from lib.heap import configure_heap  # noqa: E402
 from lib.search import DDPGConfig, SearchConfig, run_search  # noqa: E402
 
 DEMO_INT8 = REPO / "runs" / "workflow" / "demo_resnet20_default" / "stage2_digits" / "int8" / "model_best.pth.tar"
@@ -122,7 +122,7 @@ def compiled_graphs() -> int:
     """Graphs compiled so far: torch.compile's (TorchDynamo's count) and the CPU DirectKernels'."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"]) + KERNELS.direct_variants
+    return int(counters["stats"]["unique_graphs"]) + COMPILED.direct_variants
 
 
 def one_search(args, init: Path, hardware: Path, seed: int, strategy: str, out: Path) -> dict:
@@ -180,7 +180,7 @@ def main() -> int:
     args = parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"freed memory: {configure_heap()} (lib.heap, as rl_quantize.py's set-up does)")
+    print(f"freed memory: {RUNTIME.apply_heap()} (lib.heap, as rl_quantize.py's set-up does)")
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="bench_search_"))
     os.environ.setdefault("CIM_AQ_DATA_CACHE", str(REPO / "data_cache"))
     init = ensure_int8(args, out)

@@ -9,22 +9,27 @@ import sys
 from typing import Callable, Mapping
 
 from lib.errors import UserError
-from lib.heap import configure_heap
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup(log_level: str = "info", threads: int = 0) -> None:
-    """Configure logging, the CIM kernels' compile mode ($CIM_AQ_COMPILE), gradient-product
-    format ($CIM_AQ_GRADIENT_PRODUCTS) and what happens to freed memory ($CIM_AQ_FREED_MEMORY,
-    lib.heap), each pinned once per process (a bad value exits 2), and, when threads > 0, the
-    number of torch CPU threads."""
+    """Configure logging; read the CIM runtime settings from the environment (lib.cim.runtime:
+    compile mode, integer and gradient products, freed memory...; a bad value exits 2) and apply
+    the freed-memory policy to this process's heap; and, when threads > 0, set the number of torch
+    CPU threads. `run` then runs the job under those settings."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     # lazy: these load torch, which --help never needs
-    from lib.cim.adc_kernels import configure_compile
-    from lib.cim.gradient_products import configure_gradient_products
-    if run(configure_heap) or run(configure_compile) or run(configure_gradient_products):
+    from lib.cim.gradient_products import native_bfloat16
+    from lib.cim.runtime import RUNTIME, Runtime
+
+    if run(Runtime.from_environment):
         raise SystemExit(2)
+    with RUNTIME.use(Runtime.from_environment()) as runtime:
+        RUNTIME.apply_heap()
+    if runtime.gradient_products == "bfloat16" and not native_bfloat16():
+        logging.getLogger(__name__).info("bfloat16 gradient products asked for, but this CPU has no native "
+                                         "bfloat16: float32 kept")
     if threads > 0:
         import torch
 
@@ -47,7 +52,7 @@ def run(job: Callable[[], object], user_errors: tuple = (UserError,)) -> int:
     """Run `job`; a user error (bad value, missing file, mismatched policy...) prints `error: ...`
     and returns 2, Ctrl-C returns 130 without a traceback, anything else propagates."""
     try:
-        job()
+        _under_environment_runtime(job)
     except user_errors as err:
         rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
         print(f"error: {err}" if rank == "0" else f"error (rank {rank}): {err}", file=sys.stderr)
@@ -57,6 +62,18 @@ def run(job: Callable[[], object], user_errors: tuple = (UserError,)) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _under_environment_runtime(job: Callable[[], object]) -> None:
+    """job() under the runtime settings the environment asks for (lib.cim.runtime), restored after:
+    a stage run in-process leaves the process's settings as it found them. Jobs that never touch
+    the CIM layers (--help, config checks) do not import them."""
+    runtime = sys.modules.get("lib.cim.runtime")
+    if runtime is None:
+        job()
+        return
+    with runtime.RUNTIME.use(runtime.Runtime.from_environment()):
+        job()
 
 
 def pick_device(name: str):

@@ -12,7 +12,8 @@ sizes take them over without a fault. Each process's resident memory then stays 
 (every torchrun rank, every DataLoader worker forked after the set-up), as with a GPU's caching
 allocator.
 
-Set once per process by `configure_heap` ($CIM_AQ_FREED_MEMORY, default keep). A user who set
+Set once per process by the CLIs' set-up from the runtime settings (lib.cim.runtime's
+`freed_memory`, default keep), through `configure_heap`. A user who set
 glibc's own variables for these knobs (`GLIBC_SETTINGS`, or their `GLIBC_TUNABLES` names) chose
 the policy: it is left to them. Without glibc (musl, macOS, Windows) there is nothing to set and
 `release` is what happens.
@@ -29,7 +30,6 @@ from lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
-HEAP_ENV = "CIM_AQ_FREED_MEMORY"
 POLICIES = ("keep", "release")
 GLIBC_ENVIRONMENT = "glibc environment"  # what the policy reads where a user set glibc's own variables
 # glibc's environment settings of the same knobs: a user who sets one has chosen the policy
@@ -98,15 +98,11 @@ class _Heap:
         the user's own glibc settings (`GLIBC_ENVIRONMENT`)."""
         return self._policy or "release"
 
-    def configure(self, value: Optional[str] = None) -> str:
-        """Apply `value` (None: $CIM_AQ_FREED_MEMORY, default keep); returns the policy in force.
+    def configure(self, value: str) -> str:
+        """Apply `value` (keep | release); returns the policy in force.
         `release` after `keep` in one process (tests, benchmarks) restores glibc's default values,
         which glibc then holds fixed rather than adapting them as it does before any mallopt."""
-        if value is None:
-            value, source = os.environ.get(HEAP_ENV) or "keep", HEAP_ENV
-        else:
-            source = "freed memory"
-        wanted = _parse(value, source)
+        wanted = _parse(value, "freed memory")
         chosen = _user_settings()
         if chosen:
             log.debug("freed memory left to glibc's own settings (%s)", ", ".join(chosen))
@@ -136,8 +132,8 @@ class _Heap:
 HEAP = _Heap()
 
 
-def configure_heap(value: Optional[str] = None) -> str:
-    """Set this process's freed-memory policy (None: from $CIM_AQ_FREED_MEMORY); returns the one in force."""
+def configure_heap(value: str) -> str:
+    """Set this process's freed-memory policy (keep | release); returns the one in force."""
     return HEAP.configure(value)
 
 

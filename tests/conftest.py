@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.runtime import RUNTIME
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,14 +39,6 @@ def freed_memory_released():
         os.environ["CIM_AQ_FREED_MEMORY"] = previous
 
 
-@pytest.fixture(autouse=True)
-def compile_mode_follows_the_environment():
-    """A CLI run in-process pins the kernels' compile mode; unpin it so that the next test's
-    $CIM_AQ_COMPILE counts again."""
-    yield
-    KERNELS.unpin()
-
-
 def write_image_tree(root: Path, classes=("cat", "dog", "eel"), per_class=(4, 2), size=12, seed=0) -> Path:
     """A real ImageFolder tree root/{train,val}/<class>/<i>.png of random RGB images."""
     rng = np.random.RandomState(seed)
@@ -74,9 +66,11 @@ def image_tree(tmp_path) -> Path:
 
 @pytest.fixture
 def eager_single_thread(monkeypatch):
-    """Eager ADC kernels (no compile time for tiny nets) and one torch thread for the test."""
+    """Eager ADC kernels (no compile time for tiny nets; also for CLIs run in-process or as
+    subprocesses) and one torch thread for the test."""
     monkeypatch.setenv("CIM_AQ_COMPILE", "0")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with RUNTIME.use(compile="0"):
+        yield
     torch.set_num_threads(before)

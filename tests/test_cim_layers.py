@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime_support import set_runtime
+from lib.cim.runtime import Runtime
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim.adc import adc_range
 from lib.cim.crossbar import CrossbarPlan, stored_slices
@@ -328,7 +330,7 @@ def test_fused_and_eager_adc_kernels_agree(mapping, size, monkeypatch):
     x = torch.rand(4, 12, size, size)
     results = []
     for mode in ("0", "1"):
-        monkeypatch.setenv("CIM_AQ_COMPILE", mode)
+        set_runtime(monkeypatch, compile=mode)
         layer = _adc_layer(mapping, "column", adc_bits=4)
         calibrate(layer, [x])
         out = layer(x)
@@ -341,11 +343,11 @@ def test_fused_and_eager_adc_kernels_agree(mapping, size, monkeypatch):
         assert torch.allclose(g0, g1, atol=1e-4 * g0.abs().max().item(), rtol=1e-3)
 
 
-def test_bad_compile_setting_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("CIM_AQ_COMPILE", "yes")
-    layer = _adc_layer()
+def test_bad_compile_setting_is_a_clear_error():
     with pytest.raises(ValueError, match=r"CIM_AQ_COMPILE='yes' is not allowed: expected one of \['auto', '0', '1'\]"):
-        layer(torch.rand(1, 12, 4, 4))
+        Runtime.from_environment({"CIM_AQ_COMPILE": "yes"})
+    with pytest.raises(ValueError, match=r"compile='yes' is not allowed"):
+        Runtime(compile="yes")
 
 
 def test_steps_stay_positive_and_bias_sits_on_its_int32_grid():
@@ -392,7 +394,7 @@ def test_fused_crossbar_adc_equals_the_composed_path(mapping, granularity, compi
     """The one-node crossbar+ADC (scratch-buffer backward) gives the outputs and gradients of
     tile_products followed by the ADC, with groups, stride and a ragged last tile, over two steps
     (the second reuses the scratch buffers)."""
-    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    set_runtime(monkeypatch, compile=compile_mode)
     hw = _hw(mapping=mapping, psum_granularity=granularity, adc_bits=3)
     torch.manual_seed(1)
     layer = CIMConv2d(10, 6, 3, stride=2, padding=1, groups=2, hw=hw, w_bit=5, a_bit=4)
@@ -413,7 +415,7 @@ def test_fused_linear_crossbar_adc_equals_the_composed_path(mapping, granularity
     """CIMLinear's one-node crossbar+ADC: the outputs and every gradient of tile_products followed
     by the ADC, with a ragged last tile, leading token dims, both input modes, over two steps."""
     index = LINEAR_CASES.index((mapping, granularity, input_mode))
-    monkeypatch.setenv("CIM_AQ_COMPILE", "1" if index % 2 else "0")
+    set_runtime(monkeypatch, compile="1" if index % 2 else "0")
     hw = _hw(mapping=mapping, psum_granularity=granularity, adc_bits=4, rows=16, input_mode=input_mode,
              input_bits=2)
     torch.manual_seed(index)

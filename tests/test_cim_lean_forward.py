@@ -7,8 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
-from lib.cim.adc_kernels import KERNELS, grid_bounds, powers_of_two
+from lib.cim.adc_kernels import grid_bounds
+from lib.cim.constants import powers_of_two
+from lib.cim.runtime import RUNTIME
+from runtime_support import set_runtime
 from lib.cim.fused_quant import fake_quant, fake_quant_abs_sum
 
 
@@ -88,8 +92,7 @@ def test_running_abs_mean_follows_its_definition(compile_mode, monkeypatch):
     layer, x = _layers()[1]
     calibrate(layer, [x])
     module = layer.input_step_module
-    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
-    KERNELS.unpin()
+    set_runtime(monkeypatch, compile=compile_mode)
     layer.train()
     expected = module.running_abs_mean.clone()
     for scale in (1.0, 3.0, 0.5):
@@ -109,7 +112,7 @@ def test_running_abs_mean_follows_its_definition(compile_mode, monkeypatch):
     with torch.no_grad():
         layer(x * 9.0)
     assert torch.equal(module.running_abs_mean, fitted)
-    assert "quant_forward_abs_sum" not in KERNELS.failed
+    assert "quant_forward_abs_sum" not in RUNTIME.failed
 
 
 def test_train_and_eval_set_every_submodule_as_nn_module_does():
@@ -131,7 +134,7 @@ def test_constants_made_in_inference_mode_serve_a_later_backward():
     x = torch.randn(5, dtype=torch.float64)
     with torch.inference_mode():
         lo, hi = grid_bounds(x, -3, 1234)
-        powers = powers_of_two(7, 3, x)
+        powers = powers_of_two(7, 3, x.dtype, x.device)
     assert not lo.is_inference() and not powers.is_inference()
     assert torch.equal(powers, torch.tensor([1.0, 2.0 ** 7, 2.0 ** 14], dtype=torch.float64))
     x.requires_grad_(True)
@@ -165,8 +168,7 @@ def test_quantizing_into_channels_last_keeps_the_values_and_the_inputs_gradient_
     fallback): the same values and Σ|x|, NHWC memory; its backward, given the NHWC gradient the
     conv's crossbar path returns, gives the input's gradient in NCHW and the step's, both equal
     to those of the NCHW quantization given an NCHW gradient."""
-    KERNELS.configure(compile_mode)
-    try:
+    with RUNTIME.use(compile=compile_mode):
         x = torch.randn(2, 6, 5, 7)
         scale, lo, hi = torch.tensor(0.3), torch.tensor(-8.0), torch.tensor(7.0)
         grad = torch.randn(2, 5, 7, 6).permute(0, 3, 1, 2)  # NHWC memory
@@ -180,8 +182,6 @@ def test_quantizing_into_channels_last_keeps_the_values_and_the_inputs_gradient_
             grad_x, grad_s = torch.autograd.grad(value, [xg, sg], grad if channels_last else grad.contiguous())
             assert grad_x.is_contiguous()  # as the backward returned it (a leaf's .grad would be made so)
             results.append((value, abs_sum, grad_x, grad_s))
-    finally:
-        KERNELS.unpin()
     (value, abs_sum, grad_x, grad_s), (value_cl, abs_sum_cl, grad_x_cl, grad_s_cl) = results
     assert torch.equal(value_cl, value) and torch.equal(grad_x_cl, grad_x)
     assert torch.allclose(grad_s_cl, grad_s, rtol=1e-5, atol=1e-6)
@@ -199,9 +199,9 @@ def test_a_conv_quantizes_an_nchw_input_channels_last_with_the_same_results(inpu
     x = torch.randn(2, 11, 6, 6)
     calibrate(layer, [x])
     layer.train()
-    assert layer._quantizes_channels_last(x)
+    assert layer._quantizes_channels_last(x, layer.route_for(x))
     direct = _run(layer, x)
-    monkeypatch.setattr(CIMConv2d, "_quantizes_channels_last", lambda self, inp: False)
+    monkeypatch.setattr(CIMConv2d, "_quantizes_channels_last", lambda self, inp, route: False)
     converted = _run(layer, x)
     assert torch.equal(direct[0], converted[0])
     for got, want in zip(direct[1], converted[1]):

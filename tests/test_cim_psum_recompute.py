@@ -6,7 +6,7 @@ import torch
 
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim import crossbar_adc
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.runtime import RUNTIME
 from lib.cim.scratch import scratch_buffers
 
 
@@ -80,12 +80,8 @@ def test_chunked_forward_without_autograd_writes_the_kept_outputs(kind, mode, mo
     output (eager and fused kernels): the outputs of the whole partial sums."""
     layer, shape = _layer(kind, "multi-bit")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    KERNELS.configure(mode)
-    try:
-        with torch.no_grad():
-            kept = layer(x)
-            monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", 1)  # one image (token) per chunk
-            chunked = layer(x)
-    finally:
-        KERNELS.unpin()
+    with RUNTIME.use(compile=mode), torch.no_grad():
+        kept = layer(x)
+        monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", 1)  # one image (token) per chunk
+        chunked = layer(x)
     assert torch.allclose(chunked, kept, rtol=1e-6, atol=1e-6 * kept.abs().max().item())

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+from runtime_support import set_runtime
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -51,7 +52,7 @@ def _assert_same(cpu, gpu, rtol):
 @pytest.mark.parametrize("mapping,n_sigma", list(itertools.product(MAPPINGS, [None, 2.0])))
 def test_conv_cuda_equals_cpu(monkeypatch, mapping, n_sigma):
     """Fused MVM+ADC node (no clipping) and composed path (clipping), forward and all gradients."""
-    monkeypatch.setenv("CIM_AQ_COMPILE", "0")
+    set_runtime(monkeypatch, compile="0")
     torch.manual_seed(0)
     x = torch.randn(4, 10, 9, 11, dtype=torch.float64)
     layer = _calibrated(lambda: CIMConv2d(10, 6, 3, padding=1, groups=2, hw=_hw(mapping, n_sigma=n_sigma),
@@ -65,7 +66,7 @@ def test_conv_cuda_equals_cpu(monkeypatch, mapping, n_sigma):
 
 @pytest.mark.parametrize("mapping", MAPPINGS)
 def test_linear_cuda_equals_cpu(monkeypatch, mapping):
-    monkeypatch.setenv("CIM_AQ_COMPILE", "0")
+    set_runtime(monkeypatch, compile="0")
     torch.manual_seed(1)
     x = torch.randn(3, 5, 70, dtype=torch.float64)
     layer = _calibrated(lambda: CIMLinear(70, 12, hw=_hw(mapping), w_bit=6, a_bit=5).double(), x)
@@ -82,10 +83,10 @@ def test_compiled_kernels_on_cuda_equal_eager(monkeypatch):
     x = torch.randn(8, 16, 12, 12)
     layer = _calibrated(lambda: CIMConv2d(16, 8, 3, padding=1, hw=_hw("differential-column"), w_bit=4, a_bit=4), x)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    monkeypatch.setenv("CIM_AQ_COMPILE", "0")
+    set_runtime(monkeypatch, compile="0")
     eager = _run(layer, x, "cuda", torch.float32)
     layer.load_state_dict(state)
-    monkeypatch.setenv("CIM_AQ_COMPILE", "1")
+    set_runtime(monkeypatch, compile="1")
     fused = _run(layer, x, "cuda", torch.float32)
     out_e, out_f = eager[0], fused[0]
     # float32 sums in another order can move a partial sum across one ADC boundary: allow a few.

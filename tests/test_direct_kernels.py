@@ -7,19 +7,20 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from lib.cim.adc_kernels import (KERNELS, _backward_functional, _forward_functional, _quant_forward_functional,
-                                 _slice_share_functional, backward_eager, configure_compile, forward_eager,
-                                 grid_bounds, quant_forward_eager, slice_share_eager)
+from lib.cim.adc_kernels import (_backward_functional, _forward_functional, _quant_forward_functional,
+                                 _slice_share_functional, adc_forward, backward_eager, forward_eager, grid_bounds,
+                                 quant_forward_eager, slice_share_eager)
 from lib.cim.direct_kernels import DirectKernel, signature, takes_directly
+from lib.cim.fused_op import COMPILED, FusedOp
 from lib.cim.integer_products import InputGrid, grid_codes
+from lib.cim.runtime import RUNTIME
 
 
 @pytest.fixture
 def fused():
-    """Kernels fused (mode auto) for the test, the process left unpinned after."""
-    configure_compile("auto")
-    yield
-    KERNELS.unpin()
+    """Kernels fused (mode auto) for the test."""
+    with RUNTIME.use(compile="auto", direct_kernels=True):
+        yield
 
 
 def _psums(rows, groups, tiles_slices, out, seed=0):
@@ -96,16 +97,16 @@ def test_an_out_view_with_its_own_strides_is_written_in_place(fused):
     p, step, coef = _psums(64, 1, 4, 16)
     out = torch.full((128, 1, 16), float("nan"))
     view = out[::2]
-    KERNELS.forward(p, step, coef, -8, 7, out=view)
+    adc_forward(p, step, coef, -8, 7, out=view)
     assert torch.allclose(view, forward_eager(p, step, coef, -8, 7), rtol=1e-6, atol=1e-5)
     assert torch.isnan(out[1::2]).all()
 
 
 def test_cpu_kernels_compile_without_dynamo(fused):
-    graphs, variants = counters["stats"]["unique_graphs"], KERNELS.direct_variants
+    graphs, variants = counters["stats"]["unique_graphs"], COMPILED.direct_variants
     p, step, coef = _psums(96, 1, 6, 8, seed=3)
     out = torch.empty(96, 1, 8)
-    KERNELS.forward(p, step, coef, -16, 15, out=out)
+    adc_forward(p, step, coef, -16, 15, out=out)
     assert torch.allclose(out, forward_eager(p, step, coef, -16, 15), rtol=1e-6, atol=1e-5)
     lo, hi = grid_bounds(p, -16, 15)
     assert lo.item() == -16 and hi.item() == 15
@@ -114,7 +115,7 @@ def test_cpu_kernels_compile_without_dynamo(fused):
     for step in (0.125, 0.1, 0.3):  # one graph for every step value
         codes = grid_codes(x, InputGrid(step=step, zero_point=0), signed=False)
         assert torch.equal(codes, torch.round(x / step).to(torch.uint8))
-    assert KERNELS.direct_variants == variants + 2 and counters["stats"]["unique_graphs"] == graphs
+    assert COMPILED.direct_variants == variants + 2 and counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_float_argument_keeps_torch_compile(fused):
@@ -123,7 +124,7 @@ def test_a_float_argument_keeps_torch_compile(fused):
     graphs = counters["stats"]["unique_graphs"]
     x = torch.randn(16, 8)
     assert not takes_directly((x, 0.5)) and takes_directly((x, 2, torch.float32, torch.tensor(0.5)))
-    out = KERNELS.run("scaled_by_float", _scaled_by, None, x, x, 0.5)
+    out = FusedOp("scaled_by_float", _scaled_by, _scaled_by)(x, 0.5)
     assert torch.equal(out, x * 0.5 + 1.0)
     assert counters["stats"]["unique_graphs"] > graphs
 
@@ -133,13 +134,13 @@ def _scaled_by(x, factor: float):
 
 
 def test_kernels_can_be_timed_through_torch_compile_for_comparison(fused):
-    """`KERNELS.direct_kernels(False)` sends CPU kernels through torch.compile for its block
+    """`RUNTIME.use(direct_kernels=False)` sends CPU kernels through torch.compile for its block
     (the benchmarks' comparison), with the same values; the direct path is back after it."""
     p, step, coef = _psums(80, 1, 6, 12, seed=5)
-    graphs, variants = counters["stats"]["unique_graphs"], KERNELS.direct_variants
-    with KERNELS.direct_kernels(False):
-        through_dynamo = KERNELS.forward(p, step, coef, -16, 15)
-    assert counters["stats"]["unique_graphs"] > graphs and KERNELS.direct_variants == variants
-    direct = KERNELS.forward(p, step, coef, -16, 15)
-    assert KERNELS.direct_variants > variants
+    graphs, variants = counters["stats"]["unique_graphs"], COMPILED.direct_variants
+    with RUNTIME.use(direct_kernels=False):
+        through_dynamo = adc_forward(p, step, coef, -16, 15)
+    assert counters["stats"]["unique_graphs"] > graphs and COMPILED.direct_variants == variants
+    direct = adc_forward(p, step, coef, -16, 15)
+    assert COMPILED.direct_variants > variants
     assert torch.allclose(direct, through_dynamo, rtol=1e-6, atol=1e-5)

@@ -14,7 +14,7 @@ from torch import nn
 
 import lib.export.exporter as exporter
 from lib.cim import HardwareConfig, quantizable_layers, quantize_model
-from lib.cim.integer_products import INTEGER_PRODUCTS
+from lib.cim.runtime import RUNTIME
 from lib.export import ExportCIMLayer, ExportError, export_model, layer_qdq, ort_logits
 from lib.export.__main__ import main as export_main
 from lib.policy import Policy
@@ -96,7 +96,7 @@ def _assert_layers_reproduced(model, images) -> None:
     hooks = [layer.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, (i[0], o)))
              for name, layer in layers]
     try:
-        with torch.no_grad(), INTEGER_PRODUCTS.use(False):
+        with torch.no_grad(), RUNTIME.use(integer_products=False):
             model.eval()(images)
     finally:
         for hook in hooks:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from runtime_support import set_runtime
 from lib.cim import calibrate, crossbar_adc, tile_products
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.runtime import RUNTIME
 from lib.cim.fused_weight import FusedWeights
 from lib.cim.hardware import HardwareConfig
 from lib.cim.layers import CIMConv2d, CIMLinear, ComposedWeights
@@ -93,13 +94,13 @@ CASES = list(itertools.product(MAPPINGS, [1, 2, 4], GRANULARITIES, ["0", "1"]))
 def test_fused_weight_path_equals_the_composed_path(mapping, cell_bits, granularity, compile_mode, monkeypatch):
     """Every mapping × cell width × weight granularity × weight slicing × w_bit in {2, 5, 8},
     eager (0) and compiled (1), on a conv (groups, stride, ragged tile) and a linear layer in turn."""
-    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    set_runtime(monkeypatch, compile=compile_mode)
     for index, (slicing, w_bit) in enumerate(itertools.product(_slicings(mapping), W_BITS)):
         hw = _hw(mapping=mapping, cell_bits=cell_bits, weight_granularity=granularity, weight_slicing=slicing)
         layer, x = _layer(("conv", "linear")[(index + cell_bits) % 2], hw, w_bit, seed=w_bit)
         with scratch_buffers():
             _assert_same(layer, x)
-    assert not KERNELS.failed
+    assert not RUNTIME.failed
 
 
 @pytest.mark.parametrize("mapping", MAPPINGS)
@@ -107,7 +108,7 @@ def test_fused_weight_path_equals_the_composed_path(mapping, cell_bits, granular
 def test_every_crossbar_route_takes_the_same_values(mapping, compile_mode, monkeypatch):
     """Beyond the one-node crossbar+ADC: products then ADC (fused node off), bit-serial inputs,
     the ADC off (dequantized weight), the crossbar path with the ADC off, and 1-bit weights."""
-    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    set_runtime(monkeypatch, compile=compile_mode)
     variants = [({}, {"fused_adc": False}), ({"input_mode": "bit-serial", "input_bits": 2}, {}),
                 ({"psum_granularity": "off"}, {}), ({"psum_granularity": "off"}, {"force_crossbar": True})]
     for hw_overrides, attributes in variants:
@@ -129,7 +130,7 @@ def _tiny_model(hw: HardwareConfig) -> nn.Module:
 def test_training_steps_with_the_fused_path_equal_the_composed_ones(compile_mode, monkeypatch):
     """Three SGD (momentum) steps of a tiny CIM model, from the same calibrated state: the same
     loss at every step and the same parameters after, with and without the fused weight path."""
-    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    set_runtime(monkeypatch, compile=compile_mode)
     hw = _hw(mapping="offset", weight_granularity="channel", adc_bits=7)
     torch.manual_seed(0)
     data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(3)]

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import cli
 from lib.cim import calibrate, crossbar_adc, slice_merge
-from lib.cim.gradient_products import (GRADIENT_PRODUCTS, GradientProductsError, configure_gradient_products,
-                                       gradient_dtype, native_bfloat16)
+from lib.cim.gradient_products import gradient_dtype, native_bfloat16
+from lib.cim.runtime import RUNTIME, Runtime, RuntimeSettingError
 from lib.cim.hardware import HardwareConfig
 from lib.cim.layers import CIMConv2d, CIMLinear
 from lib.cim.scratch import scratch_buffers
@@ -25,14 +24,6 @@ from lib.cim.scratch import scratch_buffers
 REPO = Path(__file__).resolve().parents[1]
 bfloat16_here = pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16 in oneDNN")
 MAPPINGS = ["offset", "differential-column", "differential-row"]
-
-
-@pytest.fixture(autouse=True)
-def restore_format():
-    """The format is process-wide: every test leaves it as it found it."""
-    before = GRADIENT_PRODUCTS.format
-    yield
-    GRADIENT_PRODUCTS.configure(before)
 
 
 def _hw(**kw) -> HardwareConfig:
@@ -58,7 +49,7 @@ def _forward_backward(layer, x, products: str):
     """(output, gradients of x and of every parameter) of one training step with `products`."""
     xg = x.clone().requires_grad_()
     params = [p for p in layer.parameters() if p.requires_grad]
-    with scratch_buffers(), GRADIENT_PRODUCTS.use(products):
+    with scratch_buffers(), RUNTIME.use(gradient_products=products):
         out = layer(xg)
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad((out * weights).sum(), [xg] + params, allow_unused=True)
@@ -83,9 +74,9 @@ def _assert_bfloat16_close(layer, x):
 
 def test_only_bfloat16_products_on_a_float32_cpu_tensor_take_bfloat16():
     like = torch.zeros(2)
-    with GRADIENT_PRODUCTS.use("float32"):
+    with RUNTIME.use(gradient_products="float32"):
         assert gradient_dtype(like) == torch.float32
-    with GRADIENT_PRODUCTS.use("bfloat16"):
+    with RUNTIME.use(gradient_products="bfloat16"):
         assert gradient_dtype(like) == (torch.bfloat16 if native_bfloat16() else torch.float32)
         assert gradient_dtype(like.double()) == torch.float64
 
@@ -128,7 +119,7 @@ def test_training_with_bfloat16_gradients_follows_the_float32_run():
         calibrate(model, [x])
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         curve = []
-        with scratch_buffers(), GRADIENT_PRODUCTS.use(products):
+        with scratch_buffers(), RUNTIME.use(gradient_products=products):
             for _ in range(20):
                 opt.zero_grad()
                 loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -140,25 +131,17 @@ def test_training_with_bfloat16_gradients_follows_the_float32_run():
     assert torch.allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
 
 
-def test_format_is_pinned_from_the_environment(monkeypatch):
-    monkeypatch.delenv("CIM_AQ_GRADIENT_PRODUCTS", raising=False)
-    cli.setup("warning")
-    assert GRADIENT_PRODUCTS.format == "float32"  # the default
-    monkeypatch.setenv("CIM_AQ_GRADIENT_PRODUCTS", " BFloat16 ")
-    cli.setup("warning")
-    assert GRADIENT_PRODUCTS.format == "bfloat16"
-    monkeypatch.setenv("CIM_AQ_GRADIENT_PRODUCTS", "float32")  # read once: later changes do not reach it
-    assert GRADIENT_PRODUCTS.format == "bfloat16"
-    assert configure_gradient_products("float32") == "float32" == GRADIENT_PRODUCTS.format
+def test_format_is_read_from_the_environment():
+    assert Runtime.from_environment({}).gradient_products == "float32"  # the default
+    assert Runtime.from_environment({"CIM_AQ_GRADIENT_PRODUCTS": " BFloat16 "}).gradient_products == "bfloat16"
 
 
-def test_bad_format_is_a_user_error_naming_the_value(monkeypatch):
-    monkeypatch.setenv("CIM_AQ_GRADIENT_PRODUCTS", "bf16")
+def test_bad_format_is_a_user_error_naming_the_value():
     expected = r"CIM_AQ_GRADIENT_PRODUCTS='bf16' is not allowed: expected one of \['float32', 'bfloat16'\]"
-    with pytest.raises(GradientProductsError, match=expected):
-        configure_gradient_products()
-    with pytest.raises(GradientProductsError, match="gradient products='half' is not allowed"):
-        configure_gradient_products("half")
+    with pytest.raises(RuntimeSettingError, match=expected):
+        Runtime.from_environment({"CIM_AQ_GRADIENT_PRODUCTS": "bf16"})
+    with pytest.raises(RuntimeSettingError, match="gradient_products='half' is not allowed"):
+        Runtime(gradient_products="half")
     env = {**os.environ, "CIM_AQ_GRADIENT_PRODUCTS": "bf16"}
     done = subprocess.run([sys.executable, "-m", "lib.workflow.report", "--config", "missing.yaml"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from lib.cim import calibrate, crossbar_adc
-from lib.cim.adc_kernels import KERNELS
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.hardware import HardwareConfig
-from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, grid_codes, sums_stay_exact
+from lib.cim.integer_products import InputGrid, grid_codes, integer_kernels_here, sums_stay_exact
+from lib.cim.runtime import RUNTIME
 from lib.cim.layers import CIMConv2d, CIMLinear
 from lib.cim.scratch import scratch_buffers
 from lib.cim.tile_products import crossbar_weight
 
-pytestmark = pytest.mark.skipif(not INTEGER_PRODUCTS._supported(),
+pytestmark = pytest.mark.skipif(not integer_kernels_here(),
                                 reason="this CPU has no VNNI/AMX int8 convolution")
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
@@ -117,7 +117,7 @@ def _assert_same_with_and_without_integer_products(layer, x):
               layer.psum_adc.step]
     results = []
     for enabled in (True, False):
-        with INTEGER_PRODUCTS.use(enabled), scratch_buffers():
+        with RUNTIME.use(integer_products=enabled), scratch_buffers():
             xg = x.clone().requires_grad_()
             out = layer(xg)
             weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
@@ -167,7 +167,7 @@ def test_integer_products_only_where_the_codes_fit_in_8_bits():
         calibrate(layer, [x])
         assert _grid(layer, layer.input_quant(x)) is None
     layer, x = _conv(_hw(), signed=True, shape={})
-    with INTEGER_PRODUCTS.use(False):
+    with RUNTIME.use(integer_products=False):
         assert _grid(layer, layer.input_quant(x)) is None
     assert _grid(layer, layer.input_quant(x)) is not None
 
@@ -182,7 +182,7 @@ def test_eval_keeps_the_prepacked_weight_apart_from_the_float_form(kind):
         first = layer(x)
         misses = layer.eval_cache.misses
         assert torch.equal(layer(x), first) and layer.eval_cache.misses == misses
-        with INTEGER_PRODUCTS.use(False):
+        with RUNTIME.use(integer_products=False):
             float_out = layer(x)
         again = layer(x)
     assert torch.equal(again, first)
@@ -215,7 +215,7 @@ def test_input_gradient_through_a_frozen_layer_in_eval():
         parameter.requires_grad_(False)
     grads = []
     for enabled in (True, False):
-        with INTEGER_PRODUCTS.use(enabled):
+        with RUNTIME.use(integer_products=enabled):
             xg = x.clone().requires_grad_()
             layer(xg).square().sum().backward()
             grads.append(xg.grad)
@@ -226,8 +226,8 @@ def test_input_gradient_through_a_frozen_layer_in_eval():
 def test_kernels_that_saturate_turn_integer_products_off():
     """oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA=AVX2) saturates 8-bit × 7-bit products: the
     one-time check at start-up sees it and the process keeps float32 products (a real process)."""
-    code = ("import torch; from lib.cim.integer_products import INTEGER_PRODUCTS; "
-            "print(INTEGER_PRODUCTS.enabled)")
+    code = ("import torch; from lib.cim.integer_products import integer_kernels_here; "
+            "print(integer_kernels_here())")
     outputs = {}
     for isa in ("AVX2", "ALL"):
         env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, CIM_AQ_COMPILE="0")
@@ -358,8 +358,7 @@ def test_tiled_codes_are_the_codes_of_the_tiled_input(signed, mode):
     """`ConvTiles.tile_codes` (one pass over the input, eager and fused) gives the uint8 codes
     the int8 products take of the tiled input, channels last, for one group and several, from an
     NCHW or a channels-last input."""
-    KERNELS.configure(mode)
-    try:
+    with RUNTIME.use(compile=mode):
         for groups in (1, 2):
             layer = CIMConv2d(10 * groups, 4, 3, padding=1, groups=groups, hw=_hw(), w_bit=5, a_bit=6,
                               input_signed=signed)
@@ -373,8 +372,6 @@ def test_tiled_codes_are_the_codes_of_the_tiled_input(signed, mode):
                 want = grid_codes(tiles.tile_input(inp), tiles.input_grid, signed=False)
                 assert got.dtype == torch.uint8 and got.is_contiguous(memory_format=torch.channels_last)
                 assert torch.equal(got, want)
-    finally:
-        KERNELS.unpin()
 
 
 @pytest.mark.parametrize("mapping,signed,mode", list(itertools.product(MAPPINGS, [True, False],
@@ -394,5 +391,5 @@ def test_one_group_conv_with_a_ragged_tile_reads_only_the_codes(mapping, signed,
         calibrate(layer, [x])
         tiles = layer.tiles(_grid(layer, layer.input_quant(x)))
         assert tiles.layout.pad > 0
-        assert layer._tiles_codes(tiles) == (mapping != "offset")  # the offset mapping's reference column reads floats
+        assert layer._tiles_codes(tiles, layer.route_for(x)) == (mapping != "offset")  # the offset mapping's reference column reads floats
         _assert_same_with_and_without_integer_products(layer, x)

@@ -4,9 +4,10 @@ corrected, and it hands a layer whose ADC clips many columns to the full backwar
 import pytest
 import torch
 
+from runtime_support import set_runtime
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate
 from lib.cim import slice_merge
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.adc_kernels import adc_backward, clip_sums
 from lib.cim.scratch import scratch_buffers
 
 MAPPINGS = ["offset", "differential-column", "differential-row"]
@@ -132,14 +133,14 @@ def test_merged_backward_over_recomputed_chunks(kind, correction, monkeypatch):
 
 @pytest.mark.parametrize("compile_mode", ["0", "1"])
 def test_clip_sums_are_the_backward_sums_with_clipped_columns_marked(compile_mode, monkeypatch):
-    """KERNELS.clip_sums, eager and fused: the backward kernel's Σ grad·level, and its Σ grad·v·on_grid
+    """adc_kernels.clip_sums, eager and fused: the backward kernel's Σ grad·level, and its Σ grad·v·on_grid
     in every column the ADC did not clip, +inf in exactly the columns it did."""
-    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    set_runtime(monkeypatch, compile=compile_mode)
     torch.manual_seed(0)
     p = torch.randn(64, 2, 6, 5) * torch.rand(1, 2, 6, 5) * 16
     step, gamma, grad_y = torch.rand(2, 6, 5) + 0.5, torch.rand(2, 6, 5), torch.randn(64, 2, 5)
-    sum_levels, sum_v = KERNELS.clip_sums(grad_y, p, step, -8, 7)
-    _, want_levels, want_v = KERNELS.backward(grad_y, p, step, gamma, -8, 7)
+    sum_levels, sum_v = clip_sums(grad_y, p, step, -8, 7)
+    _, want_levels, want_v = adc_backward(grad_y, p, step, gamma, -8, 7)
     clipped = ((torch.round(p / step) < -8) | (torch.round(p / step) > 7)).any(dim=0)
     assert 0 < clipped.sum() < clipped.numel()
     assert torch.allclose(sum_levels, want_levels, rtol=1e-5, atol=1e-5)
@@ -156,7 +157,7 @@ def test_merged_backward_eager_equals_fused(kind, monkeypatch):
     x = torch.randn(_shape(kind, 4))
     results = []
     for mode in ("0", "1"):
-        monkeypatch.setenv("CIM_AQ_COMPILE", mode)
+        set_runtime(monkeypatch, compile=mode)
         merged, routes, _ = _merged_and_full(layer, x, monkeypatch)
         monkeypatch.undo()
         assert routes == ["merged"]
@@ -168,7 +169,7 @@ def test_merged_backward_eager_equals_fused(kind, monkeypatch):
 def test_linear_merged_weight_made_in_blocks_of_outputs(compile_mode, monkeypatch):
     """A linear layer's merged weight made a few outputs at a time (bounded memory) gives the same
     gradients as the full backward."""
-    monkeypatch.setenv("CIM_AQ_COMPILE", compile_mode)
+    set_runtime(monkeypatch, compile=compile_mode)
     monkeypatch.setattr(slice_merge, "FLOAT_BLOCK_BYTES", 2 * 16 * 3 * 4)  # two outputs of 3 tiles of 16 rows
     layer = _layer("differential-column", kind="linear")
     assert layer.layout.tiles == 3 and layer.out_features == 5

@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.adc_kernels import adc_backward, adc_forward
 from lib.cim.steps import lsq_init, positive, scale_grad
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ class _ConvertAccumulate(torch.autograd.Function):
     def forward(ctx, p, step, gamma, lo: int, hi: int, grad_factor: float):
         ctx.save_for_backward(p, step, gamma)
         ctx.bounds = (lo, hi, grad_factor)
-        return KERNELS.forward(p, step, step * gamma, lo, hi)
+        return adc_forward(p, step, step * gamma, lo, hi)
 
     @staticmethod
     def backward(ctx, grad_y):
         p, step, gamma = ctx.saved_tensors
         lo, hi, grad_factor = ctx.bounds
-        grad_p, sum_levels, sum_v = KERNELS.backward(grad_y.contiguous(), p, step, gamma, lo, hi)
+        grad_p, sum_levels, sum_v = adc_backward(grad_y.contiguous(), p, step, gamma, lo, hi)
         grad_step, grad_gamma = step_and_gamma_grads(step, gamma, sum_levels, sum_v, grad_factor)
         return grad_p if ctx.needs_input_grad[0] else None, grad_step, grad_gamma, None, None, None
 

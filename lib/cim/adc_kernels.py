@@ -3,36 +3,18 @@ gradient, input fake quantization, the slice-weighted gradient), eager or fused 
 
 On this project's CPUs the partial sums of a layer are tens of MB and every elementwise pass
 is bound by memory bandwidth, so fusing divide/round/clamp/scale/sum into one loop (Inductor)
-makes the ADC several times cheaper. Fusion is used when it works (`CIM_AQ_COMPILE=auto`, the
-default), forced with `1` (errors surface) and disabled with `0`. The CLIs' set-up pins the
-mode once per process (`configure_compile`); a library used without it follows the variable.
-A failed compile logs once and that kernel falls back to its eager form, which computes the
-same values; the other kernels stay fused.
+makes the ADC several times cheaper. Each kernel is a `FusedOp` (lib.cim.fused_op): fused where
+the runtime's compile mode allows (lib.cim.runtime: auto, the default; 1 forces it, 0 turns it
+off), else its eager form, which computes the same values.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import logging
 import math
-import os
-import shutil
 
 import torch
 
-from lib.cim.direct_kernels import DirectKernel, Refused, takes_directly
-from lib.errors import UserError
-from lib.heap import heap_policy
-
-log = logging.getLogger(__name__)
-
-COMPILE_ENV = "CIM_AQ_COMPILE"
-COMPILE_MODES = ("auto", "0", "1")
-RECOMPILE_LIMIT = 64
-
-
-class CompileModeError(UserError, ValueError):
-    """A compile mode other than auto, 0 or 1."""
+from lib.cim.constants import constant
+from lib.cim.fused_op import FusedOp
 
 
 def forward_eager(p, step, coef, lo, hi):
@@ -130,14 +112,25 @@ def clip_sums_eager(grad_y, p, step, lo, hi):
     return sum_levels, sum_v
 
 
-def _merge_slices_into_functional(out, cells, gamma):
-    """Σ_s gamma[s] · cells[s] written into `out`: a linear layer's merged array weight (see
-    lib.cim.slice_merge), its compact cells widened on the fly in one pass."""
+def _merge_slices_functional(cells, gamma):
+    """Σ_s gamma[s] · cells[s]: a linear layer's merged array weight (see lib.cim.slice_merge),
+    its compact cells widened on the fly in one pass."""
     merged = cells[0].to(gamma.dtype) * gamma[0]
     for s in range(1, cells.shape[0]):
         merged = merged + cells[s].to(gamma.dtype) * gamma[s]
-    out.copy_(merged)
+    return merged
+
+
+def _merge_slices_into_functional(out, cells, gamma):
+    out.copy_(_merge_slices_functional(cells, gamma))
     return out
+
+
+def merge_slices_eager(cells, gamma):
+    merged = cells[0].to(gamma.dtype) * gamma[0]
+    for s in range(1, cells.shape[0]):
+        merged.add_(cells[s].to(gamma.dtype) * gamma[s])
+    return merged
 
 
 ROWS_PER_CHUNK = (32, 64, 16, 128, 8)
@@ -234,240 +227,89 @@ def dense(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     return x.contiguous(memory_format=memory_format_of(x if like is None else like))
 
 
-def _plain(a):
-    """A kernel argument detached and dense: no autograd state or overlapping layout to guard on
-    (tensors already so pass as they are)."""
-    if not isinstance(a, torch.Tensor):
-        return a
-    if a.requires_grad:
-        a = a.detach()
-    return a if a.is_contiguous() else dense(a)
+FORWARD = FusedOp("forward", _forward_functional, forward_eager, into=_forward_into_functional)
+ACCUMULATE = FusedOp("accumulate", _accumulate_functional, accumulate_eager, into=_accumulate_into_functional)
+QUANT_FORWARD = FusedOp("quant_forward", _quant_forward_functional, quant_forward_eager)
+QUANT_FORWARD_ABS_SUM = FusedOp("quant_forward_abs_sum", _quant_forward_abs_sum_functional,
+                                quant_forward_abs_sum_eager)
+QUANT_BACKWARD = FusedOp("quant_backward", _quant_backward_functional, quant_backward_eager)
+SLICE_SHARE = FusedOp("slice_share", _slice_share_functional, slice_share_eager, into=_slice_share_into_functional)
+BACKWARD = FusedOp("backward", _backward_functional, backward_eager, into=_backward_into_functional)
+CLIP_SUMS = FusedOp("clip_sums", _clip_sums_functional, clip_sums_eager)
+MERGE_SLICES = FusedOp("merge_slices", _merge_slices_functional, merge_slices_eager, into=_merge_slices_into_functional)
 
 
-def _parse_mode(mode: str, source: str) -> str:
-    value = str(mode).strip().lower()
-    if value not in COMPILE_MODES:
-        raise CompileModeError(f"{source}={mode!r} is not allowed: expected one of {list(COMPILE_MODES)}")
-    return value
+def adc_forward(p, step, coef, lo: int, hi: int, out=None):
+    """Σ over tile·slice of clamp(round(p / step), lo, hi) · coef; written into `out` when given."""
+    bounds = grid_bounds(p, lo, hi)
+    if out is None:
+        return FORWARD(p, step, coef, *bounds)
+    if FORWARD.into(out, p, step, coef, *bounds) is None:
+        out.copy_(forward_eager(p, step, coef, *bounds))
+    return out
 
 
-class _Kernels:
-    """Chooses fused or eager kernels once per process and device type; owns the compile mode and
-    which kernels failed to compile."""
+def accumulate(levels, coef, out=None):
+    """Σ over tile·slice of levels · coef (the shift-and-add of converted levels); into `out` when given."""
+    if out is None:
+        return ACCUMULATE(levels, coef)
+    if ACCUMULATE.into(out, levels, coef) is None:
+        out.copy_(accumulate_eager(levels, coef))
+    return out
 
-    def __init__(self) -> None:
-        self._compiled: dict = {}
-        self._failed: set = set()
-        self._configured: str | None = None
-        self._direct = True  # CPU kernels called without TorchDynamo (lib.cim.direct_kernels)
 
-    @contextlib.contextmanager
-    def direct_kernels(self, enabled: bool):
-        """CPU kernels called directly (the default) or, inside `with direct_kernels(False)`,
-        through torch.compile: the same values, for timing one against the other."""
-        previous, self._direct = self._direct, bool(enabled)
-        try:
-            yield
-        finally:
-            self._direct = previous
+def quant_forward(x, scale, lo, hi, channels_last: bool = False):
+    """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors), written channels_last when asked."""
+    return QUANT_FORWARD(x, scale, lo, hi, channels_last)
 
-    def configure(self, mode: str | None = None) -> str:
-        """Pin the compile mode (auto | 0 | 1; None: from $CIM_AQ_COMPILE, default auto) and forget
-        earlier compile failures; returns the mode."""
-        if mode is None:
-            mode = _parse_mode(os.environ.get(COMPILE_ENV, "auto"), COMPILE_ENV)
-        else:
-            mode = _parse_mode(mode, "compile mode")
-        self._configured = mode
-        self._failed = set()
-        return mode
 
-    def unpin(self) -> None:
-        """Forget the pinned mode: $CIM_AQ_COMPILE decides again at every kernel call."""
-        self._configured = None
-        self._failed = set()
+def quant_forward_abs_sum(x, scale, lo, hi, channels_last: bool = False):
+    """`quant_forward` and Σ|x| (a 0-d tensor) from one pass over x."""
+    return QUANT_FORWARD_ABS_SUM(x, scale, lo, hi, channels_last)
 
-    @property
-    def mode(self) -> str:
-        """The pinned compile mode; unpinned (a library used without the CLIs' set-up), the environment's."""
-        if self._configured is not None:
-            return self._configured
-        return _parse_mode(os.environ.get(COMPILE_ENV, "auto"), COMPILE_ENV)
 
-    @property
-    def direct_variants(self) -> int:
-        """Graphs compiled so far for the DirectKernels (TorchDynamo counts torch.compile's)."""
-        return sum(kernel.variants for kernel in self._compiled.values() if isinstance(kernel, DirectKernel))
+def quant_backward(grad, x, scale, lo, hi):
+    """LSQ's gradients of `quant_forward`: the input's (in x's memory format) and Σ for the step."""
+    return QUANT_BACKWARD(grad, x, scale, lo, hi)
 
-    @property
-    def failed(self) -> frozenset:
-        """Kernels whose compile failed, now run eagerly."""
-        return frozenset(self._failed)
 
-    def _use_compiled(self, name: str, tensor: torch.Tensor) -> bool:
-        mode = self.mode
-        if mode == "0" or name in self._failed:
-            return False
-        device = tensor.device.type
-        if mode == "auto" and device == "cpu" and not _has_cxx():
-            return False
-        return device in ("cpu", "cuda")
-
-    def _get(self, name: str, fn, device: str, args):
-        """The compiled kernel `name`: on CPU a DirectKernel (no TorchDynamo overhead per call)
-        unless a float argument rules it out, else torch.compile's."""
-        if device == "cpu" and self._direct and takes_directly(args):
-            key = (name, "direct")
-            if key not in self._compiled:
-                self._compiled[key] = DirectKernel(name, fn)
-            return self._compiled[key]
-        if name not in self._compiled:
-            # A model's layers differ in groups/tiles/slices (1 or more) and batch sizes: allow the
-            # handful of variants that makes, beyond torch's default of 8 per function.
-            limit = getattr(torch._dynamo.config, "recompile_limit", None)
-            if limit is not None and limit < RECOMPILE_LIMIT:
-                torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-            self._compiled[name] = torch.compile(fn, dynamic=True)
-        return self._compiled[name]
-
-    def run(self, name: str, functional, eager, tensor, *args, compiled_extra=()):
-        """`functional(*args)` compiled as kernel `name` when the mode and `tensor`'s device allow
-        and it compiles, else `eager(*args)` (None: return None instead)."""
-        if self._use_compiled(name, tensor):
-            try:
-                plain = [_plain(a) for a in args]
-                if eager is None:  # an out= variant: the first argument is written, keep it as given
-                    plain[0] = args[0]
-                plain += compiled_extra
-                return self._get(name, functional, tensor.device.type, plain)(*plain)
-            except Refused as err:  # this call's layout is not the traced one: eagerly, same values
-                log.debug("%s; running it eagerly", err)
-            except Exception as err:  # noqa: BLE001 - any compiler failure: same maths, eagerly
-                if self.mode == "1":
-                    raise
-                self._failed.add(name)
-                log.warning("fused kernel %r unavailable (%s: %s); running it eagerly", name,
-                            type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
-        return None if eager is None else eager(*args)
-
-    def forward(self, p, step, coef, lo: int, hi: int, out=None):
-        """Σ over tile·slice of clamp(round(p / step), lo, hi) · coef; written into `out` when given."""
-        bounds = grid_bounds(p, lo, hi)
-        if out is None:
-            return self.run("forward", _forward_functional, forward_eager, p, p, step, coef, *bounds)
-        if self.run("forward_into", _forward_into_functional, None, p, out, p, step, coef, *bounds) is None:
-            out.copy_(forward_eager(p, step, coef, *bounds))
+def slice_share(grad, shares, out=None):
+    """Σ_s shares[s] · grad[:, s, :] (shares: a (slices,) tensor), into `out` when given and fused."""
+    if out is not None and SLICE_SHARE.into(out, grad, shares) is not None:
         return out
-
-    def accumulate(self, levels, coef, out=None):
-        """Σ over tile·slice of levels · coef (the shift-and-add of converted levels); into `out` when given."""
-        if out is None:
-            return self.run("accumulate", _accumulate_functional, accumulate_eager, coef, levels, coef)
-        if self.run("accumulate_into", _accumulate_into_functional, None, coef, out, levels, coef) is None:
-            out.copy_(accumulate_eager(levels, coef))
-        return out
-
-    def quant_forward(self, x, scale, lo, hi, channels_last: bool = False):
-        """Per-tensor LSQ fake quantization (lo, hi: 0-d tensors), written channels_last when asked."""
-        return self.run("quant_forward", _quant_forward_functional, quant_forward_eager, x, x, scale, lo, hi,
-                        channels_last)
-
-    def quant_forward_abs_sum(self, x, scale, lo, hi, channels_last: bool = False):
-        """`quant_forward` and Σ|x| (a 0-d tensor) from one pass over x."""
-        return self.run("quant_forward_abs_sum", _quant_forward_abs_sum_functional, quant_forward_abs_sum_eager,
-                        x, x, scale, lo, hi, channels_last)
-
-    def quant_backward(self, grad, x, scale, lo, hi):
-        """LSQ's gradients of `quant_forward`: the input's (in x's memory format) and Σ for the step."""
-        return self.run("quant_backward", _quant_backward_functional, quant_backward_eager, x, grad, x, scale, lo, hi)
-
-    def slice_share(self, grad, shares, out=None):
-        """Σ_s shares[s] · grad[:, s, :] (shares: a (slices,) tensor), into `out` when given and fused."""
-        if out is not None and self.run("slice_share_into", _slice_share_into_functional, None, grad,
-                                         out, grad, shares) is not None:
-            return out
-        return self.run("slice_share", _slice_share_functional, slice_share_eager, grad, grad, shares)
-
-    def backward(self, grad_y, p, step, gamma, lo: int, hi: int, out=None):
-        """(grad wrt p, Σ_m grad·level, Σ_m grad·v·on_grid); the gradient is written into `out`
-        (same shape as p) when given and the fused kernel runs, else into a fresh tensor."""
-        bounds = grid_bounds(p, lo, hi)
-        chunks = (_reduction_chunks(p.shape[0]),)
-        if out is not None:  # None back: the fused kernel does not run here
-            sums = self.run("backward_into", _backward_into_functional, None, p, out, grad_y, p, step, gamma,
-                             *bounds, compiled_extra=chunks)
-            if sums is not None:
-                return (out,) + tuple(sums)
-        return self.run("backward", _backward_functional, backward_eager, p, grad_y, p, step, gamma, *bounds,
-                         compiled_extra=chunks)
-
-    def clip_sums(self, grad_y, p, step, lo: int, hi: int):
-        """(Σ_m grad·level, Σ_m grad·v·on_grid with +inf in every column where the ADC clipped):
-        `backward`'s sums without its full-size gradient, for a backward that needs no
-        partial-sum gradient where nothing was clipped (lib.cim.slice_merge)."""
-        bounds = grid_bounds(p, lo, hi)
-        return self.run("clip_sums", _clip_sums_functional, clip_sums_eager, p, grad_y, p, step, *bounds,
-                        compiled_extra=(_reduction_chunks(p.shape[0]),))
-
-    def merge_slices(self, out, cells, gamma) -> bool:
-        """Σ_s gamma[s] · cells[s] into `out` with the fused kernel; False where it does not run
-        (the caller then computes it eagerly)."""
-        return self.run("merge_slices_into", _merge_slices_into_functional, None, gamma, out, cells, gamma) is not None
+    return SLICE_SHARE(grad, shares)
 
 
-@functools.lru_cache(maxsize=None)
-def _has_cxx() -> bool:
-    """Whether a C++ compiler (which Inductor's CPU kernels need) is on PATH: looked up once per
-    process, not on every kernel call."""
-    return bool(shutil.which("c++") or shutil.which("g++"))
+def adc_backward(grad_y, p, step, gamma, lo: int, hi: int, out=None):
+    """(grad wrt p, Σ_m grad·level, Σ_m grad·v·on_grid); the gradient is written into `out`
+    (same shape as p) when given and the fused kernel runs, else into a fresh tensor."""
+    bounds = grid_bounds(p, lo, hi)
+    chunks = (_reduction_chunks(p.shape[0]),)
+    if out is not None:
+        sums = BACKWARD.into(out, grad_y, p, step, gamma, *bounds, static=chunks)
+        if sums is not None:
+            return (out,) + tuple(sums)
+    return BACKWARD(grad_y, p, step, gamma, *bounds, static=chunks)
 
 
-_CONSTANTS: dict = {}
+def clip_sums(grad_y, p, step, lo: int, hi: int):
+    """(Σ_m grad·level, Σ_m grad·v·on_grid with +inf in every column where the ADC clipped):
+    `adc_backward`'s sums without its full-size gradient, for a backward that needs no
+    partial-sum gradient where nothing was clipped (lib.cim.slice_merge)."""
+    bounds = grid_bounds(p, lo, hi)
+    return CLIP_SUMS(grad_y, p, step, *bounds, static=(_reduction_chunks(p.shape[0]),))
 
 
-def _constant(key: tuple, make):
-    """`make()` made once per key and kept: constants every forward reads, made outside inference
-    mode (an inference tensor could not be saved for a later backward)."""
-    value = _CONSTANTS.get(key)
-    if value is None:
-        with torch.inference_mode(False):
-            value = _CONSTANTS[key] = make()
-    return value
+def merge_slices(out, cells, gamma) -> bool:
+    """Σ_s gamma[s] · cells[s] into `out` with the fused kernel; False where it does not run
+    (the caller then computes it eagerly)."""
+    return MERGE_SLICES.into(out, cells, gamma) is not None
 
 
 def grid_bounds(p: torch.Tensor, lo: int, hi: int):
     """Grid bounds as 0-d tensors (a compiled kernel then serves every ADC width without
     recompiling), made once per value, dtype and device: no host-to-device copy per call."""
     dtype, device = p.dtype, p.device
-    return _constant(("bounds", lo, hi, dtype, device),
+    return constant(("bounds", lo, hi, dtype, device),
                      lambda: (torch.tensor(float(lo), dtype=dtype, device=device),
                               torch.tensor(float(hi), dtype=dtype, device=device)))
-
-
-def powers_of_two(bits: int, count: int, like: torch.Tensor) -> torch.Tensor:
-    """2^(bits·i) for i < count in like's dtype and device (the slices' or input planes'
-    significance), made once per setting."""
-    dtype, device = like.dtype, like.device
-    return _constant(("powers", bits, count, dtype, device),
-                     lambda: 2.0 ** (bits * torch.arange(count, device=device, dtype=dtype)))
-
-
-KERNELS = _Kernels()
-
-
-def configure_compile(mode: str | None = None) -> str:
-    """Set this process's compile mode (None: from $CIM_AQ_COMPILE); returns it. See the module docstring."""
-    return KERNELS.configure(mode)
-
-
-def compile_mode() -> str:
-    """The compile mode in force: auto, 0 or 1."""
-    return KERNELS.mode
-
-
-def kernel_report() -> dict:
-    """What a run's report records about how its kernels ran: the compile mode, the kernels that
-    fell back to eager after a failed compile, and the freed-memory policy (lib.heap), which the
-    large kernels' speed depends on."""
-    return {"compile_mode": KERNELS.mode, "eager_after_failed_compile": sorted(KERNELS.failed),
-            "freed_memory": heap_policy()}

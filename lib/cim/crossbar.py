@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from lib.cim.constants import powers_of_two
 from lib.cim.hardware import HardwareConfig
 
 
@@ -134,8 +135,17 @@ class CrossbarPlan:
         return _ceil_div(self.stored_bits, self.cell_bits)
 
     def significance(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """2^(s·cell_bits) for every slice s."""
-        return 2.0 ** (self.cell_bits * torch.arange(self.slices, device=device, dtype=dtype))
+        """2^(s·cell_bits) for every slice s (made once per setting and shared: not to be changed)."""
+        return powers_of_two(self.cell_bits, self.slices, dtype, device)
+
+    def slice_significance(self, s: int) -> float:
+        """2^(s·cell_bits): the digital shift of slice s (also the offset reference column's slice)."""
+        return 2.0 ** (s * self.cell_bits)
+
+    @property
+    def reference_significance(self) -> float:
+        """The shift of the offset mapping's reference column (its one non-zero slice's)."""
+        return self.slice_significance(self.offset_reference()[0])
 
     @property
     def slicing(self) -> "CellSlicing":
@@ -225,8 +235,9 @@ class CrossbarPlan:
         return self.input_cycles if mode == "bit-serial" else 1
 
     def plane_significance(self, planes: int, device=None, dtype=torch.float32) -> torch.Tensor:
-        """2^(p·input_bits) for every input plane p (the digital shift-and-add)."""
-        return 2.0 ** (self.hw.input_bits * torch.arange(planes, device=device, dtype=dtype))
+        """2^(p·input_bits) for every input plane p (the digital shift-and-add; made once per
+        setting and shared: not to be changed)."""
+        return powers_of_two(self.hw.input_bits, planes, dtype, device)
 
     def input_codes(self, planes: int) -> tuple[int, int]:
         """The least and largest integer an array row receives: an a_bit input level (one plane),

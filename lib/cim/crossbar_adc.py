@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from lib.cim.adc import step_and_gamma_grads
-from lib.cim.adc_kernels import KERNELS, memory_format_of
+from lib.cim.adc_kernels import accumulate, adc_backward, adc_forward, clip_sums, memory_format_of
 from lib.cim.crossbar import CrossbarPlan
 from lib.cim.gradient_products import gradient_dtype
 from lib.cim.scratch import SCRATCH
@@ -34,14 +34,21 @@ from lib.cim.tile_products import ConvTiles, MatmulTiles, products_backward, sli
 PARTIAL_SUM_CHUNK_BYTES = 64 * 2**20  # partial sums kept whole up to this size, else made in chunks of it
 
 
+def partial_sums_chunked(rows: int, columns: int, element_bytes: int) -> bool:
+    """Whether a node makes its partial sums (rows × columns of `element_bytes`) in chunks of rows
+    rather than all at once: the rule `row_chunks` applies, which lib.cim.route reports."""
+    return rows * columns * element_bytes > PARTIAL_SUM_CHUNK_BYTES
+
+
 def row_chunks(tiles, x: torch.Tensor, columns: int) -> Optional[list[tuple[int, int]]]:
     """(start, length) blocks of x's rows (dim `_row_dim`) whose partial sums take about
     PARTIAL_SUM_CHUNK_BYTES each, or None when all of them fit at once."""
     dim = _row_dim(tiles)
     items = x.shape[dim]
-    per_item = math.prod(tiles.output_size(x)) // max(items, 1) * columns * _sum_bytes(x)
-    if items * per_item <= PARTIAL_SUM_CHUNK_BYTES:
+    rows = math.prod(tiles.output_size(x))
+    if not partial_sums_chunked(rows, columns, _sum_bytes(x)):
         return None
+    per_item = rows // max(items, 1) * columns * _sum_bytes(x)
     size = max(1, int(PARTIAL_SUM_CHUNK_BYTES // max(per_item, 1)))
     return [(start, min(size, items - start)) for start in range(0, items, size)]
 
@@ -135,7 +142,7 @@ def _convert(tiles, x, w, step, gamma, lo: int, hi: int, chunks):
     `chunks`, which the backward recomputes; the converted outputs)."""
     if chunks is None:
         main = _products(tiles, x, w, gamma)
-        return main, KERNELS.forward(main, step, step * gamma, lo, hi)
+        return main, adc_forward(main, step, step * gamma, lo, hi)
     return None, _in_chunks(tiles, x, gamma, chunks, _chunk_converter(tiles, x, w, step, gamma, lo, hi))
 
 
@@ -158,12 +165,12 @@ def _chunk_converter(tiles, x, w, step, gamma, lo: int, hi: int):
 
         def from_levels(x_rows, out=None):
             levels = tiles.levels(x_rows, weight, lo, hi).reshape((-1,) + tuple(gamma.shape))
-            return KERNELS.accumulate(levels, coef, out=out)
+            return accumulate(levels, coef, out=out)
         return from_levels
     w_products = tiles.for_products(w, x)
 
     def from_sums(x_rows, out=None):
-        return KERNELS.forward(_products(tiles, x_rows, w_products, gamma), step, coef, lo, hi, out=out)
+        return adc_forward(_products(tiles, x_rows, w_products, gamma), step, coef, lo, hi, out=out)
     return from_sums
 
 
@@ -207,7 +214,7 @@ def _chunk_backward(ctx, grad_y, x: _TiledInput, source: Optional[torch.Tensor],
     the tiled input's."""
     lo, hi, _ = ctx.bounds
     if merged is not None:
-        sum_levels, sum_v = KERNELS.clip_sums(grad_y, main, step, lo, hi)
+        sum_levels, sum_v = clip_sums(grad_y, main, step, lo, hi)
         grads = merged.backward(grad_y, x, main, step, lo, hi, sum_v, ctx.q_shape, need_x, need_q, source)
         if grads is not None:
             grad_x, grad_q, sum_v = grads
@@ -223,7 +230,7 @@ def _full_backward(ctx, grad_y, x, w: _GradientWeight, main, step, gamma, need_x
     lo, hi, _ = ctx.bounds
     dtype = gradient_dtype(main)
     scratch = SCRATCH.tensor("psum_grad", main.shape, main, dtype)
-    grad_main, sum_levels, sum_v = KERNELS.backward(grad_y, main, step, gamma, lo, hi, out=scratch)
+    grad_main, sum_levels, sum_v = adc_backward(grad_y, main, step, gamma, lo, hi, out=scratch)
     rows = main.numel() // (main.shape[-1] * ctx.shares.numel())
     share_out = SCRATCH.tensor("slice_share", (rows, main.shape[-1]), main, dtype)
     p_shape = _products_shape(ctx.tiles, x)
@@ -240,23 +247,23 @@ def _products_shape(tiles, x) -> tuple:
 
 
 def crossbar_adc_forward(layer, x_tiled: torch.Tensor, q: torch.Tensor, w: torch.Tensor, tiles,
-                         step_grid: torch.Tensor, shifts: torch.Tensor, ref=None, ref_shift=None,
+                         step_grid: torch.Tensor, shifts: torch.Tensor, route, ref=None, ref_shift=None,
                          constants=None, source: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ADC-converted, shift-and-added outputs (M, groups, out) of a CIM layer whose ADC is `fusable`
     (tiles: its ConvTiles or MatmulTiles),
     from the integer weights q stored as w (`tile_products.crossbar_weight`); `constants`: the
     ADC's `PartialSumADC.constants` when the layer keeps them; `source`: the conv input x_tiled
-    was tiled from (`ConvTiles.tile_input` or, when the node `keeps_source`, `tile_codes`)."""
+    was tiled from (`ConvTiles.tile_input` or, when the node `keeps_source`, `tile_codes`); `route`:
+    the layer's `Route`, whose conversion says whether autograd needs the node."""
     plan = layer.plan
     # a one-group conv's padding channels are the tiled input's last ones: the node then keeps the
     # untiled input and takes the gradient to it itself (the merged backward computes it there);
     # its tiled input may then be the codes alone (`ConvTiles.tile_codes`)
     by_source = source is not None and isinstance(tiles, ConvTiles) and tiles.keeps_source
     node_input, source = (x_tiled.detach(), source) if by_source else (x_tiled, None)
-    differentiable_input = source if by_source else x_tiled
 
     def convert(step, gamma, lo, hi, factor):
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (differentiable_input, q, step, gamma)):
+        if route.conversion == "node":
             return _CrossbarADC.apply(node_input, q, w, step, gamma, tiles, plan, lo, hi, factor, source)
         # nothing to differentiate (evaluation): the outputs without an autograd node
         return _outputs(tiles, x_tiled, w, step, gamma, lo, hi)

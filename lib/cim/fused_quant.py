@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib.cim.adc_kernels import KERNELS, dense
+from lib.cim.adc_kernels import dense, quant_backward, quant_forward, quant_forward_abs_sum
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -16,8 +16,8 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, lo, hi, with_abs_sum: bool, channels_last: bool):
         ctx.save_for_backward(x, scale, lo, hi)
         if not with_abs_sum:
-            return KERNELS.quant_forward(x, scale, lo, hi, channels_last)
-        out, abs_sum = KERNELS.quant_forward_abs_sum(x, scale, lo, hi, channels_last)
+            return quant_forward(x, scale, lo, hi, channels_last)
+        out, abs_sum = quant_forward_abs_sum(x, scale, lo, hi, channels_last)
         ctx.mark_non_differentiable(abs_sum)
         return out, abs_sum
 
@@ -25,7 +25,7 @@ class _FakeQuant(torch.autograd.Function):
     def backward(ctx, grad, *_abs_sum_grad):
         x, scale, lo, hi = ctx.saved_tensors
         # the kernel reads grad in its own dense layout and writes x's gradient in x's
-        grad_x, grad_scale = KERNELS.quant_backward(dense(grad), x, scale, lo, hi)
+        grad_x, grad_scale = quant_backward(dense(grad), x, scale, lo, hi)
         return grad_x, grad_scale.reshape(scale.shape), None, None, None, None
 
 
@@ -66,7 +66,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch
     scale = scale.to(x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuant.apply(x, scale, lo, hi, False, channels_last)
-    return KERNELS.quant_forward(x, scale, lo, hi, channels_last)
+    return quant_forward(x, scale, lo, hi, channels_last)
 
 
 def fake_quant_abs_sum(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
@@ -76,4 +76,4 @@ def fake_quant_abs_sum(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, h
     scale = scale.to(x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuant.apply(x, scale, lo, hi, True, channels_last)
-    return KERNELS.quant_forward_abs_sum(x, scale, lo, hi, channels_last)
+    return quant_forward_abs_sum(x, scale, lo, hi, channels_last)

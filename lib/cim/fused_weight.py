@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lib.cim.adc_kernels import KERNELS, grid_bounds
+from lib.cim.adc_kernels import grid_bounds
+from lib.cim.fused_op import FusedOp
 from lib.cim.crossbar import CellSlicing, cell_values
 from lib.cim.quantizers import int_threshold
 
@@ -63,6 +64,11 @@ def _backward_eager(grad, w, step, lo, hi):
     return g.div_(s), sums.div_(step).neg_()
 
 
+WEIGHT_LEVELS = FusedOp("weight_levels", _levels_functional, _levels_eager)
+WEIGHT_SLICES = FusedOp("weight_slices", _slices_functional, _slices_eager)
+WEIGHT_BACKWARD = FusedOp("weight_backward", _backward_functional, _backward_eager)
+
+
 def _by_tile(x: torch.Tensor, tiles: int, pad: int) -> torch.Tensor:
     """(rows, channels, kernel elems) → (rows, tiles, channels_per_tile·kernel elems), the ragged
     tile zero-padded (a copy only then)."""
@@ -94,10 +100,10 @@ class _FusedWeight(torch.autograd.Function):
         ctx.save_for_backward(tiled, step, lo, hi)
         ctx.shape, ctx.pad = w.shape, pad
         if slicing is None:
-            levels = KERNELS.run("weight_levels", _levels_functional, _levels_eager, tiled, tiled, step, lo, hi)
+            levels = WEIGHT_LEVELS(tiled, step, lo, hi)
             return _unpadded(levels, w.shape, pad), None
         ctx.set_materialize_grads(False)  # no full-size zero gradient for the slices
-        slices = KERNELS.run("weight_slices", _slices_functional, _slices_eager, tiled, tiled, step, lo, hi, slicing)
+        slices = WEIGHT_SLICES(tiled, step, lo, hi, slicing)
         ctx.mark_non_differentiable(slices)
         return w.new_zeros(()).expand(w.shape), slices
 
@@ -105,8 +111,7 @@ class _FusedWeight(torch.autograd.Function):
     def backward(ctx, grad_levels, _grad_slices):
         tiled, step, lo, hi = ctx.saved_tensors
         grad = _by_tile(grad_levels, step.shape[1], ctx.pad)
-        grad_w, grad_step = KERNELS.run("weight_backward", _backward_functional, _backward_eager, tiled,
-                                        grad, tiled, step, lo, hi)
+        grad_w, grad_step = WEIGHT_BACKWARD(grad, tiled, step, lo, hi)
         return _unpadded(grad_w, ctx.shape, ctx.pad), grad_step, None, None, None, None
 
 

@@ -26,7 +26,7 @@ WEIGHT_SLICINGS = ("magnitude", "full-range")
 COLUMN_PLACEMENTS = ("whole-pairs", "dense")
 # What a hardware YAML in CIM-AQ's own layout means unless it says otherwise: CIM-AQ's pricing
 # (dense rows, ceil(b/c) slices, dense columns) and whole multi-bit inputs in the layers.
-CIM_AQ_COMPATIBILITY = {"row_tiling": "dense", "weight_slicing": "full-range", "column_placement": "dense",
+CIMAQ_COMPATIBILITY = {"row_tiling": "dense", "weight_slicing": "full-range", "column_placement": "dense",
                         "input_mode": "multi-bit"}
 
 
@@ -165,7 +165,7 @@ class HardwareConfig:
         if "crossbar" in data or "mapper" in data:
             data = _from_cim_aq_layout(data, source)
         elif _is_legacy_record(data):
-            data = {**CIM_AQ_COMPATIBILITY, **data}
+            data = {**CIMAQ_COMPATIBILITY, **data}
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -227,7 +227,7 @@ def _check_choice(key: str, value: Any, allowed: tuple) -> None:
         raise HardwareConfigError(f"{key}={value!r} is not allowed: expected one of {list(allowed)}")
 
 
-_CIM_AQ_CROSSBAR_KEYS = {
+_CIMAQ_CROSSBAR_KEYS = {
     "resolution_weight_bits": "cell_bits",
     "resolution_input_bits": "input_bits",
     "mvm_write_latency": "write_latency",
@@ -240,9 +240,9 @@ def _from_cim_aq_layout(data: Mapping[str, Any], source: str) -> dict:
 
     CIM-AQ's m is the number of columns (outputs) and n the number of rows (inputs).
     Keys of our own flat layout may sit beside `crossbar:`/`mapper:` to extend it; the modelling
-    fields not given take CIM-AQ's meaning (CIM_AQ_COMPATIBILITY).
+    fields not given take CIM-AQ's meaning (CIMAQ_COMPATIBILITY).
     """
-    flat = dict(CIM_AQ_COMPATIBILITY)
+    flat = dict(CIMAQ_COMPATIBILITY)
     flat.update({k: v for k, v in data.items() if k not in ("crossbar", "mapper")})
     crossbar = dict(data.get("crossbar") or {})
     size = crossbar.pop("size", {}) or {}
@@ -254,10 +254,10 @@ def _from_cim_aq_layout(data: Mapping[str, Any], source: str) -> dict:
     if "n" in size:
         flat["rows"] = size["n"]
     for key, value in crossbar.items():
-        if key not in _CIM_AQ_CROSSBAR_KEYS:
+        if key not in _CIMAQ_CROSSBAR_KEYS:
             raise HardwareConfigError(
-                f"{source}: unknown key crossbar.{key}; allowed: size, {', '.join(_CIM_AQ_CROSSBAR_KEYS)}")
-        flat[_CIM_AQ_CROSSBAR_KEYS[key]] = value
+                f"{source}: unknown key crossbar.{key}; allowed: size, {', '.join(_CIMAQ_CROSSBAR_KEYS)}")
+        flat[_CIMAQ_CROSSBAR_KEYS[key]] = value
     mapper = dict(data.get("mapper") or {})
     for key, value in mapper.items():
         if key != "mapping_type":

@@ -12,18 +12,20 @@ keep the float32 products.
 
 Used for the forward products (and their recomputation in the backward) when the inputs fit in
 8 bits (`CrossbarPlan.input_zero_point`), cell values fit in int8, and the CPU has the
-instructions (`INTEGER_PRODUCTS`); gradients stay in float32.
+instructions (`integer_kernels_here`) and the runtime asks for them (lib.cim.runtime); gradients
+stay in float32.
 """
 from __future__ import annotations
 
+import functools
 import logging
-from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from lib.cim.adc_kernels import KERNELS
+from lib.cim.fused_op import FusedOp
+from lib.cim.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -61,61 +63,40 @@ def _sums_exact() -> bool:
     return float(conv.reshape(())) == exact and float(matmul.reshape(())) == exact
 
 
-class _IntegerProducts:
-    """Owns whether this process computes partial sums on int8 kernels: on when the CPU has VNNI
-    or AMX, oneDNN's quantized conv and int8 matmuls are present and both return exact sums for
-    the largest products we give them (a one-time check: oneDNN capped below VNNI, e.g. by
-    ONEDNN_MAX_CPU_ISA, saturates them), unless switched off (`use`)."""
-
-    def __init__(self) -> None:
-        self._enabled: bool | None = None
-        self._supported_here: bool | None = None
-        self._unit: tuple | None = None
-
-    def _supported(self) -> bool:
-        if self._supported_here is None:
-            self._supported_here = self._kernels_present() and _sums_exact()
-        return self._supported_here
-
-    @staticmethod
-    def _kernels_present() -> bool:
-        ops = getattr(torch.ops, "onednn", None)
-        if (not torch.backends.mkldnn.is_available() or ops is None or not hasattr(ops, "qconv2d_pointwise")
-                or not hasattr(torch, "_int_mm")):
-            return False
-        cpu = torch.cpu
-        return bool(getattr(cpu, "_is_vnni_supported", lambda: False)()
-                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-
-    @property
-    def enabled(self) -> bool:
-        if self._enabled is None:
-            self._enabled = self._supported()
-            log.debug("integer partial sums %s", "on" if self._enabled else "off (no exact int8 kernels here)")
-        return self._enabled
-
-    @contextmanager
-    def use(self, enabled: bool):
-        """Compute partial sums on int8 kernels (if supported) or in float32 inside the block."""
-        previous = self._enabled
-        self._enabled = bool(enabled) and self._supported()
-        try:
-            yield
-        finally:
-            self._enabled = previous
-
-    def available_for(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype == torch.float32 and self.enabled
-
-    def unit_weight_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One weight scale of 1 and zero point of 0 for the whole weight (the cells are the
-        integers themselves), made once: oneDNN reads a per-channel list element by element."""
-        if self._unit is None:
-            self._unit = (torch.ones(1), torch.zeros(1, dtype=torch.int64))
-        return self._unit
+def _kernels_present() -> bool:
+    ops = getattr(torch.ops, "onednn", None)
+    if (not torch.backends.mkldnn.is_available() or ops is None or not hasattr(ops, "qconv2d_pointwise")
+            or not hasattr(torch, "_int_mm")):
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_vnni_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-INTEGER_PRODUCTS = _IntegerProducts()
+@functools.lru_cache(maxsize=None)
+def integer_kernels_here() -> bool:
+    """Whether this machine computes partial sums on int8 kernels exactly: the CPU has VNNI or AMX,
+    oneDNN's quantized conv and int8 matmuls are present and both return exact sums for the
+    largest products we give them (checked once per process: oneDNN capped below VNNI, e.g. by
+    ONEDNN_MAX_CPU_ISA, saturates them). The runtime's `integer_products` may still turn them off."""
+    here = _kernels_present() and _sums_exact()
+    log.debug("int8 partial-sum kernels %s", "present" if here else "absent or inexact here")
+    return here
+
+
+def integer_products_for(x: torch.Tensor, runtime: Runtime) -> bool:
+    """Whether partial sums of x are integer products under `runtime`: float32 CPU tensors, the
+    runtime asking for them, exact int8 kernels here."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and runtime.integer_products and integer_kernels_here()
+
+
+@functools.lru_cache(maxsize=None)
+def unit_weight_scale() -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight scale of 1 and zero point of 0 for the whole weight (the cells are the integers
+    themselves), made once: oneDNN reads a per-channel list element by element."""
+    with torch.inference_mode(False):
+        return torch.ones(1), torch.zeros(1, dtype=torch.int64)
+
 
 
 def code_values(x, step: torch.Tensor, offset: int, dtype: torch.dtype):
@@ -133,9 +114,12 @@ def grid_codes(x: torch.Tensor, grid: InputGrid, signed: bool) -> torch.Tensor:
     The step goes in as a 0-d tensor of x's dtype (the value x / step divides by either way), so
     one compiled kernel serves every step value."""
     offset, dtype = (grid.zero_point - 128, torch.int8) if signed else (grid.zero_point, torch.uint8)
-    name = f"grid_codes_{str(dtype).rsplit('.', 1)[-1]}"
     step = torch.tensor(grid.step, dtype=x.dtype, device=x.device)
-    return KERNELS.run(name, code_values, code_values_eager, x, x, step, offset, dtype)
+    return GRID_CODES[dtype](x, step, offset, dtype)
+
+
+GRID_CODES = {dtype: FusedOp(f"grid_codes_{str(dtype).rsplit('.', 1)[-1]}", code_values, code_values_eager)
+              for dtype in (torch.uint8, torch.int8)}
 
 
 def _quantized_codes_functional(x, scale, lo, hi, offset: int):
@@ -147,13 +131,15 @@ def _quantized_codes_eager(x, scale, lo, hi, offset: int):
     return torch.round(x / scale).clamp_(lo, hi).add_(offset).to(torch.uint8)
 
 
+QUANTIZED_CODES = FusedOp("quantized_codes", _quantized_codes_functional, _quantized_codes_eager)
+
+
 def quantized_codes(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                     grid: InputGrid) -> torch.Tensor:
     """The uint8 codes `grid_codes` gives for the fake-quantized x (lib.cim.fused_quant.fake_quant
     with step `scale`, grid [lo, hi]), taken from x itself: its levels plus the grid's zero point,
     one pass and no float copy (the levels times the step, divided by it again, are the levels)."""
-    return KERNELS.run("quantized_codes", _quantized_codes_functional, _quantized_codes_eager, x, x,
-                       scale.to(x.dtype), lo, hi, grid.zero_point)
+    return QUANTIZED_CODES(x, scale.to(x.dtype), lo, hi, grid.zero_point)
 
 
 def pack_matmul_weight(w: torch.Tensor) -> torch.Tensor:
@@ -209,7 +195,7 @@ def pack_conv_weight(w, grid: InputGrid, stride, padding, dilation, groups: int)
     if isinstance(w, PackedConvWeight):
         return w
     wq = w if w.dtype == torch.int8 else w.to(torch.int8)
-    scale, _ = INTEGER_PRODUCTS.unit_weight_scale()
+    scale, _ = unit_weight_scale()
     shifted = grid.zero_point != 0
     packed = torch.ops.onednn.qconv_prepack(wq, scale, 1.0, 0, list(stride), [0, 0] if shifted else list(padding),
                                             list(dilation), groups, None)
@@ -269,7 +255,7 @@ def integer_conv(x: torch.Tensor, w, grid: InputGrid, stride, padding, dilation,
     applied after."""
     packed = pack_conv_weight(w, grid, stride, padding, dilation, groups)
     codes = x if x.dtype == torch.uint8 else grid_codes(x, grid, signed=False)
-    scale, zero_point = INTEGER_PRODUCTS.unit_weight_scale()
+    scale, zero_point = unit_weight_scale()
     if not grid.zero_point:
         return torch.ops.onednn.qconv2d_pointwise(
             codes, grid.step, 0, packed.weight, scale, zero_point, None, list(stride), list(padding),

@@ -13,6 +13,7 @@ the export form and the cost model read.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from typing import Optional
@@ -29,8 +30,8 @@ from torch.nn.modules.utils import _pair
 
 from lib.bit_limits import check_bits
 from lib.cim.adc import PartialSumADC
-from lib.cim.adc_kernels import grid_bounds, powers_of_two
-from lib.cim.crossbar_adc import crossbar_adc_forward
+from lib.cim.adc_kernels import grid_bounds
+from lib.cim.crossbar_adc import crossbar_adc_forward, partial_sums_chunked
 from lib.cim.crossbar import CrossbarPlan, TileLayout
 from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
@@ -40,7 +41,9 @@ from lib.cim.fused_quant import FusedIntQuant, fake_quant, fake_quant_abs_sum
 from lib.cim.steps import ActStep, MutableBitWidth, positive
 from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
 from lib.cim.fused_weight import FusedWeights
-from lib.cim.integer_products import INTEGER_PRODUCTS, InputGrid, quantized_codes, sums_stay_exact
+from lib.cim.integer_products import InputGrid, quantized_codes
+from lib.cim.route import InputMeta, LayerFlags, Route, caches_crossbar_form, choose_route
+from lib.cim.runtime import RUNTIME
 from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
 from lib.finite import NonFiniteError, require_finite
 
@@ -99,6 +102,7 @@ class CIMLayerMixin:
                              torch.arange(layout.tiles) * layout.channels_per_tile, persistent=False)
         self.eval_cache = EvalCache()  # the crossbar form between evaluation forwards
         self.cache_eval = True  # keep it (off: recompute every forward, for comparisons)
+        self.route_counts: collections.Counter = collections.Counter()  # Route -> forwards that took it
 
     @property
     def plan(self) -> CrossbarPlan:
@@ -141,11 +145,49 @@ class CIMLayerMixin:
         return [self.weight, *module_tensors(self._modules["weight_quant"]), *module_tensors(self.psum_adc)]
 
     def _caches_crossbar_form(self) -> bool:
-        """In eval mode, unless autograd must reach the weight or ADC side (then every forward
-        recomputes) or a graph is being traced or exported (it must contain the quantizers, not constants)."""
-        if self.training or not self.cache_eval or _tracing() or getattr(self.weight_quant, "export_mode", False):
-            return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._cached_side_tensors()))
+        """Whether the weight side comes from the eval cache now (lib.cim.route's rule)."""
+        grad = torch.is_grad_enabled()
+        return caches_crossbar_form(self.training, self.cache_eval, _tracing(), self._weight_export_mode,
+                                    grad, grad and self._side_requires_grad())
+
+    @property
+    def _weight_export_mode(self) -> bool:
+        return bool(getattr(self.weight_quant, "export_mode", False))
+
+    def _side_requires_grad(self) -> bool:
+        """Whether the weight, its quantizer's or the ADC's tensors need gradients."""
+        return self.weight.requires_grad or any(t.requires_grad for t in self._cached_side_tensors())
+
+    # ------------------------------------------------------------ route
+    def route_for(self, x: torch.Tensor) -> Route:
+        """The route (lib.cim.route) a forward of input x takes now."""
+        x = _unwrap(x)
+        grad = torch.is_grad_enabled()
+        adc = self.psum_adc
+        lo, hi = adc.grid_range()
+        step_module = self.input_step_module
+        plain = self._plain_input_quant() is not None
+        flags = LayerFlags(
+            kind=self._route_kind, export_mode=bool(self.export_mode), weight_export_mode=self._weight_export_mode,
+            weight_quant_enabled=self.weight_quant.is_quant_enabled, training=self.training,
+            force_crossbar=self.force_crossbar, fused_adc=self.fused_adc, fused_weights=self.fused_weights,
+            cache_eval=self.cache_eval, adc_enabled=adc.enabled, adc_fusable=adc.fusable, adc_lo=lo, adc_hi=hi,
+            padding_zeros=getattr(self, "padding_mode", "zeros") == "zeros",
+            input_quantized=self.input_quant.is_quant_enabled, plain_input_quant=plain,
+            input_step_ready=plain and not step_module.training and step_module.initialized,
+            side_requires_grad=grad and self._side_requires_grad(), input_mode=self.input_mode)
+        step = getattr(step_module, "step", None)
+        requires_grad = x.requires_grad or (step is not None and step.requires_grad)
+        plan, lay = self.plan, self.layout
+        columns = lay.groups * lay.tiles * plan.slices * lay.out_channels_per_group
+        large = partial_sums_chunked(self._partial_sum_rows(x), columns, x.element_size())
+        inputs = InputMeta(x.device.type, str(x.dtype).rsplit(".", 1)[-1], x.element_size(), grad, _tracing(),
+                           requires_grad, large)
+        return choose_route(plan, flags, RUNTIME.current, inputs)
+
+    def _partial_sum_rows(self, x: torch.Tensor) -> int:
+        """Rows of partial sums a forward of x makes: output positions (tokens) × input planes."""
+        raise NotImplementedError
 
     def _eval_cache_key(self) -> tuple:
         return (self.plan, self.input_mode, self.weight_step_module.initialized, self.psum_adc.initialized,
@@ -167,24 +209,36 @@ class CIMLayerMixin:
         layers. An evaluation forward that needs only the input's integer codes takes them from the
         input in one kernel (`_input_codes`). Traced or exported graphs take Brevitas' forward (they
         must contain its quantizers)."""
-        if self.export_mode or _tracing() or not self.weight_quant.is_quant_enabled:
-            return super().forward_impl(inp)
         x = self.unpack_input(inp)
-        coded = self._input_codes(x)
+        route = self.route_for(x)
+        self.route_counts[route] += 1
+        self._route = route  # what Brevitas' chain calls back into (`inner_forward_impl`) follows
+        if route.chain == "brevitas":
+            return super().forward_impl(inp)
+        coded = self._input_codes(x, route)
         if coded is None:
-            value, scale = self._quantize_input(x)
-        cached = self._caches_crossbar_form()
-        weights = FusedWeights(self) if self.fused_weights and not cached else ComposedWeights(self, None, cached)
+            value, scale = self._quantize_input(x, route)
+        weights = FusedWeights(self) if route.weights == "fused" else ComposedWeights(self, None,
+                                                                                      route.weights == "cached")
         if coded is not None:
-            return self.pack_output(self.codes_forward(*coded, weights))
-        return self.pack_output(self._forward_quantized(value, scale, weights))
+            return self.pack_output(self.codes_forward(*coded, weights, route))
+        return self.pack_output(self._forward_quantized(value, scale, weights, route))
 
-    def _input_codes(self, x) -> Optional[tuple]:
-        """(uint8 codes, their `InputGrid`, the input step) for `codes_forward`, or None: the input
-        is quantized as floats (`_quantize_input`). Layers without a codes path return None."""
-        return None
+    def _input_codes(self, x, route: Optional[Route] = None) -> Optional[tuple]:
+        """(uint8 codes, their `InputGrid`, the input step) for `codes_forward` where the route
+        reads the input as codes (None: the route of x now), else None: the input is quantized as
+        floats (`_quantize_input`)."""
+        route = self.route_for(x) if route is None else route
+        if route.input != "codes":
+            return None
+        x = _unwrap(x)
+        tensor_quant = self._plain_input_quant()
+        grid_form = self._codes_grid(x, tensor_quant, route)
+        scale, grid, lo, hi = grid_form
+        self.check_codes_input(x)
+        return quantized_codes(x, scale, lo, hi, grid), grid, scale
 
-    def _quantize_input(self, x):
+    def _quantize_input(self, x, route: Optional[Route] = None):
         """(quantized input, its step or None) as the input quantizer computes them: called
         directly when it is the plain CIM one (`_plain_input_quant`: step module, then one fused
         fake-quant kernel that in training also sums |x| for the step's running mean; the same
@@ -198,7 +252,7 @@ class CIMLayerMixin:
         step_module = tensor_quant.scaling_impl
         records = step_module.prepare(x, threshold)
         scale = step_module.scaled_step(x, threshold)
-        channels_last = self._quantizes_channels_last(x)
+        channels_last = self._quantizes_channels_last(x, self.route_for(x) if route is None else route)
         if not records:
             return fake_quant(x, scale, *grid_bounds(x, lo, hi), channels_last), scale
         # the running |x| mean's sum from the quantizing pass itself, not a pass of its own
@@ -206,13 +260,7 @@ class CIMLayerMixin:
         step_module.record_abs_sum(abs_sum, x.numel())
         return value, scale
 
-    @property
-    def _takes_crossbar_path(self) -> bool:
-        """Whether `_forward_quantized` takes `crossbar_forward` (the ADC on, or forced) rather
-        than the plain layer on dequantized tensors."""
-        return self.psum_adc.enabled or self.force_crossbar
-
-    def _quantizes_channels_last(self, x: torch.Tensor) -> bool:
+    def _quantizes_channels_last(self, x: torch.Tensor, route: Route) -> bool:
         """Whether `_quantize_input` writes the quantized input channels_last whatever x's layout
         (a conv's crossbar path reads it so); layers that read it as it comes return False."""
         return False
@@ -343,8 +391,7 @@ class CIMLayerMixin:
     def _shifts(self, like: torch.Tensor) -> tuple[torch.Tensor, float]:
         """2^(s·c) per weight slice (`CrossbarPlan.significance`), and the offset reference column's significance."""
         plan = self.plan
-        ref_slice, _ = plan.offset_reference()
-        return powers_of_two(plan.cell_bits, plan.slices, like), 2.0 ** (ref_slice * plan.cell_bits)
+        return plan.significance(like.device, like.dtype), plan.reference_significance
 
     def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor, ref: Optional[torch.Tensor],
                  floor: Optional[torch.Tensor]) -> torch.Tensor:
@@ -365,21 +412,17 @@ class CIMLayerMixin:
         """Shift-and-add of the planes' outputs, 2^(p·input_bits) each (`CrossbarPlan.plane_significance`)."""
         if planes == 1:
             return y
-        return join_planes(y, powers_of_two(self.hw.input_bits, planes, y))
+        return join_planes(y, self.plan.plane_significance(planes, y.device, y.dtype))
 
-    def input_grid(self, x: torch.Tensor, scale: Optional[torch.Tensor], planes: int) -> Optional[InputGrid]:
-        """The crossbar input's 8-bit integer grid when partial sums can be integer products
-        (lib.cim.integer_products): a quantized input (`scale` its step) whose array codes in
-        `planes` fit in 8 bits, cell values in int8, arrays small enough for exact sums, a CPU
-        with int8 kernels, nothing traced; else None (float32 products)."""
-        if scale is None or not INTEGER_PRODUCTS.available_for(x) or _tracing():
+    def input_grid(self, x: torch.Tensor, scale: Optional[torch.Tensor], planes: int,
+                   route: Optional[Route] = None) -> Optional[InputGrid]:
+        """The crossbar input's 8-bit integer grid where the route (None: the route of x now)
+        computes integer products (lib.cim.integer_products) of a quantized input (`scale` its
+        step), else None (float32 products)."""
+        route = self.route_for(x) if route is None else route
+        if scale is None or route.products not in ("int8", "int8-epilogue"):
             return None
-        plan = self.plan
-        zero_point = plan.input_zero_point(planes)
-        rows = self.layout.channels_per_tile * self.layout.kernel_elems
-        if (zero_point is None or plan.slicing.storage_dtype != torch.int8
-                or not sums_stay_exact(rows, 2 ** plan.cell_bits - 1)):
-            return None
+        zero_point = self.plan.input_zero_point(planes)
         step = float(scale.detach().reshape(()))
         if not math.isfinite(step):
             raise NonFiniteError(f"the input step of {self.layer_name} is {step}: it cannot make integer codes",
@@ -443,14 +486,15 @@ class CIMLayerMixin:
         return self.quantized_bias(self.bias_step(scale, weights.step_grid()))
 
     def _converted_outputs(self, x_tiled: torch.Tensor, weights, tiles, ref: Optional[torch.Tensor],
-                           floor: Optional[torch.Tensor], source: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           floor: Optional[torch.Tensor], route: Route,
+                           source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
         One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC;
         `floor`: `adc_floor` of the real input (None once the ADC is initialised); `source`: the
         input x_tiled was tiled from, which that node may take its gradient to."""
-        if self.psum_adc.fusable and self.fused_adc:
+        if route.conversion != "adc":
             q, step_grid, stored, shifts, ref_shift, constants = self._fused_form(weights, tiles, ref is not None)
-            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, ref, ref_shift,
+            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, route, ref, ref_shift,
                                         constants, source)
         lay = self.layout
         psums, step_grid = self._tile_products(x_tiled, weights, tiles)
@@ -482,10 +526,11 @@ class CIMLayerMixin:
         """Brevitas' hook (traced or exported forwards): `_forward_quantized` of its quantized input
         and weight; `quant_bias` is unused (the bias goes on its int32 grid, see `quantized_bias`)."""
         scale = x.scale if isinstance(x, QuantTensor) else None
+        route = self._route
         return self._forward_quantized(_unwrap(x), scale, ComposedWeights(self, quant_weight,
-                                                                          self._caches_crossbar_form()))
+                                                                          route.weights == "cached"), route)
 
-    def _forward_quantized(self, x: torch.Tensor, scale: Optional[torch.Tensor], weights) -> torch.Tensor:
+    def _forward_quantized(self, x: torch.Tensor, scale: Optional[torch.Tensor], weights, route: Route) -> torch.Tensor:
         """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum) of the
         quantized input x (step `scale`, None: `input_step`), plus the bias on its int32 grid
         (`quantized_bias`), as the digital periphery adds it. `weights`: `ComposedWeights` or
@@ -494,8 +539,8 @@ class CIMLayerMixin:
         With the ADC off the crossbar sum equals the plain layer on dequantized tensors exactly
         (an invariant the tests check), so that case takes the cheap path unless force_crossbar."""
         bias = self._bias_for(scale, weights)
-        if self._takes_crossbar_path:
-            return self.crossbar_forward(x, scale, weights, bias)
+        if route.path == "crossbar":
+            return self.crossbar_forward(x, scale, weights, bias, route)
         return self.dequantized_forward(x, weights.value, bias)
 
 
@@ -546,6 +591,17 @@ class ComposedWeights:
         return q, step_grid, crossbar_weight(q, tiles, self.layer.plan)
 
 
+def route_counts(model: nn.Module) -> dict:
+    """The routes each CIM layer of `model` took and how many forwards took each, for a report:
+    {layer name: [{"route": Route.describe(), "forwards": n}, ...]} (most taken first)."""
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CIMLayerMixin) and module.route_counts:
+            counts[name or module.layer_name] = [{"route": route.describe(), "forwards": n}
+                                                 for route, n in module.route_counts.most_common()]
+    return counts
+
+
 def _set_training(modules, mode: bool) -> None:
     """nn.Module.train(mode) on each module and its submodules, in the same order; a module whose
     class overrides train() is called as such."""
@@ -593,6 +649,8 @@ def _unwrap(x):
 class CIMConv2d(CIMLayerMixin, QuantConv2d):
     """A Conv2d mapped onto crossbars: each group's (C_in/g·k_h·k_w) × C_out/g matrix is cut into
     row-tiles of whole input channels; see the module docstring for the forward."""
+
+    _route_kind = "conv"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
@@ -651,82 +709,68 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     def dequantized_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
 
-    def crossbar_forward(self, x, scale, weights, bias):
+    def crossbar_forward(self, x, scale, weights, bias, route: Route):
         lay = self.layout
         planes = self.input_planes
-        tiles = self.tiles(self.input_grid(x, scale, planes))
+        tiles = self.tiles(self.input_grid(x, scale, planes, route))
         if tiles.input_grid is not None:
             self.check_codes_input(x)
         inputs = self._split_input(x, scale, planes)
         source = self.pad_input(inputs)
-        x_tiled = tiles.tile_codes(source) if self._tiles_codes(tiles) else tiles.tile_input(source)
+        x_tiled = tiles.tile_codes(source) if self._tiles_codes(tiles, route) else tiles.tile_input(source)
         n, h, w = tiles.output_size(x_tiled)
         ref = self.reference_sums(x_tiled, tiles)
         if ref is not None:
             ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        y = self._converted_outputs(x_tiled, weights, tiles, ref, self.adc_floor(inputs), source)
+        y = self._converted_outputs(x_tiled, weights, tiles, ref, self.adc_floor(inputs), route, source)
         return self._output_map(self._join_planes(y, planes), h, w, bias)
 
-    def _quantizes_channels_last(self, x: torch.Tensor) -> bool:
+    def _partial_sum_rows(self, x: torch.Tensor) -> int:
+        if x.dim() != 4:
+            return 0
+        h_out, w_out = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride
+                        in zip(x.shape[2:], _pair(self.padding), _pair(self.dilation), _pair(self.kernel_size),
+                               _pair(self.stride))]
+        return x.shape[0] * self.input_planes * max(h_out, 0) * max(w_out, 0)
+
+    def _quantizes_channels_last(self, x: torch.Tensor, route: Route) -> bool:
         """The crossbar path reads its input NHWC (tiled or kept whole for the merged backward's
         channels-last conv): an NCHW input is quantized straight into that layout, in the
         quantizer's own pass, and its gradient comes back NCHW from the quantizer's backward (no
         layout copies on either side)."""
-        return x.dim() == 4 and self.padding_mode == "zeros" and self._takes_crossbar_path
+        return x.dim() == 4 and self.padding_mode == "zeros" and route.path == "crossbar"
 
-    def _tiles_codes(self, tiles: ConvTiles) -> bool:
+    def _tiles_codes(self, tiles: ConvTiles, route: Route) -> bool:
         """Whether the crossbar forward tiles the input's integer codes rather than the input: its
         fused crossbar + ADC node keeps the untiled input for the backward (`ConvTiles.keeps_source`)
         and reads only the codes (integer products, no offset reference column)."""
         return (tiles.input_grid is not None and tiles.keeps_source and not self.uses_reference_column
-                and self.psum_adc.fusable and self.fused_adc)
+                and route.conversion != "adc")
 
-    def _input_codes(self, x) -> Optional[tuple]:
-        """x's uint8 codes on the crossbar input grid straight from the unquantized input, one
-        kernel (`quantized_codes`), with the grid and the input step, when that is all an
-        evaluation forward reads: the plain input quantizer, its step set, no autograd, one input
-        plane, zero padding, no offset reference column, the fused crossbar + ADC on integer
-        products; else None. The fake-quantized float input is then never written."""
-        if (self.training or torch.is_grad_enabled() or self.padding_mode != "zeros" or self.uses_reference_column
-                or not (self.fused_adc and self.psum_adc.fusable)):
-            return None
-        tensor_quant = self._plain_input_quant()
-        if tensor_quant is None or self.input_planes != 1:
-            return None
-        step_module = tensor_quant.scaling_impl
-        if step_module.training or not step_module.initialized:
-            return None
-        x = _unwrap(x)
-        grid_form = self._codes_grid(x, tensor_quant)
-        if grid_form is None:
-            return None
-        scale, grid, lo, hi = grid_form
-        self.check_codes_input(x)
-        return quantized_codes(x, scale, lo, hi, grid), grid, scale
-
-    def _codes_grid(self, x: torch.Tensor, tensor_quant) -> Optional[tuple]:
+    def _codes_grid(self, x: torch.Tensor, tensor_quant, route: Route) -> Optional[tuple]:
         """(input step, `InputGrid`, grid bounds lo and hi) of `_input_codes`, or None without
-        integer products; kept while the step, the bits and the integer-products switch stay as
-        they are (their small tensors and the step's host read cost more than a layer's codes)."""
+        integer products; kept while the step, the bits and the route stay as they are (their
+        small tensors and the step's host read cost more than a layer's codes)."""
         step = tensor_quant.scaling_impl.step
-        key = (id(step), step._version, step.data_ptr(), self.plan, INTEGER_PRODUCTS.enabled, x.dtype, x.device)
+        key = (id(step), step._version, step.data_ptr(), self.plan, route, x.dtype, x.device)
         kept = self.__dict__.get("_kept_codes_grid")
         if kept is not None and kept[0] == key:
             return kept[1]
         lo, hi, threshold = _input_grid(tensor_quant)
         scale = tensor_quant.scaling_impl.scaled_step(x, threshold)
-        grid = self.input_grid(x, scale, 1)
+        grid = self.input_grid(x, scale, 1, route)
         value = None if grid is None else (scale, grid) + grid_bounds(x, lo, hi)
         self.__dict__["_kept_codes_grid"] = (key, value)
         return value
 
-    def codes_forward(self, codes: torch.Tensor, grid: InputGrid, scale: torch.Tensor, weights) -> torch.Tensor:
+    def codes_forward(self, codes: torch.Tensor, grid: InputGrid, scale: torch.Tensor, weights,
+                      route: Route) -> torch.Tensor:
         """`crossbar_forward` (plus the bias) of an input given as its uint8 codes on `grid` (step
         `scale`), as `_input_codes` makes them: the same integer products, so the same outputs."""
         tiles = self.tiles(grid)
         x_tiled = tiles.tile_input(codes)
         _, h, w = tiles.output_size(x_tiled)
-        y = self._converted_outputs(x_tiled, weights, tiles, None, None)  # the codes path runs initialised ADCs only
+        y = self._converted_outputs(x_tiled, weights, tiles, None, None, route)  # the codes path runs initialised ADCs only
         return self._output_map(y, h, w, self._bias_for(scale, weights))
 
     def _output_map(self, y: torch.Tensor, h: int, w: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -740,6 +784,8 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
 class CIMLinear(CIMLayerMixin, QuantLinear):
     """A Linear mapped onto crossbars: in_features cut into row-tiles of at most `rows` features.
     Inputs may have leading dims (tokens); they are flattened for the MVM."""
+
+    _route_kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, hw: HardwareConfig,
                  w_bit: int = 8, a_bit: int = 8, adc_bits: Optional[int] = None, input_signed: bool = True,
@@ -781,10 +827,13 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
     def dequantized_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
-    def crossbar_forward(self, x, scale, weights, bias):
+    def _partial_sum_rows(self, x: torch.Tensor) -> int:
+        return x.numel() // max(x.shape[-1], 1) * self.input_planes if x.dim() else 0
+
+    def crossbar_forward(self, x, scale, weights, bias, route: Route):
         lead = x.shape[:-1]
         planes = self.input_planes
-        tiles = self.tiles(self.input_grid(x, scale, planes))
+        tiles = self.tiles(self.input_grid(x, scale, planes, route))
         if tiles.input_grid is not None:
             self.check_codes_input(x)
         inputs = self._split_input(x.reshape(-1, self.in_features), scale, planes)
@@ -792,6 +841,6 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         ref = self.reference_sums(xt)
         if ref is not None:
             ref = ref.t().unsqueeze(1)
-        y = self._converted_outputs(xt, weights, tiles, ref, self.adc_floor(inputs))
+        y = self._converted_outputs(xt, weights, tiles, ref, self.adc_floor(inputs), route)
         y = _plus_bias(self._join_planes(y, planes), bias).squeeze(1)
         return y.reshape(lead + (self.out_features,))

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from lib.cim.adc_kernels import KERNELS, memory_format_of
+from lib.cim.adc_kernels import memory_format_of, merge_slices
 from lib.cim.tile_products import FLOAT_BLOCK_BYTES, ConvTiles, MatmulTiles, in_dtype, untiled_channels
 
 MAX_CLIPPED_SHARE = 0.25  # most clipped columns per array, as a share of its columns, for the merged backward
@@ -57,7 +57,7 @@ class MergedSlices:
                  need_q: bool, source: Optional[torch.Tensor] = None) -> Optional[tuple]:
         """(grad of the input, grad of q, Σ_m grad·v·on_grid) from the output gradient grad_y (M,
         groups, out), the partial sums `main` (M, groups, tiles·slices, out) with their ADC `step`
-        and grid [lo, hi], and `KERNELS.clip_sums`' Σ_m grad·v·on_grid, +inf in the columns that
+        and grid [lo, hi], and `adc_kernels.clip_sums`' Σ_m grad·v·on_grid, +inf in the columns that
         clipped (made exact here); None when too many columns clipped. `tiled()` gives the tiled
         input; the input gradient is the untiled `source`'s when given (a one-group conv), else
         the tiled input's (a one-group conv with a ragged tile, see crossbar_adc_forward)."""
@@ -262,7 +262,7 @@ class MatmulMerge(MergedSlices):
             part = slice(start, min(start + block, out))
             weight = buffer[:part.stop - start]
             cells, scale = self.by_column[:, part], self.column_scale[:, part]
-            if not KERNELS.merge_slices(weight, cells, scale):
+            if not merge_slices(weight, cells, scale):
                 torch.mul(cells[0], scale[0], out=weight)
                 for s in range(1, self.slices):
                     weight.add_(cells[s] * scale[s])

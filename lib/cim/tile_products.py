@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lib.cim.adc_kernels import KERNELS, memory_format_of
+from lib.cim.adc_kernels import memory_format_of, slice_share
+from lib.cim.fused_op import FusedOp
 from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 from lib.cim.gradient_products import gradient_dtype
 from lib.cim.integer_products import (InputGrid, LevelsConvWeight, PackedConvWeight, code_values, code_values_eager,
@@ -62,8 +63,8 @@ def slice_shares(plan: CrossbarPlan, dtype=torch.float32, device=None) -> torch.
 
 def share_over_slices(grad_p: torch.Tensor, shares: torch.Tensor, columns: int, out=None) -> torch.Tensor:
     """Σ_s share_s · grad_p[..., s, :] for gradients laid out (..., slices·columns) → (rows, columns),
-    written into `out` (rows, columns) when given (see KERNELS.slice_share)."""
-    return KERNELS.slice_share(grad_p.reshape(-1, shares.numel(), columns), shares, out=out)
+    written into `out` (rows, columns) when given (see adc_kernels.slice_share)."""
+    return slice_share(grad_p.reshape(-1, shares.numel(), columns), shares, out=out)
 
 
 def products_backward(tiles, x: torch.Tensor, w: torch.Tensor, grad_p: torch.Tensor, shares: torch.Tensor,
@@ -99,6 +100,9 @@ def _tiled_codes_functional(x, step: torch.Tensor, offset: int, groups: int, pad
 
 def _tiled_codes_eager(x, step: torch.Tensor, offset: int, groups: int, pad: int) -> torch.Tensor:
     return _tiled_channels(code_values_eager(x, step, offset, torch.uint8), groups, pad, offset)
+
+
+TILED_CODES = FusedOp("tiled_codes", _tiled_codes_functional, _tiled_codes_eager)
 
 
 class _TiledChannels(torch.autograd.Function):
@@ -223,8 +227,7 @@ class ConvTiles:
         input is never written. For a node that `keeps_source`, the codes are all its forward reads."""
         lay, grid = self.layout, self.input_grid
         step = torch.tensor(grid.step, dtype=x.dtype, device=x.device)
-        return KERNELS.run("tiled_codes", _tiled_codes_functional, _tiled_codes_eager, x, x, step, grid.zero_point,
-                           lay.groups, lay.pad)
+        return TILED_CODES(x, step, grid.zero_point, lay.groups, lay.pad)
 
     def output_size(self, x: torch.Tensor) -> tuple[int, int, int]:
         """(N, H_out, W_out) of the conv over the tiled input x."""

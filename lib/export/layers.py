@@ -127,6 +127,60 @@ class _PlainPiece(nn.Module):
         return torch.matmul(x, w)
 
 
+class TileInput(nn.Module):
+    """The input channels of one row-tile (group-major, as a grouped conv expects them): a slice
+    for one group, a Gather of each group's channels for several."""
+
+    def __init__(self, lay, tile: int) -> None:
+        super().__init__()
+        self.start = tile * lay.channels_per_tile
+        self.stop = min(self.start + lay.channels_per_tile, lay.in_channels_per_group)
+        self.groups = lay.groups
+        index = torch.cat([torch.arange(g * lay.in_channels_per_group + self.start,
+                                        g * lay.in_channels_per_group + self.stop) for g in range(lay.groups)])
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, xq):
+        x = _value(xq)
+        if self.groups == 1:
+            return _with_value(xq, x[:, self.start:self.stop])
+        return _with_value(xq, x.index_select(1, self.index))
+
+
+class PartialSumBranch(nn.Module):
+    """One (row-tile, slice) group of read-out columns, or a tile's offset reference column: its
+    conv over the tile's input (`piece`), the ADC's clip bounds and input range where it has them,
+    the ADC's Q/DQ (`adc`), then × its digital shift · weight step (`gamma`; negative for the
+    reference column, whose converted sum is subtracted)."""
+
+    def __init__(self, tile: int, slice_index: Optional[int], piece: nn.Module, adc: nn.Module,
+                 gamma: torch.Tensor, clip: Optional[tuple] = None, adc_range: Optional[tuple] = None) -> None:
+        super().__init__()
+        self.tile, self.slice_index = tile, slice_index
+        self.is_reference = slice_index is None
+        self.piece, self.adc = piece, adc
+        self.register_buffer("gamma", gamma)
+        self.clip = clip is not None
+        if clip is not None:
+            self.register_buffer("clip_lo", clip[0])
+            self.register_buffer("clip_hi", clip[1])
+        self.limited = adc_range is not None
+        if adc_range is not None:
+            self.register_buffer("range_lo", adc_range[0])
+            self.register_buffer("range_hi", adc_range[1])
+
+    def forward(self, tile_input, ref_expand: Optional[torch.Tensor] = None):
+        p = self.piece(tile_input)
+        if self.clip:
+            p = torch.maximum(torch.minimum(p, self.clip_hi), self.clip_lo)
+        if self.limited:
+            p = torch.minimum(torch.maximum(p, self.range_lo), self.range_hi)
+        level = self.adc(p)
+        if self.is_reference and ref_expand is not None:
+            level = level.index_select(1, ref_expand)
+        return level * self.gamma
+
+
 class ExportCIMLayer(nn.Module):
     """Drop-in replacement of a CIMConv2d/CIMLinear in the model to export (eval only)."""
 
@@ -167,7 +221,7 @@ class ExportCIMLayer(nn.Module):
         self.input_mode = "bit-serial" if self.planes > 1 else "multi-bit"
         self.input_bits = hw.input_bits
         self.register_buffer("plane_step", a_step.detach().reshape(()).clone())
-        self.register_buffer("plane_significance", plan.plane_significance(self.planes))
+        self.register_buffer("plane_significance", plan.plane_significance(self.planes).clone())
         self.padding_mode = "zeros"
         if self.kind == "conv":
             self.padding_mode = layer.padding_mode
@@ -184,14 +238,14 @@ class ExportCIMLayer(nn.Module):
         bias = layer.bias.detach() if layer.bias is not None else None
         # The int32 bias at the step the layer itself quantizes it to (input step × tile 0's weight step).
         bias_scale = layer.bias_step().detach()
-        self.pieces = nn.ModuleList()
+        self.pieces = nn.ModuleList()  # ADC off: one conv per row-tile (or one)
+        self.branches = nn.ModuleList()  # ADC on: one PartialSumBranch per (row-tile, slice) and reference column
         self.bias = None
         if self.adc:
             self._build_adc_on(layer, q, step_grid)
-            self.psum_count = len(self.psum_quants)
         else:
             self._build_adc_off(layer, q, step_grid, bias, hw.weight_granularity)
-            self.psum_count = 0
+        self.psum_count = len(self.branches)
         if bias is not None and not self.brevitas_bias:
             self.bias = Int32Bias(bias, bias_scale, self.ndim)
 
@@ -207,15 +261,9 @@ class ExportCIMLayer(nn.Module):
             self.fallbacks.append(f"input Q/DQ at {self.a_bit} bits")
 
     def _build_tiles(self, lay) -> None:
-        """Input channels (group-major, as a grouped conv expects them) of each row-tile."""
-        self.tile_ranges = []
-        for t in range(lay.tiles):
-            start = t * lay.channels_per_tile
-            stop = min(start + lay.channels_per_tile, lay.in_channels_per_group)
-            self.tile_ranges.append((start, stop))
-            index = torch.cat([torch.arange(g * lay.in_channels_per_group + start, g * lay.in_channels_per_group + stop)
-                               for g in range(lay.groups)])
-            self.register_buffer(f"tile_index_{t}", index, persistent=False)
+        """The input channels of each row-tile (`TileInput`)."""
+        self.tile_inputs = nn.ModuleList(TileInput(lay, t) for t in range(lay.tiles))
+        self.tile_ranges = [(tile.start, tile.stop) for tile in self.tile_inputs]
 
     def _piece(self, weight: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, narrow: bool,
                out_channels: int, groups: int, bias: Optional[torch.Tensor] = None, what: str = "weights"):
@@ -265,7 +313,6 @@ class ExportCIMLayer(nn.Module):
             piece_bias = bias if (t == 0 and self.brevitas_bias) else None
             self.pieces.append(self._piece(w_int * scale_view, step, self.w_bit, True, self.narrow_weights,
                                            self.out_channels, self.groups, piece_bias))
-        self.psum_quants = nn.ModuleList()
 
     def _build_adc_on(self, layer, q: torch.Tensor, step_grid: torch.Tensor) -> None:
         hw, adc, plan = layer.hw, layer.psum_adc, layer.plan
@@ -284,31 +331,28 @@ class ExportCIMLayer(nn.Module):
         bounds = adc.clip_bounds()
         if bounds is not None:
             bounds = tuple(b.detach().reshape(self.groups, self.tiles, columns) for b in bounds)
-        self.psum_quants = nn.ModuleList()
-        self.clip = bounds is not None
         one = torch.ones(1)
         view = (1, -1) + (1,) * (self.ndim - 2)
-        self.piece_index = []  # (tile, slice or 'ref')
         for t in range(self.tiles):
             start, stop = self.tile_ranges[t]
             for s in range(self.slices):
                 cols = slice(s * out_per_group, (s + 1) * out_per_group)
-                self.pieces.append(self._piece(cells[s][:, start:stop], one, cell_bits, cell_signed, cell_narrow,
-                                               self.out_channels, self.groups, what="cell"))
-                self._add_psum(steps[:, t, cols], bounds, t, cols, adc, view)
-                gamma = (2.0 ** (s * hw.cell_bits)) * step_grid[:, t, :].reshape(-1)
-                self.register_buffer(f"gamma_{len(self.piece_index)}", gamma.reshape(view))
-                self.piece_index.append((t, s))
+                piece = self._piece(cells[s][:, start:stop], one, cell_bits, cell_signed, cell_narrow,
+                                    self.out_channels, self.groups, what="cell")
+                gamma = plan.slice_significance(s) * step_grid[:, t, :].reshape(-1)
+                self.branches.append(PartialSumBranch(t, s, piece, *self._adc(steps[:, t, cols], adc, view),
+                                                      gamma.reshape(view), self._clip(bounds, t, cols, view),
+                                                      self._adc_range(steps[:, t, cols], adc, view)))
             if offset:
-                ref_slice, cell_value = plan.offset_reference()
+                _, cell_value = plan.offset_reference()
                 shape = (self.groups, stop - start) + tuple(q.shape[2:])
-                self.pieces.append(self._piece(torch.full(shape, cell_value), one, hw.cell_bits, False, False,
-                                               self.groups, self.groups, what="reference cell"))
+                piece = self._piece(torch.full(shape, cell_value), one, hw.cell_bits, False, False,
+                                    self.groups, self.groups, what="reference cell")
                 ref_cols = slice(columns - 1, columns)
-                self._add_psum(steps[:, t, ref_cols], bounds, t, ref_cols, adc, view)
-                gamma = (2.0 ** (ref_slice * hw.cell_bits)) * step_grid[:, t, :].reshape(-1)
-                self.register_buffer(f"gamma_{len(self.piece_index)}", -gamma.reshape(view))
-                self.piece_index.append((t, "ref"))
+                gamma = plan.reference_significance * step_grid[:, t, :].reshape(-1)
+                self.branches.append(PartialSumBranch(t, None, piece, *self._adc(steps[:, t, ref_cols], adc, view),
+                                                      -gamma.reshape(view), self._clip(bounds, t, ref_cols, view),
+                                                      self._adc_range(steps[:, t, ref_cols], adc, view)))
         if offset and self.groups > 1:
             # Reference sums come one per group; repeat each for its group's output channels.
             self.register_buffer("ref_expand", torch.arange(self.groups).repeat_interleave(out_per_group),
@@ -316,42 +360,44 @@ class ExportCIMLayer(nn.Module):
         else:
             self.ref_expand = None
 
-    def _add_psum(self, step: torch.Tensor, bounds, t: int, cols: slice, adc, view) -> None:
-        """The ADC of one (tile, slice) group of columns: optional clip bounds, then Q/DQ at adc_bits
-        (one step when all its columns share it, else one per column)."""
+    @staticmethod
+    def _column_step(step: torch.Tensor) -> torch.Tensor:
+        """The ADC step of a group of columns: one value when all of them share it."""
         step = step.reshape(-1)
-        if bool((step == step[0]).all()):
-            step = step[:1]
-        index = len(self.psum_quants)
-        if bounds is not None:
-            lo, hi = (b[:, t, cols].reshape(view) for b in bounds)
-            self.register_buffer(f"clip_lo_{index}", lo.clone())
-            self.register_buffer(f"clip_hi_{index}", hi.clone())
+        return step[:1] if bool((step == step[0]).all()) else step
+
+    def _adc(self, step: torch.Tensor, adc, view) -> tuple:
+        """(the ADC's Q/DQ at adc_bits of one group of columns,): Brevitas', or our own where it
+        cannot export the width."""
+        step = self._column_step(step)
         bits, signed = adc.num_bits, adc.signed
-        if step.numel() > 1:
-            # The ADC's input range [lo·step, hi·step] as Max/Min before the Q/DQ: the same values
-            # (QuantizeLinear saturates there anyway), but it keeps onnxruntime from fusing the
-            # conv with a per-channel QuantizeLinear into QLinearConv/QLinearMatMul, whose output
-            # step must be per tensor (the fused graph fails at run time).
-            low, high = grid(bits, signed)
-            self.register_buffer(f"range_lo_{index}", (low * step).reshape(view))
-            self.register_buffer(f"range_hi_{index}", (high * step).reshape(view))
         if brevitas_can_export(bits):
             shaped = step.reshape(view) if step.numel() > 1 else step.reshape(())
-            self.psum_quants.append(QuantIdentity(act_quant=act_quant(shaped, bits, signed)))
-        else:
-            self.fallbacks.append(f"partial-sum Q/DQ at {bits} bits")
-            self.psum_quants.append(FixedQDQ(step, bits, signed, axis=1, ndim=self.ndim))
+            return (QuantIdentity(act_quant=act_quant(shaped, bits, signed)),)
+        self.fallbacks.append(f"partial-sum Q/DQ at {bits} bits")
+        return (FixedQDQ(step, bits, signed, axis=1, ndim=self.ndim),)
+
+    @staticmethod
+    def _clip(bounds, t: int, cols: slice, view) -> Optional[tuple]:
+        """The clip bounds of one group of columns, or None without clipping."""
+        if bounds is None:
+            return None
+        return tuple(b[:, t, cols].reshape(view).clone() for b in bounds)
+
+    def _adc_range(self, step: torch.Tensor, adc, view) -> Optional[tuple]:
+        """The ADC's input range [lo·step, hi·step] as Max/Min before a per-column Q/DQ (None for a
+        shared step): the same values (QuantizeLinear saturates there anyway), but it keeps
+        onnxruntime from fusing the conv with a per-channel QuantizeLinear into QLinearConv /
+        QLinearMatMul, whose output step must be per tensor (the fused graph fails at run time)."""
+        step = self._column_step(step)
+        if step.numel() == 1:
+            return None
+        low, high = grid(adc.num_bits, adc.signed)
+        return (low * step).reshape(view), (high * step).reshape(view)
 
     # ------------------------------------------------------------------ forward
     def _tile_input(self, xq, t: int):
-        x = _value(xq)
-        if not self.split_tiles:
-            return xq
-        if self.groups == 1:
-            start, stop = self.tile_ranges[t]
-            return _with_value(xq, x[:, start:stop])
-        return _with_value(xq, x.index_select(1, getattr(self, f"tile_index_{t}")))
+        return self.tile_inputs[t](xq) if self.split_tiles else xq
 
     def forward(self, x):
         x = _value(x)
@@ -384,28 +430,20 @@ class ExportCIMLayer(nn.Module):
             xq = plane_values(_value(xq), self.plane_step, self.planes, self.input_bits)
         y = None
         tile_inputs = {}
-        for index, ((t, s), piece) in enumerate(zip(self.piece_index, self.pieces)):
-            if t not in tile_inputs:
-                tile_inputs = {t: self._tile_input(xq, t)}
-            p = piece(tile_inputs[t])
-            if self.clip:
-                p = torch.maximum(torch.minimum(p, getattr(self, f"clip_hi_{index}")), getattr(self, f"clip_lo_{index}"))
-            range_lo = getattr(self, f"range_lo_{index}", None)
-            if range_lo is not None:
-                p = torch.minimum(torch.maximum(p, range_lo), getattr(self, f"range_hi_{index}"))
-            level = self.psum_quants[index](p)
-            if s == "ref" and self.ref_expand is not None:
-                level = level.index_select(1, self.ref_expand)
-            term = level * getattr(self, f"gamma_{index}")
+        for branch in self.branches:
+            if branch.tile not in tile_inputs:
+                tile_inputs = {branch.tile: self._tile_input(xq, branch.tile)}
+            term = branch(tile_inputs[branch.tile], self.ref_expand)
             y = term if y is None else y + term
         return join_planes(y, self.plane_significance)
 
     def info(self) -> ExportLayerInfo:
-        refs = sum(1 for _, s in getattr(self, "piece_index", []) if s == "ref")
+        refs = sum(1 for branch in self.branches if branch.is_reference)
+        convs = len(self.branches) if self.adc else len(self.pieces)
         return ExportLayerInfo(self.layer_name, self.kind, self.w_bit, self.a_bit, self.adc_bits, self.tiles,
-                               getattr(self, "slices", 1) if self.adc else 1, len(self.pieces), self.psum_count, refs,
+                               getattr(self, "slices", 1) if self.adc else 1, convs, self.psum_count, refs,
                                self.input_mode, self.planes, sorted(set(self.fallbacks)))
 
     def extra_repr(self) -> str:
         return (f"name={self.layer_name}, kind={self.kind}, w_bit={self.w_bit}, a_bit={self.a_bit}, "
-                f"adc_bits={self.adc_bits}, tiles={self.tiles}, pieces={len(self.pieces)}")
+                f"adc_bits={self.adc_bits}, tiles={self.tiles}, pieces={len(self.pieces) + len(self.branches)}")

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from lib.cli import pick_device
 from lib.cim import HardwareConfig, current_policy
-from lib.cim.adc_kernels import kernel_report
+from lib.cim.layers import route_counts
+from lib.cim.runtime import RUNTIME
 from lib.cim.scratch import scratch_buffers
 from lib.data import DatasetError, HoldoutSpec, build_loaders
 from lib.distributed import DistContext, barrier, broadcast_object
@@ -477,7 +478,8 @@ class Search:
         policy.save(self.out / "best_policy", layer_order_of(setup.spec))  # .npy rows: construction order
         summary = {"baseline_accuracy": self.baseline, "target_accuracy": self.target, "best": best,
                    "top_k": top_k, "episodes_run": len(self.records), "seconds": round(seconds, 2),
-                   "finetune_steps": self.steps, "config": plain(cfg.to_dict()), "kernels": kernel_report()}
+                   "finetune_steps": self.steps, "config": plain(cfg.to_dict()), "kernels": RUNTIME.report(),
+                   "routes": route_counts(self.evaluator.model)}
         atomic_write_json(self.out / "summary.json", summary)
         log.info("best policy: episode %d, accuracy %.2f%%, latency ratio %.3f (%.2fx), reward %.3f",
                  best["episode"], best["accuracy"], best["latency_ratio"], 1 / best["latency_ratio"], best["reward"])

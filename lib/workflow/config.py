@@ -148,8 +148,8 @@ class Device(Section):
     gpu_id: Optional[Union[str, int]] = None
     device: str = "auto"
     threads: int = Field(0, ge=0)
-    compile_kernels: Optional[bool] = None  # CIM_AQ_COMPILE of every step; None leaves it to the environment
-    # CIM_AQ_GRADIENT_PRODUCTS of every step; None leaves it to the environment
+    compile_kernels: Optional[bool] = None  # the runtime's compile setting of every step; None: the environment's
+    # the runtime's gradient products of every step (lib.cim.runtime); None: the environment's
     gradient_products: Optional[Literal["float32", "bfloat16"]] = None
     # processes per training/search step: > 1 launches pretrain/finetune/search through torchrun
     nproc_per_node: int = Field(1, ge=1)

@@ -8,10 +8,10 @@ from lib.data.loaders import DATASETS
 
 # CIM-AQ spells a torchvision model as q<name> (quantized) or custom_<name> (FP32); a few names
 # differ from torchvision's beyond that prefix.
-CIM_AQ_MODEL_ALIASES = {"mobilenetv2": "mobilenet_v2", "mobilenet": "mobilenet_v2", "vitb32": "vit_b_32"}
+CIMAQ_MODEL_ALIASES = {"mobilenetv2": "mobilenet_v2", "mobilenet": "mobilenet_v2", "vitb32": "vit_b_32"}
 # CIM-AQ's dataset names: ImageNet, its 100- and 10-class subsets and its synthetic test set are
 # all ImageFolder trees (root/train/<class>, root/val/<class>).
-CIM_AQ_DATASETS = {"imagenet": "imagefolder", "imagenet100": "imagefolder", "imagenet10": "imagefolder",
+CIMAQ_DATASETS = {"imagenet": "imagefolder", "imagenet100": "imagefolder", "imagenet10": "imagefolder",
                    "test": "imagefolder"}
 BUILT_IN_DATASETS = ("digits", "digits-small")
 
@@ -19,7 +19,7 @@ BUILT_IN_DATASETS = ("digits", "digits-small")
 def model_candidates(name: str) -> list[str]:
     """Our names that CIM-AQ's `name` may stand for, most specific first."""
     stripped = re.sub(r"^(custom_|q)", "", name)
-    names = [name, stripped, CIM_AQ_MODEL_ALIASES.get(stripped, stripped)]
+    names = [name, stripped, CIMAQ_MODEL_ALIASES.get(stripped, stripped)]
     return list(dict.fromkeys(names))
 
 
@@ -36,11 +36,11 @@ def resolve_model(name: str, known: list[str]) -> str:
 def resolve_dataset(name: str) -> str:
     """Our dataset kind for `name` (ours or CIM-AQ's); ValueError listing every allowed name otherwise."""
     key = name.lower()
-    if key in CIM_AQ_DATASETS:
-        return CIM_AQ_DATASETS[key]
+    if key in CIMAQ_DATASETS:
+        return CIMAQ_DATASETS[key]
     if key in DATASETS:
         return "imagefolder" if key in ("imagenet", "imagenet100") else key
-    allowed = sorted(set(DATASETS) | set(CIM_AQ_DATASETS))
+    allowed = sorted(set(DATASETS) | set(CIMAQ_DATASETS))
     raise ValueError(f"unknown dataset {name!r}; allowed: {allowed}")
 
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lib.cim.adc_kernels import COMPILE_ENV
-from lib.cim.gradient_products import GRADIENT_PRODUCTS_ENV
+from lib.cim.runtime import environment_variable
 from lib.workflow.config import REPO_ROOT, ResolvedConfig
 
 HARDWARE_FILE = "hardware.yaml"
@@ -77,9 +76,9 @@ def step_environment(config: ResolvedConfig) -> dict[str, str]:
     if device.gpu_id is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(device.gpu_id)
     if device.compile_kernels is not None:
-        env[COMPILE_ENV] = "1" if device.compile_kernels else "0"
+        env[environment_variable("compile")] = "1" if device.compile_kernels else "0"
     if device.gradient_products is not None:
-        env[GRADIENT_PRODUCTS_ENV] = device.gradient_products
+        env[environment_variable("gradient_products")] = device.gradient_products
     return env
 
 
