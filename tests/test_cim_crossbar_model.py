@@ -114,7 +114,7 @@ def _per_plane_reference(layer: CIMConv2d, x: torch.Tensor) -> torch.Tensor:
     shifts = 2.0 ** (plan.cell_bits * torch.arange(s_n))
     total = 0
     for p, digit in enumerate(_planes_by_bits(torch.round(xq / step_in), plan.a_bit, layer.hw.input_bits)):
-        psums, ref = layer.partial_sums(digit.float() * step_in, slices)
+        psums, ref = layer.tile.partial_sums(digit.float() * step_in, slices)
         n, h, w, _ = psums.shape
         main_step = step[..., :s_n * o].reshape(g, t, s_n, o)
         codes = torch.clamp(torch.round(psums.reshape(n, h, w, g, t, s_n, o) / main_step), lo, hi) * main_step

@@ -134,7 +134,7 @@ def test_adc_outputs_lie_on_the_grid(mapping, granularity):
         qw = layer.quant_weight()
         q = torch.round(qw.value / qw.scale)
         slices = stored_slices(q, layer.plan)
-        psums, ref = layer.partial_sums(xq, slices)
+        psums, ref = layer.tile.partial_sums(xq, slices)
         n, h, w, _ = psums.shape
         lay = layer.layout
         p = psums.reshape(n * h * w, lay.groups * lay.tiles, -1)
@@ -154,7 +154,7 @@ def test_adc_outputs_lie_on_the_grid(mapping, granularity):
         main, ref_q = (quantized[..., :-1], quantized[..., -1]) if ref is not None else (quantized, None)
         layer.psum_adc.granularity = "off"  # the layer's own shift-and-add, on grid values
         try:
-            rebuilt = layer._convert(main, step_grid, ref_q, None)
+            rebuilt = layer.tile.convert(main, step_grid, ref_q, None)
         finally:
             layer.psum_adc.granularity = granularity
         rebuilt = rebuilt.reshape(n, h, w, -1).permute(0, 3, 1, 2) + layer.quantized_bias().view(1, -1, 1, 1)
@@ -189,8 +189,8 @@ def test_row_tiles_see_only_their_own_input_channels():
         x2 = x.clone()
         x2[:, 3:6] += torch.randn(2, 3, 5, 5)  # perturb tile 1 only
         cols = layer.psum_adc.columns
-        p1 = layer.partial_sums(x, slices)[0].reshape(2, 5, 5, 3, cols)
-        p2 = layer.partial_sums(x2, slices)[0].reshape(2, 5, 5, 3, cols)
+        p1 = layer.tile.partial_sums(x, slices)[0].reshape(2, 5, 5, 3, cols)
+        p2 = layer.tile.partial_sums(x2, slices)[0].reshape(2, 5, 5, 3, cols)
     assert torch.equal(p1[..., 0, :], p2[..., 0, :]) and torch.equal(p1[..., 2, :], p2[..., 2, :])
     assert not torch.equal(p1[..., 1, :], p2[..., 1, :])
     # same for Linear: features [16, 32) form tile 1
@@ -201,7 +201,7 @@ def test_row_tiles_see_only_their_own_input_channels():
         x = torch.randn(5, 40)
         x2 = x.clone()
         x2[:, 16:32] += 1.0
-        p1, p2 = lin.partial_sums(x, slices)[0], lin.partial_sums(x2, slices)[0]
+        p1, p2 = lin.tile.partial_sums(x, slices)[0], lin.tile.partial_sums(x2, slices)[0]
     assert torch.equal(p1[:, 0], p2[:, 0]) and torch.equal(p1[:, 2], p2[:, 2]) and not torch.equal(p1[:, 1], p2[:, 1])
 
 

@@ -68,7 +68,7 @@ def _outputs_and_grads(layer, x, fused: bool):
 
 def _assert_same(layer, x):
     """Crossbar form, outputs and every gradient equal with and without the fused weight path."""
-    tiles = layer.tiles()
+    tiles = layer.tile.tiles()
     fused = FusedWeights(layer)
     carrier, grid_f, stored_f = fused.crossbar(tiles)
     q_c, grid_c, stored_c = ComposedWeights(layer, layer.quant_weight()).crossbar(tiles)
@@ -194,7 +194,7 @@ def test_compact_array_weight_widened_tile_by_tile_gives_the_same_values(mapping
     for chunk_bytes in (crossbar_adc.PARTIAL_SUM_CHUNK_BYTES, 64):
         monkeypatch.setattr(crossbar_adc, "PARTIAL_SUM_CHUNK_BYTES", chunk_bytes)
         layer, x = _layer("linear", _hw(mapping=mapping, cell_bits=4), w_bit=6, seed=5)
-        assert len(tile_products.tile_blocks(FusedWeights(layer).crossbar(layer.tiles())[2], x)) == layer.layout.tiles
+        assert len(tile_products.tile_blocks(FusedWeights(layer).crossbar(layer.tile.tiles())[2], x)) == layer.layout.tiles
         with scratch_buffers():
             _assert_same(layer, x)
 

@@ -40,7 +40,7 @@ def _hw(**kw) -> HardwareConfig:
 
 def _grid(layer, quant):
     """The layer's integer input grid for a quantized input (Brevitas' QuantTensor)."""
-    return layer.input_grid(quant.value, quant.scale, layer.input_planes)
+    return layer.tile.input_grid(quant.value, quant.scale, layer.input_planes, layer.route_for(quant.value))
 
 
 def _conv(hw, signed: bool, shape: dict, seed: int = 0):
@@ -73,7 +73,7 @@ def test_integer_linear_partial_sums_are_the_exact_integers_times_the_step(signe
     quant = layer.input_quant(x.reshape(-1, 70))
     grid = _grid(layer, quant)
     assert grid is not None and grid.zero_point == (128 if signed else 0)
-    tiles = layer.tiles(grid)
+    tiles = layer.tile.tiles(grid)
     xt = tiles.tile_input(quant.value)
     q = torch.round(layer.quant_weight().value / layer.quant_weight().scale)
     w = crossbar_weight(q, tiles, layer.plan)
@@ -95,12 +95,12 @@ def test_integer_partial_sums_are_the_exact_integers_times_the_step(rows, signed
     quant = layer.input_quant(x)
     grid = _grid(layer, quant)
     assert grid == InputGrid(float(quant.scale.detach()), 128 if signed else 0)
-    tiles = layer.tiles(grid)
+    tiles = layer.tile.tiles(grid)
     x_tiled = tiles.tile_input(quant.value)
     q = torch.round(layer.quant_weight().value / layer.quant_weight().scale)
     w = crossbar_weight(q, tiles, layer.plan)
     got = tiles.products(x_tiled, w)
-    float_path = layer.tiles().products(x_tiled, w)
+    float_path = layer.tile.tiles().products(x_tiled, w)
     codes = torch.round(x_tiled / grid.step).double()
     exact = F.conv2d(codes, w.double(), None, tiles.stride, tiles.padding, tiles.dilation, tiles.arrays)
     exact = (exact * grid.step).permute(0, 2, 3, 1)
@@ -297,7 +297,7 @@ def _epilogue_case(mapping: str, mode: str, granularity: str, adc_bits: int, see
 
 def _converts_in_epilogue(layer, x) -> bool:
     grid = _grid(layer, layer.input_quant(x))
-    return grid is not None and layer.tiles(grid).levels_in_epilogue(*layer.psum_adc.grid_range())
+    return grid is not None and layer.tile.tiles(grid).levels_in_epilogue(*layer.psum_adc.grid_range())
 
 
 @pytest.mark.parametrize("mapping,mode,granularity", list(itertools.product(
@@ -365,7 +365,7 @@ def test_tiled_codes_are_the_codes_of_the_tiled_input(signed, mode):
             x = torch.randn(2, 10 * groups, 5, 6) if signed else torch.rand(2, 10 * groups, 5, 6)
             calibrate(layer, [x])
             quantized = layer.input_quant(x)
-            tiles = layer.tiles(_grid(layer, quantized))
+            tiles = layer.tile.tiles(_grid(layer, quantized))
             assert tiles.layout.pad > 0
             for inp in (quantized.value, quantized.value.contiguous(memory_format=torch.channels_last)):
                 got = tiles.tile_codes(inp)
@@ -389,7 +389,7 @@ def test_one_group_conv_with_a_ragged_tile_reads_only_the_codes(mapping, signed,
                           w_bit=5, a_bit=6, input_signed=signed)
         x = torch.randn(3, 11, 7, 7) if signed else torch.rand(3, 11, 7, 7)
         calibrate(layer, [x])
-        tiles = layer.tiles(_grid(layer, layer.input_quant(x)))
+        tiles = layer.tile.tiles(_grid(layer, layer.input_quant(x)))
         assert tiles.layout.pad > 0
-        assert layer._tiles_codes(tiles, layer.route_for(x)) == (mapping != "offset")  # the offset mapping's reference column reads floats
+        assert layer.tile.tiles_codes(tiles, layer.route_for(x)) == (mapping != "offset")  # the offset mapping's reference column reads floats
         _assert_same_with_and_without_integer_products(layer, x)

@@ -53,7 +53,7 @@ def test_conv_backward_equals_per_slice_autograd(mapping, cell_bits, bits):
     layer = CIMConv2d(10, 6, 3, stride=2, padding=2, dilation=2, groups=2, hw=_hw(mapping, cell_bits),
                       w_bit=bits, a_bit=4)
     assert layer.layout.pad > 0 and layer.plan.slices == layer.slices
-    tiles = layer.tiles()
+    tiles = layer.tile.tiles()
     x = tiles.tile_input(torch.randn(3, 10, 9, 11)).detach().requires_grad_(True)
     _compare(tiles, x, _integer_weights(layer.weight.shape, layer.plan, 1), layer.plan, 2)
 
@@ -62,14 +62,14 @@ def test_conv_backward_equals_per_slice_autograd(mapping, cell_bits, bits):
 def test_linear_backward_equals_per_slice_autograd(mapping):
     layer = CIMLinear(37, 5, hw=_hw(mapping, rows=16), w_bit=6, a_bit=4)
     assert layer.layout.tiles >= 3 and layer.layout.pad > 0
-    tiles = layer.tiles()
+    tiles = layer.tile.tiles()
     x = tiles.tile_input(torch.randn(7, 37)).detach().requires_grad_(True)
     _compare(tiles, x, _integer_weights(layer.weight.shape, layer.plan, 3), layer.plan, 4)
 
 
 def test_tiled_conv_input_is_zero_padded_per_group_in_channels_last():
     layer = CIMConv2d(10, 6, 3, groups=2, hw=_hw("offset"), w_bit=4, a_bit=4)
-    lay, tiles = layer.layout, layer.tiles()
+    lay, tiles = layer.layout, layer.tile.tiles()
     x = torch.randn(2, 10, 5, 5)
     tiled = tiles.tile_input(x)
     assert tiled.is_contiguous(memory_format=torch.channels_last)
@@ -85,7 +85,7 @@ def test_tiled_conv_input_gradient_is_the_pads_in_the_inputs_memory_format(chann
     """The tiled input's backward: the real channels of the gradient, as F.pad's backward gives
     them, laid out like the input (no layout copy for the quantizer before it)."""
     layer = CIMConv2d(10, 6, 3, groups=2, hw=_hw("offset"), w_bit=4, a_bit=4)
-    lay, tiles = layer.layout, layer.tiles()
+    lay, tiles = layer.layout, layer.tile.tiles()
     assert lay.pad > 0
     x = torch.randn(2, 10, 5, 4)
     if channels_last:

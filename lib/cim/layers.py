@@ -15,42 +15,35 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from brevitas.core.function_wrapper import Identity as BrevitasIdentity
-from brevitas.core.quant import RescalingIntQuant
-from brevitas.core.scaling import IntScaling
 from brevitas.nn import QuantConv2d, QuantLinear
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
 from torch.nn.modules.utils import _pair
 
 from lib.bit_limits import check_bits
+from lib.cim import brevitas_adapter as brevitas
 from lib.cim.adc import PartialSumADC
 from lib.cim.adc_kernels import grid_bounds
-from lib.cim.crossbar_adc import crossbar_adc_forward, partial_sums_chunked
 from lib.cim.crossbar import CrossbarPlan, TileLayout
-from lib.cim.hardware import INPUT_MODES, HardwareConfig
-from lib.cim.input_planes import join_planes, split_planes
-from lib.cim.quantizers import (CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch, hooked,
-                                int_range, int_threshold)
-from lib.cim.fused_quant import FusedIntQuant, fake_quant, fake_quant_abs_sum
-from lib.cim.steps import ActStep, MutableBitWidth, positive
+from lib.cim.crossbar_adc import partial_sums_chunked
 from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
+from lib.cim.fused_quant import fake_quant, fake_quant_abs_sum
 from lib.cim.fused_weight import FusedWeights
-from lib.cim.integer_products import InputGrid, quantized_codes
+from lib.cim.hardware import INPUT_MODES, HardwareConfig
+from lib.cim.integer_products import quantized_codes
+from lib.cim.quantizers import GridSwitch
 from lib.cim.route import InputMeta, LayerFlags, Route, caches_crossbar_form, choose_route
 from lib.cim.runtime import RUNTIME
-from lib.cim.tile_products import ConvTiles, MatmulTiles, crossbar_weight, tile_products
-from lib.finite import NonFiniteError, require_finite
+from lib.cim.steps import positive
+from lib.cim.tile import ConvTile, LinearTile
+from lib.cim.tile_products import crossbar_weight
+from lib.finite import require_finite
 
 log = logging.getLogger(__name__)
-
-_IDENTITIES = (nn.Identity, BrevitasIdentity)  # the no-op activation / input view of a plain quantizer
-
 
 class CIMLayerMixin:
     """Bits, tiling and crossbar compute shared by the conv and linear CIM layers."""
@@ -65,19 +58,7 @@ class CIMLayerMixin:
         check_bits("w_bit", w_bit)
         check_bits("a_bit", a_bit)
         narrow = CrossbarPlan.for_layout(hw.simulated(), layout, w_bit, a_bit, input_signed).narrow_weights
-        return dict(
-            weight_quant=CIMWeightQuant,
-            weight_grid_switch=GridSwitch(narrow),
-            weight_granularity=hw.weight_granularity,
-            weight_tile_layout=layout,
-            weight_weight_ndim=weight_ndim,
-            weight_bit_width=int(w_bit),
-            input_quant=CIMSignedActQuant if input_signed else CIMUnsignedActQuant,
-            input_bit_width=int(a_bit),
-            bias_quant=None,
-            output_quant=None,
-            return_quant_tensor=False,
-        )
+        return brevitas.quant_kwargs(hw.weight_granularity, layout, w_bit, a_bit, input_signed, weight_ndim, narrow)
 
     def _setup_crossbar(self, hw: HardwareConfig, layout: TileLayout, adc_bits: Optional[int],
                         input_signed: bool, grid_switch: GridSwitch, name: str) -> None:
@@ -103,6 +84,7 @@ class CIMLayerMixin:
         self.eval_cache = EvalCache()  # the crossbar form between evaluation forwards
         self.cache_eval = True  # keep it (off: recompute every forward, for comparisons)
         self.route_counts: collections.Counter = collections.Counter()  # Route -> forwards that took it
+        self.tile = self._tile_kind(self)  # the crossbar computation (lib.cim.tile)
 
     @property
     def plan(self) -> CrossbarPlan:
@@ -115,8 +97,7 @@ class CIMLayerMixin:
     def _set_weight_grid(self, plan: CrossbarPlan) -> None:
         """Narrow (symmetric) weight grid for differential magnitudes, full grid otherwise: in the
         quantizer in use and in the switch Brevitas reads when it rebuilds one."""
-        self._grid_switch.narrow = plan.narrow_weights
-        self.weight_quant.tensor_quant.int_quant.narrow_range = plan.narrow_weights
+        brevitas.set_narrow_weight_grid(self, self._grid_switch, plan.narrow_weights)
 
     def set_input_mode(self, mode: str) -> None:
         """Simulate bit-serial or multi-bit inputs from now on. The ADC steps re-initialise from the
@@ -142,17 +123,17 @@ class CIMLayerMixin:
     def _cached_side_tensors(self) -> list:
         """Everything the eval cache's values are computed from: the weight, the weight quantizer's
         state and the ADC's (its steps, for the conversion constants)."""
-        return [self.weight, *module_tensors(self._modules["weight_quant"]), *module_tensors(self.psum_adc)]
+        return [self.weight, *module_tensors(brevitas.weight_quantizer(self)), *module_tensors(self.psum_adc)]
 
     def _caches_crossbar_form(self) -> bool:
         """Whether the weight side comes from the eval cache now (lib.cim.route's rule)."""
         grad = torch.is_grad_enabled()
-        return caches_crossbar_form(self.training, self.cache_eval, _tracing(), self._weight_export_mode,
+        return caches_crossbar_form(self.training, self.cache_eval, brevitas.tracing(), self._weight_export_mode,
                                     grad, grad and self._side_requires_grad())
 
     @property
     def _weight_export_mode(self) -> bool:
-        return bool(getattr(self.weight_quant, "export_mode", False))
+        return brevitas.weight_export_mode(self)
 
     def _side_requires_grad(self) -> bool:
         """Whether the weight, its quantizer's or the ADC's tensors need gradients."""
@@ -161,7 +142,7 @@ class CIMLayerMixin:
     # ------------------------------------------------------------ route
     def route_for(self, x: torch.Tensor) -> Route:
         """The route (lib.cim.route) a forward of input x takes now."""
-        x = _unwrap(x)
+        x = brevitas.unwrap(x)
         grad = torch.is_grad_enabled()
         adc = self.psum_adc
         lo, hi = adc.grid_range()
@@ -180,14 +161,10 @@ class CIMLayerMixin:
         requires_grad = x.requires_grad or (step is not None and step.requires_grad)
         plan, lay = self.plan, self.layout
         columns = lay.groups * lay.tiles * plan.slices * lay.out_channels_per_group
-        large = partial_sums_chunked(self._partial_sum_rows(x), columns, x.element_size())
-        inputs = InputMeta(x.device.type, str(x.dtype).rsplit(".", 1)[-1], x.element_size(), grad, _tracing(),
+        large = partial_sums_chunked(self.tile.partial_sum_rows(x, self.input_planes), columns, x.element_size())
+        inputs = InputMeta(x.device.type, str(x.dtype).rsplit(".", 1)[-1], x.element_size(), grad, brevitas.tracing(),
                            requires_grad, large)
         return choose_route(plan, flags, RUNTIME.current, inputs)
-
-    def _partial_sum_rows(self, x: torch.Tensor) -> int:
-        """Rows of partial sums a forward of x makes: output positions (tokens) × input planes."""
-        raise NotImplementedError
 
     def _eval_cache_key(self) -> tuple:
         return (self.plan, self.input_mode, self.weight_step_module.initialized, self.psum_adc.initialized,
@@ -221,21 +198,21 @@ class CIMLayerMixin:
         weights = FusedWeights(self) if route.weights == "fused" else ComposedWeights(self, None,
                                                                                       route.weights == "cached")
         if coded is not None:
-            return self.pack_output(self.codes_forward(*coded, weights, route))
+            codes, grid, scale = coded
+            return self.pack_output(self.tile.codes_forward(codes, grid, weights, self._bias_for(scale, weights), route))
         return self.pack_output(self._forward_quantized(value, scale, weights, route))
 
     def _input_codes(self, x, route: Optional[Route] = None) -> Optional[tuple]:
-        """(uint8 codes, their `InputGrid`, the input step) for `codes_forward` where the route
+        """(uint8 codes, their `InputGrid`, the input step) for `tile.codes_forward` where the route
         reads the input as codes (None: the route of x now), else None: the input is quantized as
         floats (`_quantize_input`)."""
         route = self.route_for(x) if route is None else route
         if route.input != "codes":
             return None
-        x = _unwrap(x)
+        x = brevitas.unwrap(x)
         tensor_quant = self._plain_input_quant()
-        grid_form = self._codes_grid(x, tensor_quant, route)
-        scale, grid, lo, hi = grid_form
-        self.check_codes_input(x)
+        scale, grid, lo, hi = self._codes_grid(x, tensor_quant, route)
+        self.tile.check_codes_input(x)
         return quantized_codes(x, scale, lo, hi, grid), grid, scale
 
     def _quantize_input(self, x, route: Optional[Route] = None):
@@ -246,9 +223,9 @@ class CIMLayerMixin:
         tensor_quant = self._plain_input_quant()
         if tensor_quant is None:
             out = self.input_quant(x)
-            return (out.value, out.scale) if isinstance(out, QuantTensor) else (out, None)
-        x = _unwrap(x)
-        lo, hi, threshold = _input_grid(tensor_quant)
+            return brevitas.unwrap(out), brevitas.scale_of(out)
+        x = brevitas.unwrap(x)
+        lo, hi, threshold = brevitas.input_grid_bounds(tensor_quant)
         step_module = tensor_quant.scaling_impl
         records = step_module.prepare(x, threshold)
         scale = step_module.scaled_step(x, threshold)
@@ -266,46 +243,26 @@ class CIMLayerMixin:
         return False
 
     def _plain_input_quant(self):
-        """The input quantizer's RescalingIntQuant when it is the CIM one (lib.cim.quantizers:
-        ActStep itself, whose steps `_quantize_input` calls, MutableBitWidth, FusedIntQuant, no
-        activation, no caching, not exporting, no forward hooks that its calls would run), else None."""
-        proxy = self.input_quant
-        if not proxy.is_quant_enabled or proxy.export_mode or proxy.cache_inference_quant_act:
-            return None
-        fused = proxy.fused_activation_quant_proxy
-        if fused is None or type(fused.activation_impl) not in _IDENTITIES:
-            return None
-        tensor_quant = fused.tensor_quant
-        if hooked(proxy, fused, tensor_quant, tensor_quant.scaling_impl):
-            return None
-        if (type(tensor_quant) is not RescalingIntQuant or tensor_quant.observer_only
-                or type(tensor_quant.int_quant) is not FusedIntQuant
-                or type(tensor_quant.int_quant.input_view_impl) not in _IDENTITIES
-                or type(tensor_quant.int_scaling_impl) is not IntScaling
-                or type(tensor_quant.msb_clamp_bit_width_impl) is not MutableBitWidth
-                or type(tensor_quant.scaling_impl) is not ActStep):
-            return None
-        return tensor_quant
+        """The input quantizer's RescalingIntQuant when it is the plain CIM one, else None
+        (lib.cim.brevitas_adapter.plain_input_quant)."""
+        return brevitas.plain_input_quant(self)
 
     # ------------------------------------------------------------ bits
-    # submodules read from the _modules dicts (what nn.Module.__getattr__ returns, without its
-    # lookups): `plan` reads both bit widths several times per forward
     @property
     def _weight_bits_module(self):
-        return self._modules["weight_quant"]._modules["tensor_quant"]._modules["msb_clamp_bit_width_impl"]
+        return brevitas.weight_bits_module(self)
 
     @property
     def _input_bits_module(self):
-        proxy = self._modules["input_quant"]._modules["fused_activation_quant_proxy"]
-        return proxy._modules["tensor_quant"]._modules["msb_clamp_bit_width_impl"]
+        return brevitas.input_bits_module(self)
 
     @property
     def weight_step_module(self):
-        return self._modules["weight_quant"]._modules["tensor_quant"]._modules["scaling_impl"]
+        return brevitas.weight_step_module(self)
 
     @property
     def input_step_module(self):
-        return self.input_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
+        return brevitas.input_step_module(self)
 
     @property
     def w_bit(self) -> int:
@@ -370,8 +327,7 @@ class CIMLayerMixin:
 
     def _load_bits_first(self, state_dict, prefix) -> None:
         """Checkpoints carry the bits: adopt them before the (bits-dependent) ADC shapes load."""
-        w_key = prefix + "weight_quant.tensor_quant.msb_clamp_bit_width_impl.bits"
-        a_key = prefix + "input_quant.fused_activation_quant_proxy.tensor_quant.msb_clamp_bit_width_impl.bits"
+        w_key, a_key = prefix + brevitas.WEIGHT_BITS_KEY, prefix + brevitas.INPUT_BITS_KEY
         adc_key = prefix + "psum_adc.bits"
         if w_key in state_dict and a_key in state_dict:
             adc = int(state_dict[adc_key]) if adc_key in state_dict else None
@@ -387,66 +343,6 @@ class CIMLayerMixin:
             scale = scale[:, self.first_channel_of_tile]
         scale = scale.expand(lay.groups * lay.out_channels_per_group, lay.tiles)
         return scale.reshape(lay.groups, lay.out_channels_per_group, lay.tiles).permute(0, 2, 1)
-
-    def _shifts(self, like: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """2^(s·c) per weight slice (`CrossbarPlan.significance`), and the offset reference column's significance."""
-        plan = self.plan
-        return plan.significance(like.device, like.dtype), plan.reference_significance
-
-    def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor, ref: Optional[torch.Tensor],
-                 floor: Optional[torch.Tensor]) -> torch.Tensor:
-        """ADC + digital shift-and-add of partial sums (M, groups, tiles, slices·out) and the offset
-        reference column's (M, groups, tiles) → (M, groups, out)."""
-        shifts, ref_shift = self._shifts(psums)
-        return self.psum_adc(psums, shifts, step_grid, ref, ref_shift if ref is not None else None, floor)
-
-    def _split_input(self, x: torch.Tensor, scale: Optional[torch.Tensor], planes: int) -> torch.Tensor:
-        """The quantized input's values (step `scale`, None: `input_step`), split into `planes` DAC
-        planes stacked along dim 0 (bit-serial mode)."""
-        if planes == 1:
-            return x
-        step = self.input_step() if scale is None else scale
-        return split_planes(x, step.reshape(()), planes, self.hw.input_bits)
-
-    def _join_planes(self, y: torch.Tensor, planes: int) -> torch.Tensor:
-        """Shift-and-add of the planes' outputs, 2^(p·input_bits) each (`CrossbarPlan.plane_significance`)."""
-        if planes == 1:
-            return y
-        return join_planes(y, self.plan.plane_significance(planes, y.device, y.dtype))
-
-    def input_grid(self, x: torch.Tensor, scale: Optional[torch.Tensor], planes: int,
-                   route: Optional[Route] = None) -> Optional[InputGrid]:
-        """The crossbar input's 8-bit integer grid where the route (None: the route of x now)
-        computes integer products (lib.cim.integer_products) of a quantized input (`scale` its
-        step), else None (float32 products)."""
-        route = self.route_for(x) if route is None else route
-        if scale is None or route.products not in ("int8", "int8-epilogue"):
-            return None
-        zero_point = self.plan.input_zero_point(planes)
-        step = float(scale.detach().reshape(()))
-        if not math.isfinite(step):
-            raise NonFiniteError(f"the input step of {self.layer_name} is {step}: it cannot make integer codes",
-                                 f"the input step of {self.layer_name}")
-        return InputGrid(step, zero_point)
-
-    def check_codes_input(self, x: torch.Tensor) -> None:
-        """Refuse an input holding NaN/inf before it becomes integer codes (which would hide it)."""
-        require_finite(x, f"the input of {self.layer_name} to convert to integer codes")
-
-    def adc_floor(self, crossbar_input: torch.Tensor) -> Optional[torch.Tensor]:
-        """Least mean |partial sum| per (array, read-out column) an ADC step may be initialised from:
-        the column's largest cell value (its slice's; the reference cell's) times the mean |input|
-        over the real inputs. `crossbar_input`: the quantized input (or its stacked DAC planes)
-        before any padding, so that neither a ragged row-tile's padding channels nor a padded
-        border lower the mean. None once the ADC is initialised (nothing to compute)."""
-        if self.psum_adc.initialized or not self.psum_adc.enabled:
-            return None
-        plan = self.plan
-        cells = torch.tensor(plan.slice_max(), dtype=crossbar_input.dtype).repeat_interleave(plan.out_channels)
-        if self.uses_reference_column:
-            cells = torch.cat([cells, cells.new_tensor([plan.offset_reference()[1]])])
-        scale = crossbar_input.detach().abs().mean().to("cpu")
-        return (cells * scale).expand(self.psum_adc.arrays, -1)
 
     # ------------------------------------------------------------ public views of the learned state
     def weight_step_grid(self) -> torch.Tensor:
@@ -485,53 +381,16 @@ class CIMLayerMixin:
             return None
         return self.quantized_bias(self.bias_step(scale, weights.step_grid()))
 
-    def _converted_outputs(self, x_tiled: torch.Tensor, weights, tiles, ref: Optional[torch.Tensor],
-                           floor: Optional[torch.Tensor], route: Route,
-                           source: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Every partial sum of the tiled input through the ADC, shift-and-added: (M, groups, out).
-        One autograd node (lib.cim.crossbar_adc) when the ADC allows, else products then ADC;
-        `floor`: `adc_floor` of the real input (None once the ADC is initialised); `source`: the
-        input x_tiled was tiled from, which that node may take its gradient to."""
-        if route.conversion != "adc":
-            q, step_grid, stored, shifts, ref_shift, constants = self._fused_form(weights, tiles, ref is not None)
-            return crossbar_adc_forward(self, x_tiled, q, stored, tiles, step_grid, shifts, route, ref, ref_shift,
-                                        constants, source)
-        lay = self.layout
-        psums, step_grid = self._tile_products(x_tiled, weights, tiles)
-        psums = psums.reshape(-1, lay.groups, lay.tiles, self.plan.slices * lay.out_channels_per_group)
-        return self._convert(psums, step_grid, ref, floor)
-
-    def _fused_form(self, weights, tiles, has_ref: bool) -> tuple:
-        """What the fused crossbar + ADC node reads besides the input: (q, step grid, array weight,
-        2^(s·c) per slice, the reference column's significance, `PartialSumADC.constants`); kept
-        as one eval-cache value per packed form of the array weight when the weights are (one key
-        per forward)."""
-        def compute():
-            q, step_grid, stored = weights.crossbar(tiles)
-            shifts, ref_shift = self._shifts(q)
-            constants = self.psum_adc.constants(step_grid, shifts, has_ref)
-            if weights.cached and tiles.levels_in_epilogue(*self.psum_adc.grid_range()):
-                stored = tiles.with_levels_weight(stored, constants[1])  # converts in the conv's epilogue
-            return q, step_grid, stored, shifts, ref_shift, constants
-        if not weights.cached:
-            return compute()
-        return self.eval_cache.get(self._eval_cache_key, f"fused_form-{tiles.packed_form}", compute)
-
-    def _tile_products(self, x_tiled: torch.Tensor, weights, tiles):
-        """Every row-tile × slice × column partial sum, and the weight step per (group, tile, out)."""
-        q, step_grid, stored = weights.crossbar(tiles)
-        return tile_products(x_tiled, q, tiles, self.plan, stored), step_grid
-
     def inner_forward_impl(self, x, quant_weight, quant_bias):
         """Brevitas' hook (traced or exported forwards): `_forward_quantized` of its quantized input
         and weight; `quant_bias` is unused (the bias goes on its int32 grid, see `quantized_bias`)."""
-        scale = x.scale if isinstance(x, QuantTensor) else None
+        scale = brevitas.scale_of(x)
         route = self._route
-        return self._forward_quantized(_unwrap(x), scale, ComposedWeights(self, quant_weight,
+        return self._forward_quantized(brevitas.unwrap(x), scale, ComposedWeights(self, quant_weight,
                                                                           route.weights == "cached"), route)
 
     def _forward_quantized(self, x: torch.Tensor, scale: Optional[torch.Tensor], weights, route: Route) -> torch.Tensor:
-        """Crossbar path (`crossbar_forward`: tiled, bit-sliced MVM, ADC on every partial sum) of the
+        """Crossbar path (`tile.forward`: tiled, bit-sliced MVM, ADC on every partial sum) of the
         quantized input x (step `scale`, None: `input_step`), plus the bias on its int32 grid
         (`quantized_bias`), as the digital periphery adds it. `weights`: `ComposedWeights` or
         the fused kernels' `FusedWeights`.
@@ -540,7 +399,7 @@ class CIMLayerMixin:
         (an invariant the tests check), so that case takes the cheap path unless force_crossbar."""
         bias = self._bias_for(scale, weights)
         if route.path == "crossbar":
-            return self.crossbar_forward(x, scale, weights, bias, route)
+            return self.tile.forward(x, scale, weights, bias, self.input_planes, route)
         return self.dequantized_forward(x, weights.value, bias)
 
 
@@ -586,7 +445,7 @@ class ComposedWeights:
     def _crossbar(self, tiles):
         q = self.quant_weight.value / self.quant_weight.scale
         step_grid = self.step_grid()
-        if not _tracing():  # a traced graph holds no values to check
+        if not brevitas.tracing():  # a traced graph holds no values to check
             require_finite({"integer weights": q, "weight step": step_grid}, self.layer.layer_name)
         return q, step_grid, crossbar_weight(q, tiles, self.layer.plan)
 
@@ -615,35 +474,8 @@ def _set_training(modules, mode: bool) -> None:
         _set_training(module._modules.values(), mode)
 
 
-def _input_grid(tensor_quant) -> tuple[int, int, torch.Tensor]:
-    """(lo, hi) of the input grid at the quantizer's bit width, as FusedIntQuant computes them,
-    and the threshold its scaling module receives (Brevitas' IntScaling: -lo signed, hi
-    unsigned) as a cached 0-d tensor of the bit width's dtype and device."""
-    int_quant = tensor_quant.int_quant
-    lo, hi = int_range(tensor_quant.msb_clamp_bit_width_impl.value, int_quant.signed, int_quant.narrow_range)
-    return lo, hi, int_threshold(tensor_quant)
-
-
 def _grid_max(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
-
-
-def _plus_bias(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Converted outputs (M, groups, out) plus the bias (groups·out): in place when y is a fresh
-    tensor (no backward keeps the converted outputs), never on a view, whose in-place change
-    would make the backward copy the whole gradient."""
-    if bias is None:
-        return y
-    bias = bias.view(y.shape[1:])
-    return y.add_(bias) if y._base is None else y + bias
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-
-
-def _unwrap(x):
-    return x.value if isinstance(x, QuantTensor) else x
 
 
 class CIMConv2d(CIMLayerMixin, QuantConv2d):
@@ -651,6 +483,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
     row-tiles of whole input channels; see the module docstring for the forward."""
 
     _route_kind = "conv"
+    _tile_kind = ConvTile
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
@@ -675,63 +508,8 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         layer._copy_float_parameters(conv)
         return layer
 
-    def tiles(self, input_grid: Optional[InputGrid] = None) -> ConvTiles:
-        """The grouped-conv view of this layer's arrays (padding already applied for non-zero
-        padding modes, see `pad_input`), with integer products for inputs on `input_grid`."""
-        padding = self.padding if self.padding_mode == "zeros" else (0, 0)
-        return ConvTiles(self.layout, tuple(self.kernel_size), tuple(self.stride), tuple(padding),
-                         tuple(self.dilation), input_grid)
-
-
-    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode == "zeros":
-            return x
-        return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-
-    def reference_sums(self, x_tiled: torch.Tensor, tiles: ConvTiles) -> Optional[torch.Tensor]:
-        """The offset mapping's reference column per array (N, H_out, W_out, groups·tiles): the
-        same cell value on every row, so a small grouped conv of the tiled input; else None."""
-        if not self.uses_reference_column:
-            return None
-        _, cell_value = self.plan.offset_reference()
-        ones = x_tiled.new_full((tiles.arrays, self.layout.channels_per_tile) + tuple(self.kernel_size), cell_value)
-        return F.conv2d(x_tiled, ones, None, tiles.stride, tiles.padding, tiles.dilation, tiles.arrays).permute(0, 2, 3, 1)
-
-    def partial_sums(self, x: torch.Tensor, slices: torch.Tensor):
-        """Every row-tile × weight column partial sum of the crossbar input x (one plane, or the
-        stacked planes) for given cell slices, channels last (N, H_out, W_out, groups·tiles·slices·out),
-        and the offset reference column's (N, H_out, W_out, groups·tiles) or None. For inspection;
-        the forward uses `tile_products`."""
-        tiles = self.tiles()
-        x_tiled = tiles.tile_input(self.pad_input(x))
-        return tiles.products(x_tiled, tiles.weight(slices)), self.reference_sums(x_tiled, tiles)
-
     def dequantized_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
-
-    def crossbar_forward(self, x, scale, weights, bias, route: Route):
-        lay = self.layout
-        planes = self.input_planes
-        tiles = self.tiles(self.input_grid(x, scale, planes, route))
-        if tiles.input_grid is not None:
-            self.check_codes_input(x)
-        inputs = self._split_input(x, scale, planes)
-        source = self.pad_input(inputs)
-        x_tiled = tiles.tile_codes(source) if self._tiles_codes(tiles, route) else tiles.tile_input(source)
-        n, h, w = tiles.output_size(x_tiled)
-        ref = self.reference_sums(x_tiled, tiles)
-        if ref is not None:
-            ref = ref.reshape(n * h * w, lay.groups, lay.tiles)
-        y = self._converted_outputs(x_tiled, weights, tiles, ref, self.adc_floor(inputs), route, source)
-        return self._output_map(self._join_planes(y, planes), h, w, bias)
-
-    def _partial_sum_rows(self, x: torch.Tensor) -> int:
-        if x.dim() != 4:
-            return 0
-        h_out, w_out = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride
-                        in zip(x.shape[2:], _pair(self.padding), _pair(self.dilation), _pair(self.kernel_size),
-                               _pair(self.stride))]
-        return x.shape[0] * self.input_planes * max(h_out, 0) * max(w_out, 0)
 
     def _quantizes_channels_last(self, x: torch.Tensor, route: Route) -> bool:
         """The crossbar path reads its input NHWC (tiled or kept whole for the merged backward's
@@ -739,13 +517,6 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         quantizer's own pass, and its gradient comes back NCHW from the quantizer's backward (no
         layout copies on either side)."""
         return x.dim() == 4 and self.padding_mode == "zeros" and route.path == "crossbar"
-
-    def _tiles_codes(self, tiles: ConvTiles, route: Route) -> bool:
-        """Whether the crossbar forward tiles the input's integer codes rather than the input: its
-        fused crossbar + ADC node keeps the untiled input for the backward (`ConvTiles.keeps_source`)
-        and reads only the codes (integer products, no offset reference column)."""
-        return (tiles.input_grid is not None and tiles.keeps_source and not self.uses_reference_column
-                and route.conversion != "adc")
 
     def _codes_grid(self, x: torch.Tensor, tensor_quant, route: Route) -> Optional[tuple]:
         """(input step, `InputGrid`, grid bounds lo and hi) of `_input_codes`, or None without
@@ -756,36 +527,19 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         kept = self.__dict__.get("_kept_codes_grid")
         if kept is not None and kept[0] == key:
             return kept[1]
-        lo, hi, threshold = _input_grid(tensor_quant)
+        lo, hi, threshold = brevitas.input_grid_bounds(tensor_quant)
         scale = tensor_quant.scaling_impl.scaled_step(x, threshold)
-        grid = self.input_grid(x, scale, 1, route)
+        grid = self.tile.input_grid(x, scale, 1, route)
         value = None if grid is None else (scale, grid) + grid_bounds(x, lo, hi)
         self.__dict__["_kept_codes_grid"] = (key, value)
         return value
-
-    def codes_forward(self, codes: torch.Tensor, grid: InputGrid, scale: torch.Tensor, weights,
-                      route: Route) -> torch.Tensor:
-        """`crossbar_forward` (plus the bias) of an input given as its uint8 codes on `grid` (step
-        `scale`), as `_input_codes` makes them: the same integer products, so the same outputs."""
-        tiles = self.tiles(grid)
-        x_tiled = tiles.tile_input(codes)
-        _, h, w = tiles.output_size(x_tiled)
-        y = self._converted_outputs(x_tiled, weights, tiles, None, None, route)  # the codes path runs initialised ADCs only
-        return self._output_map(y, h, w, self._bias_for(scale, weights))
-
-    def _output_map(self, y: torch.Tensor, h: int, w: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """Converted outputs (N·H·W, groups, out) → (N, C_out, H, W), plus the bias."""
-        y = _plus_bias(y, bias).reshape(-1, h, w, self.out_channels)
-        # channels_last (NHWC memory), as computed: the BatchNorm/ReLU/residual ops that follow keep
-        # that format, so the network runs NHWC from the first CIM conv on without layout copies
-        return y.permute(0, 3, 1, 2)
-
 
 class CIMLinear(CIMLayerMixin, QuantLinear):
     """A Linear mapped onto crossbars: in_features cut into row-tiles of at most `rows` features.
     Inputs may have leading dims (tokens); they are flattened for the MVM."""
 
     _route_kind = "linear"
+    _tile_kind = LinearTile
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, hw: HardwareConfig,
                  w_bit: int = 8, a_bit: int = 8, adc_bits: Optional[int] = None, input_signed: bool = True,
@@ -804,43 +558,5 @@ class CIMLinear(CIMLayerMixin, QuantLinear):
         layer._copy_float_parameters(linear)
         return layer
 
-    def tiles(self, input_grid: Optional[InputGrid] = None) -> MatmulTiles:
-        """The batched-matmul view of this layer's arrays, with integer products for inputs on `input_grid`."""
-        return MatmulTiles(self.layout, input_grid)
-
-    def reference_sums(self, xt: torch.Tensor) -> Optional[torch.Tensor]:
-        """The offset mapping's reference column per tile (tiles, tokens): the cell value times the
-        tile's input sum; else None."""
-        if not self.uses_reference_column:
-            return None
-        _, cell_value = self.plan.offset_reference()
-        return cell_value * xt.sum(dim=2)
-
-    def partial_sums(self, x2d: torch.Tensor, slices: torch.Tensor):
-        """Every row-tile × weight column partial sum for given cell slices (tokens, tiles,
-        slices·out), and the offset reference column's (tiles, tokens) or None. For inspection;
-        the forward uses `tile_products`."""
-        tiles = self.tiles()
-        xt = tiles.tile_input(x2d)
-        return tiles.products(xt, tiles.weight(slices)), self.reference_sums(xt)
-
     def dequantized_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
-
-    def _partial_sum_rows(self, x: torch.Tensor) -> int:
-        return x.numel() // max(x.shape[-1], 1) * self.input_planes if x.dim() else 0
-
-    def crossbar_forward(self, x, scale, weights, bias, route: Route):
-        lead = x.shape[:-1]
-        planes = self.input_planes
-        tiles = self.tiles(self.input_grid(x, scale, planes, route))
-        if tiles.input_grid is not None:
-            self.check_codes_input(x)
-        inputs = self._split_input(x.reshape(-1, self.in_features), scale, planes)
-        xt = tiles.tile_input(inputs)
-        ref = self.reference_sums(xt)
-        if ref is not None:
-            ref = ref.t().unsqueeze(1)
-        y = self._converted_outputs(xt, weights, tiles, ref, self.adc_floor(inputs), route)
-        y = _plus_bias(self._join_planes(y, planes), bias).squeeze(1)
-        return y.reshape(lead + (self.out_features,))
