@@ -58,6 +58,10 @@ def test_finetune_from_uniform_int8_with_a_cim_aq_npy_policy(tmp_path, starts, c
     assert report["energy_pj"] is None and report["energy_ratio"] is None  # CIM-AQ's layout: no energy model
     assert report["ort_top1_agreement"] >= 0.99 and report["ort_max_abs_diff"] < 0.05
     assert printed["ort_top1_agreement"] == report["ort_top1_agreement"]
+    assert sorted(report["routes"]) == sorted(TINY_LAYERS)  # every CIM layer's routes, training ones among them
+    assert any(entry["route"].startswith("chain=cim path=crossbar weights=fused") and entry["forwards"] > 0
+               for entry in report["routes"][TINY_LAYERS[1]])
+    assert report["kernels"]["compile"] in ("auto", "0", "1")
     assert (out / "model.onnx").is_file() and list((out / "tb").glob("events.out.tfevents.*"))
     assert Policy.load(out / "policy.npy").w_bits == [8, 4, 3, 6]
     assert Policy.load(out / "policy.json").layer_names == TINY_LAYERS

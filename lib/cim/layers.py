@@ -36,7 +36,7 @@ from lib.cim.fused_weight import FusedWeights
 from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.integer_products import quantized_codes
 from lib.cim.quantizers import GridSwitch
-from lib.cim.route import InputMeta, LayerFlags, Route, caches_crossbar_form, choose_route
+from lib.cim.route import InputMeta, LayerFlags, Route, caches_crossbar_form, choose_route, dtype_name
 from lib.cim.runtime import RUNTIME
 from lib.cim.steps import positive
 from lib.cim.tile import ConvTile, LinearTile
@@ -44,6 +44,9 @@ from lib.cim.tile_products import crossbar_weight
 from lib.finite import require_finite
 
 log = logging.getLogger(__name__)
+
+_LOOK_UP = object()  # `_quantize_input`: the plain input quantizer is looked up
+
 
 class CIMLayerMixin:
     """Bits, tiling and crossbar compute shared by the conv and linear CIM layers."""
@@ -142,29 +145,34 @@ class CIMLayerMixin:
     # ------------------------------------------------------------ route
     def route_for(self, x: torch.Tensor) -> Route:
         """The route (lib.cim.route) a forward of input x takes now."""
+        return self._route_and_input_quant(x)[0]
+
+    def _route_and_input_quant(self, x: torch.Tensor) -> tuple:
+        """(`route_for(x)`, `_plain_input_quant()`): the forward reads both. Submodules are read
+        from the _modules dicts (what nn.Module.__getattr__ returns, without its lookups): this
+        runs on every forward."""
         x = brevitas.unwrap(x)
         grad = torch.is_grad_enabled()
-        adc = self.psum_adc
+        modules = self._modules
+        adc, weight_quant, input_quant = modules["psum_adc"], modules["weight_quant"], modules["input_quant"]
         lo, hi = adc.grid_range()
-        step_module = self.input_step_module
-        plain = self._plain_input_quant() is not None
+        tensor_quant = self._plain_input_quant()
+        plain = tensor_quant is not None
+        step_module = tensor_quant.scaling_impl if plain else brevitas.input_step_module(self)
         flags = LayerFlags(
-            kind=self._route_kind, export_mode=bool(self.export_mode), weight_export_mode=self._weight_export_mode,
-            weight_quant_enabled=self.weight_quant.is_quant_enabled, training=self.training,
-            force_crossbar=self.force_crossbar, fused_adc=self.fused_adc, fused_weights=self.fused_weights,
-            cache_eval=self.cache_eval, adc_enabled=adc.enabled, adc_fusable=adc.fusable, adc_lo=lo, adc_hi=hi,
-            padding_zeros=getattr(self, "padding_mode", "zeros") == "zeros",
-            input_quantized=self.input_quant.is_quant_enabled, plain_input_quant=plain,
-            input_step_ready=plain and not step_module.training and step_module.initialized,
-            side_requires_grad=grad and self._side_requires_grad(), input_mode=self.input_mode)
+            self._route_kind, bool(self.export_mode), brevitas.weight_export_mode(self),
+            weight_quant.is_quant_enabled, self.training, self.force_crossbar, self.fused_adc, self.fused_weights,
+            self.cache_eval, adc.enabled, adc.fusable, lo, hi, getattr(self, "padding_mode", "zeros") == "zeros",
+            input_quant.is_quant_enabled, plain, plain and not step_module.training and step_module.initialized,
+            grad and self._side_requires_grad(), self.input_mode)
         step = getattr(step_module, "step", None)
         requires_grad = x.requires_grad or (step is not None and step.requires_grad)
         plan, lay = self.plan, self.layout
         columns = lay.groups * lay.tiles * plan.slices * lay.out_channels_per_group
-        large = partial_sums_chunked(self.tile.partial_sum_rows(x, self.input_planes), columns, x.element_size())
-        inputs = InputMeta(x.device.type, str(x.dtype).rsplit(".", 1)[-1], x.element_size(), grad, brevitas.tracing(),
-                           requires_grad, large)
-        return choose_route(plan, flags, RUNTIME.current, inputs)
+        rows = self.tile.partial_sum_rows(x, plan.input_planes(self.input_mode))
+        inputs = InputMeta(x.device.type, dtype_name(x.dtype), x.element_size(), grad, brevitas.tracing(),
+                           requires_grad, partial_sums_chunked(rows, columns, x.element_size()))
+        return choose_route(plan, flags, RUNTIME.current, inputs), tensor_quant
 
     def _eval_cache_key(self) -> tuple:
         return (self.plan, self.input_mode, self.weight_step_module.initialized, self.psum_adc.initialized,
@@ -187,14 +195,14 @@ class CIMLayerMixin:
         input in one kernel (`_input_codes`). Traced or exported graphs take Brevitas' forward (they
         must contain its quantizers)."""
         x = self.unpack_input(inp)
-        route = self.route_for(x)
+        route, tensor_quant = self._route_and_input_quant(x)
         self.route_counts[route] += 1
         self._route = route  # what Brevitas' chain calls back into (`inner_forward_impl`) follows
         if route.chain == "brevitas":
             return super().forward_impl(inp)
-        coded = self._input_codes(x, route)
+        coded = self._input_codes(x, route, tensor_quant)
         if coded is None:
-            value, scale = self._quantize_input(x, route)
+            value, scale = self._quantize_input(x, route, tensor_quant)
         weights = FusedWeights(self) if route.weights == "fused" else ComposedWeights(self, None,
                                                                                       route.weights == "cached")
         if coded is not None:
@@ -202,25 +210,27 @@ class CIMLayerMixin:
             return self.pack_output(self.tile.codes_forward(codes, grid, weights, self._bias_for(scale, weights), route))
         return self.pack_output(self._forward_quantized(value, scale, weights, route))
 
-    def _input_codes(self, x, route: Optional[Route] = None) -> Optional[tuple]:
+    def _input_codes(self, x, route: Optional[Route] = None, tensor_quant=None) -> Optional[tuple]:
         """(uint8 codes, their `InputGrid`, the input step) for `tile.codes_forward` where the route
         reads the input as codes (None: the route of x now), else None: the input is quantized as
-        floats (`_quantize_input`)."""
+        floats (`_quantize_input`). `tensor_quant`: `_plain_input_quant()` when the caller has it."""
         route = self.route_for(x) if route is None else route
         if route.input != "codes":
             return None
         x = brevitas.unwrap(x)
-        tensor_quant = self._plain_input_quant()
+        tensor_quant = self._plain_input_quant() if tensor_quant is None else tensor_quant
         scale, grid, lo, hi = self._codes_grid(x, tensor_quant, route)
         self.tile.check_codes_input(x)
         return quantized_codes(x, scale, lo, hi, grid), grid, scale
 
-    def _quantize_input(self, x, route: Optional[Route] = None):
+    def _quantize_input(self, x, route: Optional[Route] = None, tensor_quant=_LOOK_UP):
         """(quantized input, its step or None) as the input quantizer computes them: called
-        directly when it is the plain CIM one (`_plain_input_quant`: step module, then one fused
-        fake-quant kernel that in training also sums |x| for the step's running mean; the same
-        values and gradients, that mean up to summation order), else through Brevitas' proxy."""
-        tensor_quant = self._plain_input_quant()
+        directly when it is the plain CIM one (`_plain_input_quant`, which the caller may pass as
+        `tensor_quant`: step module, then one fused fake-quant kernel that in training also sums
+        |x| for the step's running mean; the same values and gradients, that mean up to summation
+        order), else through Brevitas' proxy."""
+        if tensor_quant is _LOOK_UP:
+            tensor_quant = self._plain_input_quant()
         if tensor_quant is None:
             out = self.input_quant(x)
             return brevitas.unwrap(out), brevitas.scale_of(out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,9 +25,9 @@ from lib.cim.gradient_products import native_bfloat16
 from lib.cim.integer_products import integer_kernels_here, level_dtype, sums_stay_exact
 from lib.cim.runtime import Runtime
 
-@dataclass(frozen=True)
-class LayerFlags:
-    """What a layer's state says about its forward (its switches and its quantizers' state)."""
+class LayerFlags(NamedTuple):
+    """What a layer's state says about its forward (its switches and its quantizers' state); a
+    tuple, cheap to make and hash on every forward."""
 
     kind: str  # conv | linear
     export_mode: bool  # the layer in Brevitas' export mode (the graph must contain its quantizers)
@@ -49,8 +50,7 @@ class LayerFlags:
     input_mode: str  # bit-serial | multi-bit
 
 
-@dataclass(frozen=True)
-class InputMeta:
+class InputMeta(NamedTuple):
     """What this forward's input and context say: its device and dtype, autograd, tracing, whether
     it needs a gradient, and whether its partial sums are too large to keep whole."""
 
@@ -81,6 +81,12 @@ class Route:
     def describe(self) -> str:
         """A short, stable text form, for reports and counts."""
         return " ".join(f"{key}={value}" for key, value in asdict(self).items())
+
+
+@functools.lru_cache(maxsize=None)
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype's name without the "torch." prefix."""
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 class UnsupportedRoute(ValueError):

@@ -166,6 +166,7 @@ class ConvTile(CrossbarTile):
         self.padding = tuple(layer.padding) if layer.padding_mode == "zeros" else (0, 0)
         self.explicit_padding = layer._reversed_padding_repeated_twice
         self.out_channels = layer.out_channels
+        self._output_sizes: dict = {}
 
     def tiles(self, input_grid: Optional[InputGrid] = None) -> ConvTiles:
         """The grouped-conv view of the arrays (padding already applied for non-zero padding modes,
@@ -199,10 +200,23 @@ class ConvTile(CrossbarTile):
         """Rows of partial sums a forward of x makes: output positions × input planes."""
         if x.dim() != 4:
             return 0
-        padding = self.layer.padding
-        h_out, w_out = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride
-                        in zip(x.shape[2:], padding, self.dilation, self.kernel_size, self.stride)]
-        return x.shape[0] * planes * max(h_out, 0) * max(w_out, 0)
+        h_out, w_out = self._output_size(tuple(x.shape[2:]))
+        return x.shape[0] * planes * h_out * w_out
+
+    def _output_size(self, size: tuple) -> tuple[int, int]:
+        """(H_out, W_out) of the layer's conv over an input of spatial `size` (kept per size)."""
+        known = self._output_sizes.get(size)
+        if known is None:
+            padding = self.layer.padding
+            if isinstance(padding, str):  # 'same' keeps the size, 'valid' pads nothing
+                padding = (0, 0) if padding == "valid" else None
+            if padding is None:
+                known = size
+            else:
+                known = tuple(max((n + 2 * pad - dil * (k - 1) - 1) // stride + 1, 0) for n, pad, dil, k, stride
+                              in zip(size, padding, self.dilation, self.kernel_size, self.stride))
+            self._output_sizes[size] = known
+        return known
 
     def tiles_codes(self, tiles: ConvTiles, route: Route) -> bool:
         """Whether the forward tiles the input's integer codes rather than the input: its fused

@@ -175,9 +175,8 @@ def layer_qdq(model: onnx.ModelProto, layer_name: str) -> dict[str, list[QDQNode
         rest = node.name[len(marker):]
         if rest.startswith("input_quant"):
             roles["input"].append(node)
-        elif rest.startswith("branches/"):  # branches/branches.N/{piece,adc}/...
-            part = rest.split("/")[2] if rest.count("/") >= 2 else ""
-            roles["psum" if part == "adc" else "weight"].append(node)
+        elif rest.startswith("branches."):  # branches.N/{piece,adc}/...: one partial-sum branch
+            roles["psum" if rest.split("/")[1] == "adc" else "weight"].append(node)
         elif "bias" in rest.split("/")[0] or "/bias_quant/" in rest:
             roles["bias"].append(node)
         elif rest.startswith("pieces"):
