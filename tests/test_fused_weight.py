@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from route_cases import ROUTES
 from runtime_support import set_runtime
 from lib.cim import calibrate, crossbar_adc, tile_products
 from lib.cim.runtime import RUNTIME
@@ -103,14 +104,21 @@ def test_fused_weight_path_equals_the_composed_path(mapping, cell_bits, granular
     assert not RUNTIME.failed
 
 
+# the training routes of the shared list (tests/route_cases.py), each with the fused and the composed weights
+TRAINING_ROUTES = {(tuple(sorted(case.hw.items())), tuple(sorted(case.attributes.items())))
+                   for case in ROUTES if case.mode == "train" and "mapping" not in case.hw
+                   and "fused_weights" not in case.attributes}
+
+
 @pytest.mark.parametrize("mapping", MAPPINGS)
 @pytest.mark.parametrize("compile_mode", ["0", "1"])
 def test_every_crossbar_route_takes_the_same_values(mapping, compile_mode, monkeypatch):
-    """Beyond the one-node crossbar+ADC: products then ADC (fused node off), bit-serial inputs,
-    the ADC off (dequantized weight), the crossbar path with the ADC off, and 1-bit weights."""
+    """Every training route of ROUTES (the one-node crossbar+ADC, products then ADC, bit-serial
+    inputs, the ADC off, the crossbar path with the ADC off...) with 1-bit and 6-bit weights: the
+    fused weight path gives the composed path's values and gradients."""
     set_runtime(monkeypatch, compile=compile_mode)
-    variants = [({}, {"fused_adc": False}), ({"input_mode": "bit-serial", "input_bits": 2}, {}),
-                ({"psum_granularity": "off"}, {}), ({"psum_granularity": "off"}, {"force_crossbar": True})]
+    variants = [(dict(hw), dict(attributes)) for hw, attributes in sorted(TRAINING_ROUTES)]
+    assert len(variants) >= 5
     for hw_overrides, attributes in variants:
         for w_bit in (1, 6):
             for layer, x in _layers(_hw(mapping=mapping, **hw_overrides), w_bit, seed=3):
