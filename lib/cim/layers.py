@@ -31,7 +31,7 @@ from lib.bit_limits import check_bits
 from lib.cim.adc import PartialSumADC
 from lib.cim.adc_kernels import grid_bounds, powers_of_two
 from lib.cim.crossbar_adc import crossbar_adc_forward
-from lib.cim.crossbar import CrossbarPlan, TileLayout
+from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 from lib.cim.hardware import INPUT_MODES, HardwareConfig
 from lib.cim.input_planes import join_planes, split_planes
 from lib.cim.quantizers import (CIMSignedActQuant, CIMUnsignedActQuant, CIMWeightQuant, GridSwitch, hooked,
@@ -123,6 +123,17 @@ class CIMLayerMixin:
             self.psum_adc.mark_stale()
         self.input_mode = mode
 
+    # ------------------------------------------------------------ device noise (lib.cim.noise)
+    def _device_noise(self):
+        """The layer's device non-idealities (lib.cim.noise.LayerNoise, set by lib.cim.noise.attach)
+        when they change its cells, else None. A noisy layer takes the plain composed path: no eval
+        cache, no fused weight kernels, no integer products, the crossbar even with the ADC off;
+        traced and exported graphs stay noise-free."""
+        noise = self.__dict__.get("device_noise")
+        if noise is None or not noise.active or _tracing() or getattr(self.weight_quant, "export_mode", False):
+            return None
+        return noise
+
     # ------------------------------------------------------------ eval cache
     def train(self, mode: bool = True):
         """nn.Module.train, walking the ~30 Brevitas submodules without its per-module generators
@@ -143,7 +154,8 @@ class CIMLayerMixin:
     def _caches_crossbar_form(self) -> bool:
         """In eval mode, unless autograd must reach the weight or ADC side (then every forward
         recomputes) or a graph is being traced or exported (it must contain the quantizers, not constants)."""
-        if self.training or not self.cache_eval or _tracing() or getattr(self.weight_quant, "export_mode", False):
+        if (self.training or not self.cache_eval or _tracing() or getattr(self.weight_quant, "export_mode", False)
+                or self._device_noise() is not None):
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._cached_side_tensors()))
 
@@ -174,7 +186,8 @@ class CIMLayerMixin:
         if coded is None:
             value, scale = self._quantize_input(x)
         cached = self._caches_crossbar_form()
-        weights = FusedWeights(self) if self.fused_weights and not cached else ComposedWeights(self, None, cached)
+        fused = self.fused_weights and not cached and self._device_noise() is None
+        weights = FusedWeights(self) if fused else ComposedWeights(self, None, cached)
         if coded is not None:
             return self.pack_output(self.codes_forward(*coded, weights))
         return self.pack_output(self._forward_quantized(value, scale, weights))
@@ -210,7 +223,7 @@ class CIMLayerMixin:
     def _takes_crossbar_path(self) -> bool:
         """Whether `_forward_quantized` takes `crossbar_forward` (the ADC on, or forced) rather
         than the plain layer on dequantized tensors."""
-        return self.psum_adc.enabled or self.force_crossbar
+        return self.psum_adc.enabled or self.force_crossbar or self._device_noise() is not None
 
     def _quantizes_channels_last(self, x: torch.Tensor) -> bool:
         """Whether `_quantize_input` writes the quantized input channels_last whatever x's layout
@@ -344,7 +357,9 @@ class CIMLayerMixin:
         """2^(s·c) per weight slice (`CrossbarPlan.significance`), and the offset reference column's significance."""
         plan = self.plan
         ref_slice, _ = plan.offset_reference()
-        return powers_of_two(plan.cell_bits, plan.slices, like), 2.0 ** (ref_slice * plan.cell_bits)
+        shifts = plan.significance(like.device, like.dtype) if plan.equal_slices else powers_of_two(
+            plan.cell_bits, plan.slices, like)
+        return shifts, 2.0 ** (ref_slice * plan.cell_bits)
 
     def _convert(self, psums: torch.Tensor, step_grid: torch.Tensor, ref: Optional[torch.Tensor],
                  floor: Optional[torch.Tensor]) -> torch.Tensor:
@@ -372,7 +387,7 @@ class CIMLayerMixin:
         (lib.cim.integer_products): a quantized input (`scale` its step) whose array codes in
         `planes` fit in 8 bits, cell values in int8, arrays small enough for exact sums, a CPU
         with int8 kernels, nothing traced; else None (float32 products)."""
-        if scale is None or not INTEGER_PRODUCTS.available_for(x) or _tracing():
+        if scale is None or not INTEGER_PRODUCTS.available_for(x) or _tracing() or self._device_noise() is not None:
             return None
         plan = self.plan
         zero_point = plan.input_zero_point(planes)
@@ -543,7 +558,12 @@ class ComposedWeights:
         step_grid = self.step_grid()
         if not _tracing():  # a traced graph holds no values to check
             require_finite({"integer weights": q, "weight step": step_grid}, self.layer.layer_name)
-        return q, step_grid, crossbar_weight(q, tiles, self.layer.plan)
+        noise = self.layer._device_noise()
+        if noise is None:
+            return q, step_grid, crossbar_weight(q, tiles, self.layer.plan)
+        # device non-idealities per cell slice: the cells' effective values (lib.cim.noise)
+        cells = noise.cells(stored_slices(q.detach(), self.layer.plan), self.layer.plan, self.layer.training)
+        return q, step_grid, tiles.weight(cells)
 
 
 def _set_training(modules, mode: bool) -> None:

@@ -296,7 +296,7 @@ class ExportCIMLayer(nn.Module):
                 self.pieces.append(self._piece(cells[s][:, start:stop], one, cell_bits, cell_signed, cell_narrow,
                                                self.out_channels, self.groups, what="cell"))
                 self._add_psum(steps[:, t, cols], bounds, t, cols, adc, view)
-                gamma = (2.0 ** (s * hw.cell_bits)) * step_grid[:, t, :].reshape(-1)
+                gamma = float(plan.significance()[s]) * step_grid[:, t, :].reshape(-1)
                 self.register_buffer(f"gamma_{len(self.piece_index)}", gamma.reshape(view))
                 self.piece_index.append((t, s))
             if offset:
