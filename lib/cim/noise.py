@@ -14,9 +14,9 @@ per-layer state that keeps one sample per repeat is `LayerNoise`, attached to a 
 layers by `attach` (they then take their plain composed path, see CIMLayerMixin._device_noise).
 
 Sampling: in evaluation the persistent draws (programming noise, drift exponents, faults) are
-made once per layer from a generator seeded by (seed, layer index), so one seed is one
-programmed chip and gives the same numbers every run; read noise comes from the same generator
-per forward. In training (noise-aware QAT) every forward programs afresh from torch's global
+made once per programming of a layer from a generator seeded afresh by (seed, layer index), so
+one seed is one programmed chip and gives the same numbers every run, whatever ran before; read
+noise continues that generator, forward after forward, until the cells change. In training (noise-aware QAT) every forward programs afresh from torch's global
 generator (whose state a checkpoint keeps), so a resumed run draws what the uninterrupted one did.
 """
 from __future__ import annotations
@@ -161,7 +161,7 @@ class LayerNoise:
         self.cfg = cfg
         self.seed = int(seed)
         self.index = int(index)
-        self._generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.index)
+        self._generator = torch.Generator()
         self._kept: Optional[tuple] = None  # (cells' key, programmed values)
 
     @property
@@ -189,6 +189,7 @@ class LayerNoise:
         key = (tuple(cells.shape), levels, differential, cells.device, cells.dtype)
         if self._kept is not None and self._kept[0] == key and torch.equal(self._kept[1], cells):
             return self._kept[2]
+        self._generator.manual_seed(self.seed * SEED_STRIDE + self.index)  # a programming depends on the seed alone
         draws = draw(devices, self.cfg, self._generator, cells.device, cells.dtype)
         values = programmed_values(cells, levels, differential, self.cfg, draws)
         self._kept = (key, cells.clone(), values)

@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> dict:
                         input_size=args.input_size or spec.input_size)
     sweep_hw = HardwareConfig.from_yaml(args.hardware) if args.hardware else (
         spec.hardware or HardwareConfig.from_yaml(DEFAULT_HARDWARE))
-    base_noise = preset(args.noise_preset) if args.noise_preset else sweep_hw.noise
+    # base noise: the flag's preset, else an explicitly given hardware YAML's (never a checkpoint's training noise)
+    base_noise = preset(args.noise_preset) if args.noise_preset else (sweep_hw.noise if args.hardware else None)
     sweep_hw = base_hardware_of(sweep_hw)
     base_policy = _base_policy(args, spec)
     # the model as loaded: the checkpoint's own crossbar (its steps fit it), else the sweep's base
