@@ -31,7 +31,6 @@ from torch import nn
 from lib import cli
 from lib.cim.adc_kernels import kernel_report
 from lib.cim.noise import attach as attach_noise, detach as detach_noise
-from lib.cim.noise_config import NoiseConfig, preset
 from lib.data import HoldoutSpec, build_loaders, first_images
 from lib.distributed import SINGLE, DistContext, barrier, broadcast_module_state
 from lib.errors import UserError
@@ -45,6 +44,7 @@ from lib.simulator.attention import refuse_attention_rows
 from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
+from lib.training.train_noise import add_train_noise_arg, check_train_noise_flag, train_noise_for
 from models import create_model
 
 log = logging.getLogger("finetune")
@@ -86,10 +86,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = add_optim_args(p, epochs=10, lr=0.01)
     g.add_argument("--calibration-batches", type=int, default=4,
                    help="training batches that initialise the quantizer steps a new policy changed")
-    g.add_argument("--train-noise", nargs="?", const="hardware", default=None, metavar="PRESET",
-                   help="noise-aware training: every training forward programs the cells afresh with device "
-                        "noise (a preset: ideal, pcm, rram; no value: the hardware YAML's `noise`); the best "
-                        "epoch is picked under it and the report gives the test accuracy with and without it")
+    add_train_noise_arg(g)
 
     g = p.add_argument_group("export")
     g.add_argument("--no-export", action="store_true", help="skip the ONNX export and its onnxruntime check")
@@ -185,8 +182,7 @@ def run_train(args: argparse.Namespace) -> dict:
             args.output_dir = str(Path(args.resume).parent)
     if resume_state is not None:
         return _train(args, resume_state["args"], None, None, resume_state, started)
-    if args.train_noise is not None and args.train_noise != "hardware":
-        preset(args.train_noise)  # a bad name exits 2 before any work
+    check_train_noise_flag(args.train_noise)
     if not args.policy:
         raise FinetuneError("--policy is required (a CIM-AQ .npy or our .json)")
     start_state, start_plain = read_start(args.init)
@@ -208,7 +204,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         policy, policy_file = Policy.load(args.policy), str(args.policy)
         hw, hw_path = hardware_for(args.hardware, start_spec)
     check_supported(policy)
-    train_noise = _train_noise(args, resume_state, hw)
+    train_noise = train_noise_for(args.train_noise, hw.noise, resume_state["args"] if resume_state else None)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
     check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
     ctx = cli.init_context(args.device, args.sync_bn)  # after every rank's checks: joining waits for all ranks
@@ -314,22 +310,6 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
                       "ort_max_abs_diff": report.get("ort_max_abs_diff"), "output_dir": str(out_dir)}))
     barrier(ctx)
     return report
-
-
-def _train_noise(args: argparse.Namespace, resume_state: Optional[dict], hw) -> Optional[NoiseConfig]:
-    """The noise of noise-aware training: the resumed run's, else --train-noise's (a preset, or the
-    hardware YAML's `noise` section); None for ideal training."""
-    if resume_state is not None:
-        saved = resume_state["args"].get("train_noise")
-        return NoiseConfig.from_value(saved, "the resumed run's train_noise") if saved else None
-    if args.train_noise is None:
-        return None
-    noise = hw.noise if args.train_noise == "hardware" else preset(args.train_noise)
-    if noise is None or not noise.active:
-        raise FinetuneError(f"--train-noise {args.train_noise}: "
-                            + ("the hardware YAML has no active `noise` section; name a preset (pcm, rram) or add one"
-                               if args.train_noise == "hardware" else "the preset adds no noise"))
-    return noise
 
 
 def deployed_accuracy(model: nn.Module, data, args: argparse.Namespace, test: dict, ctx: DistContext) -> dict:

@@ -1,5 +1,5 @@
-"""finetune.py --train-noise: noise-aware finetuning on noisy cell slices runs, reports the test
-accuracy with and without the noise, and resumes after a real SIGKILL exactly."""
+"""--train-noise: noise-aware finetuning (finetune.py) and QAT (pretrain.py) on noisy cell slices run,
+report the test accuracy with and without the noise, and resume after a real SIGKILL exactly."""
 from __future__ import annotations
 
 import json
@@ -68,3 +68,17 @@ def test_a_bad_train_noise_is_refused_before_training(fp32, tmp_path, capsys):
     argv[argv.index("flash")] = "--no-progress"  # --train-noise without a value: the hardware YAML's, none there
     assert finetune.main(argv) == 2
     assert "no active `noise` section" in capsys.readouterr().err
+    assert pretrain.main(DATA + ["--arch", "tiny_cnn", "--epochs", "1", "--train-noise", "pcm",
+                                 "--output-dir", str(tmp_path / "fp32")]) == 2
+    assert "--quant uniform" in capsys.readouterr().err
+
+
+def test_noise_aware_qat_runs_under_the_hardware_yaml_noise(fp32, tmp_path):
+    hw = tmp_path / "hw.yaml"
+    hw.write_text("cell_bits: 2\ninput_mode: multi-bit\nnoise: {prog: 0.05, stuck_off: 0.01}\n")
+    out = tmp_path / "qat"
+    assert pretrain.main(DATA + ["--arch", "tiny_cnn", "--epochs", "1", "--max-batches", "3", "--quant", "uniform",
+                                 "--w-bit", "4", "--a-bit", "4", "--hardware", str(hw), "--init", str(fp32),
+                                 "--train-noise", "--no-tensorboard", "--output-dir", str(out)]) == 0
+    saved = load_checkpoint(out / "checkpoint.pth.tar")["args"]["train_noise"]
+    assert (saved["prog"], saved["stuck_off"]) == (0.05, 0.01)
