@@ -72,7 +72,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="base device noise of every point (default: the hardware YAML's `noise`, else ideal)")
     g.add_argument("--repeats", type=int, default=1, help="seeded programmings per noisy point (mean ± std)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration batches and of repeat 0's noise")
-    g.add_argument("--calibration-batches", type=int, default=2,
+    g.add_argument("--calibration-batches", type=int, default=1,
                    help="training batches that recalibrate the steps a point changes")
 
     g = p.add_argument_group("data")

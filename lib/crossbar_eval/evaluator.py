@@ -26,7 +26,9 @@ from lib.cim.convert import apply_policy, calibrate, current_policy, quantizable
 from lib.cim.hardware import HardwareConfig
 from lib.crossbar_eval.grid import Setting, SweepError
 from lib.errors import UserError
-from lib.model_spec import ModelSpec, build_model, check_policy, cost_model_for
+from lib.model_spec import BASELINE_BITS, ModelSpec, build_model, check_policy, cost_model_for
+from lib.policy import Policy
+from lib.simulator import CostModel
 from lib.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class PointEvaluator:
         self.progress = progress
         self._kept: Optional[tuple] = None  # (structure, model, recalibrated layers)
         self._costs: dict = {}
+        self._dims = cost_model_for(spec, self.base_hw).layer_dims  # traced once: the hardware only prices them
 
     # ------------------------------------------------------------ cost
     @staticmethod
@@ -83,7 +86,7 @@ class PointEvaluator:
                tuple(setting.policy.adc_bits or ()), setting.hardware.energy)
         if key not in self._costs:
             max_bit = max([8] + setting.policy.w_bits + setting.policy.a_bits)
-            model = cost_model_for(self.spec, setting.hardware, max_bit=max_bit)
+            model = CostModel(setting.hardware, self._dims, max_bit=max_bit, baseline_bits=BASELINE_BITS)
             cost = model.policy_cost(setting.policy)
             summary = cost.summary()
             self._costs[key] = {"latency_us": cost.total_latency, "latency_ratio": cost.ratio,
@@ -97,6 +100,17 @@ class PointEvaluator:
         structure = setting.structure()
         if self._kept is not None and self._kept[0] == structure:
             return self._kept[1], self._kept[2]
+        if self._kept is not None and _same_but_adc_bits(self._kept[0], structure):
+            # only the ADC resolution differs: the kept model's layers take the new bits and
+            # re-initialise their ADC steps (what a rebuild would recalibrate, without the rebuild)
+            model = self._kept[1]
+            apply_policy(model, _with_adc(setting))
+            stale = sum(not layer.is_calibrated for _, layer in quantizable_layers(model))
+            if stale:
+                calibrate(model, self.calibration, max_batches=len(self.calibration), batch_norm="running")
+            model.eval()
+            self._kept = (structure, model, stale)
+            return model, stale
         self._kept = None
         spec = self.spec.at_policy(setting.policy, setting.hardware)
         try:
@@ -139,6 +153,19 @@ class PointEvaluator:
             cim_noise.detach(model)
         label = setting.noise.describe() if setting.noise is not None else "ideal"
         return PointResult(tuple(scores), label, cost, recalibrated, time.time() - started)
+
+
+def _same_but_adc_bits(a: tuple, b: tuple) -> bool:
+    """Whether two structures (`Setting.structure`) differ at most in the ADC bits."""
+    hw_a, hw_b = a[0], b[0]
+    return (a[1:3] == b[1:3] and dataclasses.replace(hw_a, adc_bits=hw_b.adc_bits) == hw_b)
+
+
+def _with_adc(setting: Setting) -> Policy:
+    """The setting's policy with every layer's ADC bits spelt out (the hardware default where unset)."""
+    policy = setting.policy
+    adc = policy.adc_bits if policy.adc_bits is not None else [setting.hardware.adc_bits] * len(policy)
+    return Policy(policy.w_bits, policy.a_bits, adc, policy.layer_names)
 
 
 def post_training_model(spec: ModelSpec, float_state: dict, calibration: list, device) -> nn.Module:
