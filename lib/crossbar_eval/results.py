@@ -97,7 +97,8 @@ class SweepStore:
                                            "axes": [{"key": a.key, "values": list(a.values), "noise": a.noise}
                                                     for a in self.axes],
                                            "rows": list(self.rows.values())}, indent=1)
-        columns = [a.key for a in self._ordered_axes()] + list(RESULT_COLUMNS)
+        swept = [a.key for a in self._ordered_axes()]
+        columns = swept + [c for c in RESULT_COLUMNS if c not in swept]  # a swept `noise` preset is the noise column
         atomic_write(self.folder / "sweep.csv", lambda h: h.write(csv_text(grid_rows, columns)))
         atomic_write(self.folder / "sweep.md", lambda h: h.write(markdown_text(grid_rows, columns, self.fingerprint)))
 
