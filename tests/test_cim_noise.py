@@ -166,3 +166,23 @@ def test_noise_aware_training_takes_gradients_through_noisy_slices():
     torch.manual_seed(1)
     assert torch.equal(layer(x), out.detach())  # the global generator decides the training draws
     assert not torch.equal(layer(x), out.detach())  # and every forward programs afresh
+
+
+def test_an_equal_significance_model_with_noise_attached_exports_its_ideal_cells(tmp_path):
+    """The ONNX graph is noise-free: onnxruntime agrees with the ideal model, noise attached or not."""
+    from lib.cim import quantize_model
+    from lib.export import export_model
+    from models import create_model
+
+    torch.manual_seed(0)
+    hw = HardwareConfig(cell_bits=1, slice_significance="equal", input_mode="multi-bit", adc_bits=6)
+    model = quantize_model(create_model("tiny_cnn", 10), (4, 4), hw, input_size=8)
+    images = torch.randn(16, 3, 8, 8)
+    calibrate(model, [images], batch_norm="running")
+    model.eval()
+    with torch.no_grad():
+        ideal = model(images)
+    cim_noise.attach(model, NoiseConfig(prog=0.2), seed=0)
+    result = export_model(model, tmp_path / "model.onnx", images)
+    assert result.check.passed and result.check.max_abs_diff < 1e-4 * ideal.abs().max().item()
+    assert model.get_submodule("fc")._device_noise() is not None  # the model itself keeps its noise

@@ -215,6 +215,8 @@ def attach(model: nn.Module, cfg: Optional[NoiseConfig], seed: int = 0) -> int:
     return count
 
 
-def detach(model: nn.Module) -> None:
-    """Remove the non-idealities from every CIM layer (the ideal crossbar again)."""
+def detach(model: nn.Module) -> int:
+    """Remove the non-idealities from every CIM layer (the ideal crossbar again); returns how many had them."""
+    had = sum(NOISE_ATTR in m.__dict__ for m in model.modules() if isinstance(m, CIMLayerMixin))
     attach(model, None)
+    return had
