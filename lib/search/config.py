@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
 from lib.bit_limits import BIT_RANGES
-from lib.cim.noise_config import PRESETS
 from lib.errors import UserError
 from lib.objectives import OBJECTIVES
 
@@ -166,6 +165,7 @@ class SearchConfig:
         _int_at_least("top_k", self.top_k, 0)
         _int_at_least("top_k_finetune_steps", self.top_k_finetune_steps, 0)
         _int_at_least("eval_repeats", self.eval_repeats, 1)
+        from lib.cim.noise_config import PRESETS  # lazy: the lib.cim package loads torch, which --help never needs
         if self.eval_noise is not None and self.eval_noise not in PRESETS:
             raise SearchConfigError(f"eval_noise={self.eval_noise!r} is not allowed: expected a noise preset, one of "
                                     f"{sorted(PRESETS)}")
