@@ -57,6 +57,7 @@ def test_sweep_writes_all_outputs_and_resumes_after_sigkill_with_identical_rows(
     assert all(r["repeats"] == 2 and r["noise"] == "prog=0.05" for r in noisy)
     assert all(r["repeats"] == 1 and r["noise"] == "ideal" and r["top1_std"] == 0 for r in rows if r["prog"] == 0)
     assert "prog=0.05" in (whole / "sweep.md").read_text()
+    assert all(r["energy_pj"] > 0 and r["arrays"] > 0 and 0 < r["latency_ratio"] for r in rows)  # default.yaml prices energy
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(_command(fp32, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,

@@ -45,6 +45,7 @@ from models import create_model
 
 log = logging.getLogger("crossbar_eval")
 
+KEPT_TEST_BYTES = 512 * 2**20  # a test split up to this size is decoded once and kept for every point
 FLAG_MINIMUMS = {"input_size": 1, "batch_size": 1, "workers": 0, "threads": 0, "repeats": 1,
                  "calibration_batches": 1, "max_batches": 1}
 
@@ -179,7 +180,10 @@ def run(args: argparse.Namespace) -> dict:
         base = build_model(model_spec)
         load_model_state(base, state["state_dict"], ckpt_path)
         base = base.to(device).eval()
-    evaluator = PointEvaluator(evaluator_spec, base, calibration, data.val,
+    test = data.val
+    if len(data.val.dataset) * 3 * spec.input_size ** 2 * 4 <= KEPT_TEST_BYTES:
+        test = list(data.val)  # decoded and transformed once, not once per point and repeat
+    evaluator = PointEvaluator(evaluator_spec, base, calibration, test,
                                device, seed=args.seed, max_batches=args.max_batches)
     rows, computed = [], 0
     bar = tqdm(list(zip(grid, settings)), desc="sweep", unit="point", disable=args.no_progress, dynamic_ncols=True)
