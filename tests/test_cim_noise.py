@@ -186,3 +186,21 @@ def test_an_equal_significance_model_with_noise_attached_exports_its_ideal_cells
     result = export_model(model, tmp_path / "model.onnx", images)
     assert result.check.passed and result.check.max_abs_diff < 1e-4 * ideal.abs().max().item()
     assert model.get_submodule("fc")._device_noise() is not None  # the model itself keeps its noise
+
+
+def test_a_noisy_forward_after_ideal_ones_is_the_same_as_on_a_fresh_layer():
+    """The ideal evaluation's fast routes (eval cache, integer codes of the input) must not serve a
+    noisy forward: noise attached after ideal forwards gives what it gives on a fresh copy."""
+    import copy
+
+    layer, x = _conv(_hw())
+    fresh = copy.deepcopy(layer)
+    cfg = NoiseConfig(prog=0.05)
+    with torch.no_grad():
+        ideal = layer(x)
+        assert torch.equal(layer(x), ideal)  # the cached and codes routes of the ideal layer
+        cim_noise.attach(layer, cfg, seed=2)
+        cim_noise.attach(fresh, cfg, seed=2)
+        noisy = layer(x)
+        assert torch.equal(noisy, fresh(x))
+        assert not torch.equal(noisy, ideal)

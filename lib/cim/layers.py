@@ -708,7 +708,7 @@ class CIMConv2d(CIMLayerMixin, QuantConv2d):
         plane, zero padding, no offset reference column, the fused crossbar + ADC on integer
         products; else None. The fake-quantized float input is then never written."""
         if (self.training or torch.is_grad_enabled() or self.padding_mode != "zeros" or self.uses_reference_column
-                or not (self.fused_adc and self.psum_adc.fusable)):
+                or not (self.fused_adc and self.psum_adc.fusable) or self._device_noise() is not None):
             return None
         tensor_quant = self._plain_input_quant()
         if tensor_quant is None or self.input_planes != 1:
