@@ -30,6 +30,7 @@ from torch import nn
 
 from lib import cli
 from lib.cim.layers import route_counts
+from lib.cim.noise import attach as attach_noise, detach as detach_noise
 from lib.cim.runtime import RUNTIME
 from lib.data import HoldoutSpec, build_loaders, first_images
 from lib.distributed import SINGLE, DistContext, barrier, broadcast_module_state
@@ -44,6 +45,7 @@ from lib.simulator.attention import refuse_attention_rows
 from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
+from lib.training.train_noise import add_train_noise_arg, check_train_noise_flag, train_noise_for
 from models import create_model
 
 log = logging.getLogger("finetune")
@@ -85,6 +87,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = add_optim_args(p, epochs=10, lr=0.01)
     g.add_argument("--calibration-batches", type=int, default=4,
                    help="training batches that initialise the quantizer steps a new policy changed")
+    add_train_noise_arg(g)
 
     g = p.add_argument_group("export")
     g.add_argument("--no-export", action="store_true", help="skip the ONNX export and its onnxruntime check")
@@ -180,6 +183,7 @@ def run_train(args: argparse.Namespace) -> dict:
             args.output_dir = str(Path(args.resume).parent)
     if resume_state is not None:
         return _train(args, resume_state["args"], None, None, resume_state, started)
+    check_train_noise_flag(args.train_noise)
     if not args.policy:
         raise FinetuneError("--policy is required (a CIM-AQ .npy or our .json)")
     start_state, start_plain = read_start(args.init)
@@ -201,6 +205,7 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         policy, policy_file = Policy.load(args.policy), str(args.policy)
         hw, hw_path = hardware_for(args.hardware, start_spec)
     check_supported(policy)
+    train_noise = train_noise_for(args.train_noise, hw.noise, resume_state["args"] if resume_state else None)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec, policy_file)
     check_run_dir(out_dir, resume=args.resume is not None, overwrite=args.overwrite)
     ctx = cli.init_context(args.device, args.sync_bn)  # after every rank's checks: joining waits for all ranks
@@ -230,8 +235,13 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
     else:
         model = model_at_policy(spec, policy, hw, start_state, start_plain, data.train, args.calibration_batches)
     flags = {k: v for k, v in vars(args).items()
-             if k not in ("arch", "dataset", "data_root", "input_size", "policy", "hardware", "resume")}
-    saved_args = {**flags, **mixed.to_args(), "policy_file": policy_file}
+             if k not in ("arch", "dataset", "data_root", "input_size", "policy", "hardware", "resume", "train_noise")}
+    saved_args = {**flags, **mixed.to_args(), "policy_file": policy_file,
+                  "train_noise": train_noise.to_dict() if train_noise is not None else None}
+    if train_noise is not None:
+        attach_noise(model, train_noise, seed=args.seed)
+        log.info("noise-aware training under %s: every training forward programs the cells afresh",
+                 train_noise.describe())
     cfg = optim_config_from_args(args)
     tracker = None
     if ctx.is_main:
@@ -251,7 +261,15 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
         best = load_checkpoint(result.best_checkpoint or result.checkpoint)
         load_model_state(model, best["state_dict"], result.best_checkpoint)
     broadcast_module_state(model, ctx)
+    detach_noise(model)  # the test accuracy on the ideal crossbar; under the training noise below
     test = evaluate(model, data.val, nn.CrossEntropyLoss(), device, dist=ctx)
+    noisy = None
+    if train_noise is not None:
+        attach_noise(model, train_noise, seed=args.seed)
+        noisy = evaluate(model, data.val, nn.CrossEntropyLoss(), device, dist=ctx)
+        detach_noise(model)
+        log.info("test top-1 under %s: %.2f%% (ideal crossbar %.2f%%)", train_noise.describe(), noisy["top1"],
+                 test["top1"])
     log.info("best epoch %d (holdout top-1 %.2f%%): test top-1 %.2f%% top-5 %.2f%%", result.best_epoch,
              result.best_acc1, test["top1"], test["top5"])
     deployed = deployed_accuracy(model, data, args, test, ctx)
@@ -260,7 +278,9 @@ def _train(args, start_args, start_state, start_plain, resume_state, started) ->
                      "test_samples": test["samples"], "holdout_best_top1": result.best_acc1,
                      "best_epoch": result.best_epoch,
                      "selected_on": "holdout" if data.holdout is not None else "val",
-                     "deployed_top1": deployed["top1"], "deployed": deployed},
+                     "deployed_top1": deployed["top1"], "deployed": deployed,
+                     "test_noise": "ideal", "train_noise": train_noise.describe() if train_noise else None,
+                     "noisy_test_top1": noisy["top1"] if noisy else None},
         "policy": policy.to_json_dict(),
         "latency_us": cost.total_latency, "baseline_latency_us": cost.baseline_latency,
         "baseline_bits": list(cost.baseline_bits), "latency_ratio": cost.ratio, "arrays": cost.arrays,

@@ -23,6 +23,7 @@ from typing import Optional
 from torch import nn
 
 from lib import cli
+from lib.cim.noise import attach as attach_noise
 from lib.data import build_loaders, default_input_size
 from lib.distributed import SINGLE, DistContext
 from lib.errors import UserError
@@ -33,6 +34,7 @@ from lib.run_dir import add_overwrite_arg, check_output_file, check_run_dir, ope
 from lib.training import Tracker, evaluate, fit, load_checkpoint, load_model_state, seed_everything
 from lib.training.checkpoint import plain
 from lib.training.optim import add_optim_args, optim_config_from_args
+from lib.training.train_noise import add_train_noise_arg, check_train_noise_flag, train_noise_for
 from models import read_state_dict
 
 log = logging.getLogger("pretrain")
@@ -77,6 +79,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="none = FP32 training; uniform = QAT with every layer at --w-bit/--a-bit on CIM layers")
     g.add_argument("--w-bit", type=int, default=None, help="weight bits for --quant uniform (default 8)")
     g.add_argument("--a-bit", type=int, default=None, help="activation bits for --quant uniform (default 8)")
+    add_train_noise_arg(g)
     g.add_argument("--hardware", default=None,
                    help=f"crossbar hardware YAML for --quant uniform (default {DEFAULT_HARDWARE.relative_to(REPO_ROOT)})")
 
@@ -237,8 +240,13 @@ def run_train(args: argparse.Namespace) -> dict:
         log.info("resuming from %s (epoch %d)", resume_path, resume_state["epoch"])
     spec = resolve_spec(args, resume_state["args"] if resume_state else None)
     check_quant_flags(args, spec)
+    check_train_noise_flag(args.train_noise)
+    train_noise = None
+    if spec["quant"] != "uniform" and args.train_noise is not None:
+        raise PretrainError("--train-noise needs --quant uniform: device noise lives on the CIM layers' cells")
     if spec["quant"] == "uniform":  # hardware file and bits are checked before any data or model
         hw = hardware_config(spec)
+        train_noise = train_noise_for(args.train_noise, hw.noise, resume_state["args"] if resume_state else None)
         spec["hardware_config"] = hw.to_dict()
         try:
             check_layer_bits(spec["w_bit"], spec["a_bit"], None)
@@ -260,7 +268,11 @@ def run_train(args: argparse.Namespace) -> dict:
     # each rank calibrates on its shard; fit starts every rank from rank 0's state
     model = build_model(spec, pretrained=args.pretrained if fresh else None, init=args.init if fresh else None,
                         calibration_data=data.train if fresh else None)
-    saved_args = {**spec, **{k: v for k, v in vars(args).items() if k not in spec}}
+    saved_args = {**spec, **{k: v for k, v in vars(args).items() if k not in spec},
+                  "train_noise": train_noise.to_dict() if train_noise is not None else None}
+    if train_noise is not None:
+        attach_noise(model, train_noise, seed=args.seed)
+        log.info("noise-aware QAT under %s: every training forward programs the cells afresh", train_noise.describe())
     tracker = None
     if ctx.is_main:
         open_run_dir(out_dir)

@@ -91,6 +91,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--calibration-batches", type=int, default=2, help="batches that re-initialise changed steps")
     g.add_argument("--top-k", type=int, default=3, help="feasible candidates re-evaluated at the end (0 = none)")
     g.add_argument("--top-k-finetune-steps", type=int, default=300, help="finetune batches of the re-evaluation")
+    g.add_argument("--eval-noise", default=None, metavar="PRESET",
+                   help="score every policy (and the baseline) under this device-noise preset (ideal, pcm, rram): "
+                        "judged by its accuracy on the device, not on an ideal crossbar")
+    g.add_argument("--eval-repeats", type=int, default=1,
+                   help="seeded programmings of the cells per score under --eval-noise (their mean)")
 
     g = p.add_argument_group("DDPG agent (HAQ defaults)")
     defaults = DDPGConfig()
@@ -148,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         budgets=parse_budgets(args.budget), objective=args.objective,
         strategy=args.strategy, top_k=args.top_k, top_k_finetune_steps=args.top_k_finetune_steps,
         search_holdout=args.search_holdout, search_train_size=args.search_train_size, seed=args.seed,
+        eval_noise=args.eval_noise, eval_repeats=args.eval_repeats,
         resume=args.resume == "auto", overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
         threads=args.threads, device=args.device, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
         ddpg=ddpg)

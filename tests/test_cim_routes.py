@@ -131,7 +131,8 @@ def _flags(kind: str, **changes) -> LayerFlags:
     base = dict(kind=kind, export_mode=False, weight_export_mode=False, weight_quant_enabled=True, training=True,
                 force_crossbar=False, fused_adc=True, fused_weights=True, cache_eval=True, adc_enabled=True,
                 adc_fusable=True, adc_lo=-32, adc_hi=31, padding_zeros=True, input_quantized=True,
-                plain_input_quant=True, input_step_ready=False, side_requires_grad=True, input_mode="multi-bit")
+                plain_input_quant=True, input_step_ready=False, side_requires_grad=True, input_mode="multi-bit",
+                device_noise=False)
     return LayerFlags(**{**base, **changes})
 
 

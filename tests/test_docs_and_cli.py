@@ -20,6 +20,7 @@ PYTHON_CLIS = {
     "python -m lib.export": ["-m", "lib.export"],
     "python -m lib.simulator.latency": ["-m", "lib.simulator.latency"],
     "python -m lib.make_policy": ["-m", "lib.make_policy"],
+    "python -m lib.crossbar_eval": ["-m", "lib.crossbar_eval"],
 }
 SHELL_CLIS = sorted(str(p.relative_to(REPO)) for p in (REPO / "run").glob("run_*.sh"))
 # CLIs that parse their flags before importing torch (the others import their stage's modules first)

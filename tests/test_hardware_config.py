@@ -111,7 +111,8 @@ def test_a_record_written_before_the_modelling_fields_keeps_its_meaning():
     """Checkpoints store `to_dict()`; one from before input_mode/row_tiling/weight_slicing/
     column_placement existed meant CIM-AQ's counting and multi-bit inputs, and still does."""
     record = {k: v for k, v in HardwareConfig().to_dict().items()
-              if k not in ("input_mode", "row_tiling", "weight_slicing", "column_placement", "energy")}
+              if k not in ("input_mode", "row_tiling", "weight_slicing", "column_placement", "slice_significance",
+                           "noise", "energy")}
     old = HardwareConfig.from_dict(record)
     assert (old.input_mode, old.row_tiling, old.weight_slicing, old.column_placement) == \
         ("multi-bit", "dense", "full-range", "dense")

@@ -129,6 +129,8 @@ def bad_files(tmp_path_factory, int8_ckpt) -> dict:
     (["--layer-dims", str(REPO / "run" / "layer_dims" / "resnet18_224.yaml")], "has 4 quantizable layers"),
     (["--latency-budget", "0.001"], "latency_budget=0.001 is not reachable"),
     (["--episodes", "0"], "episodes=0 is not allowed"),
+    (["--eval-noise", "flash"], "eval_noise='flash' is not allowed"),
+    (["--eval-repeats", "3"], "eval_repeats=3 needs eval_noise"),
 ])
 def test_bad_settings_exit_2_before_training(int8_ckpt, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -184,3 +186,18 @@ def test_search_on_other_hardware_starts_from_the_same_model_every_run(int8_ckpt
         assert evaluator.model.get_submodule("fc").hw.cell_bits == 2
     assert starts[0].keys() == starts[1].keys()
     assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+
+
+def test_search_under_eval_noise_scores_every_policy_on_the_noisy_device(int8_ckpt, tmp_path, eager_single_thread):
+    """--eval-noise: the baseline and every policy are the mean over seeded programmings of the
+    cells, the same for the same seed, and the summary says which noise the accuracies are under."""
+    ideal = run_search(tiny_config(int8_ckpt, tmp_path / "ideal", ddpg=SMALL_AGENT, episodes=2, top_k=0))
+    noisy = run_search(tiny_config(int8_ckpt, tmp_path / "noisy", ddpg=SMALL_AGENT, episodes=2, top_k=0,
+                                   eval_noise="rram", eval_repeats=2))
+    again = run_search(tiny_config(int8_ckpt, tmp_path / "again", ddpg=SMALL_AGENT, episodes=2, top_k=0,
+                                   eval_noise="rram", eval_repeats=2))
+    assert [r["accuracy"] for r in read_log(tmp_path / "noisy")] == [r["accuracy"] for r in read_log(tmp_path / "again")]
+    assert noisy.baseline_accuracy != ideal.baseline_accuracy
+    summary = json.loads((tmp_path / "noisy" / "summary.json").read_text())
+    assert summary["accuracy_noise"] == "rram, mean of 2 programming(s)"
+    assert json.loads((tmp_path / "ideal" / "summary.json").read_text())["accuracy_noise"] == "ideal"

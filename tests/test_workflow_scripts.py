@@ -9,7 +9,7 @@ import pytest
 from workflow_support import REPO
 
 SCRIPTS = ("run_fp32_pretraining.sh", "run_int8_pretraining.sh", "run_rl_quantize.sh", "run_mp_finetuning.sh",
-           "run_full_workflow.sh")
+           "run_full_workflow.sh", "run_crossbar_sweep.sh")
 
 
 def bash(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -38,3 +38,7 @@ def test_unknown_names_and_missing_strategy_are_refused():
     assert result.returncode == 2 and "unknown model 'qresnet99'" in result.stderr
     result = bash("run_mp_finetuning.sh", "qresnet18", "imagenet100", "data/imagenet100", "30")
     assert result.returncode == 2 and "strategy_file" in result.stderr
+    result = bash("run_crossbar_sweep.sh")
+    assert result.returncode == 2 and "checkpoint" in result.stderr
+    result = bash("run_crossbar_sweep.sh", "no/such/model_best.pth.tar", "--sweep", "cell_bits=1,2")
+    assert result.returncode == 2 and "no/such/model_best.pth.tar" in result.stderr

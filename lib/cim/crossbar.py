@@ -10,6 +10,10 @@ A weight is stored in S cells of cell_bits each:
   and q⁻ = max(-q, 0), of a narrow (symmetric) grid [-(2^(b-1)-1), 2^(b-1)-1], so magnitudes
   need b-1 bits and S = ceil((b-1) / c) (a 1-bit weight keeps the grid {-1, 0}: one slice);
 - differential ('full-range' slicing, CIM-AQ's count): grid [-2^(b-1), 2^(b-1)-1], S = ceil(b / c).
+Slices have binary significance (Σ 2^(s·c)·slice_s) or, with `slice_significance: equal`
+(differential mappings), equal significance: each of S = ceil(max|q| / (2^c - 1)) slices holds a
+near-equal share floor((|q| + s) / S) of the magnitude, and the shares simply add up (more
+columns, but the devices' noise averages over the S cells).
 Inputs of a_bit bits reach the array in ceil(a_bit / input_bits) planes (bit-serial DAC) or at
 once (multi-bit, a fast approximation for training).
 """
@@ -131,16 +135,30 @@ class CrossbarPlan:
         return self.w_bit - 1 if self.narrow_weights else self.w_bit
 
     @property
+    def equal_slices(self) -> bool:
+        """Whether the slices have equal significance (`slice_significance: equal`)."""
+        return self.hw.slice_significance == "equal"
+
+    def _largest_stored(self) -> int:
+        """The largest value slicing must hold: u (offset) or |q| (differential)."""
+        lo, hi = self.weight_range()
+        return hi - lo if not self.differential else max(-lo, hi)
+
+    @property
     def slices(self) -> int:
+        if self.equal_slices:
+            return max(1, _ceil_div(self._largest_stored(), 2 ** self.cell_bits - 1))
         return _ceil_div(self.stored_bits, self.cell_bits)
 
     def significance(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """2^(s·cell_bits) for every slice s (made once per setting and shared: not to be changed)."""
-        return powers_of_two(self.cell_bits, self.slices, dtype, device)
+        """2^(s·cell_bits) for every slice s (binary), or 1 for every slice (equal significance); made
+        once per setting and shared: not to be changed."""
+        return powers_of_two(0 if self.equal_slices else self.cell_bits, self.slices, dtype, device)
 
     def slice_significance(self, s: int) -> float:
-        """2^(s·cell_bits): the digital shift of slice s (also the offset reference column's slice)."""
-        return 2.0 ** (s * self.cell_bits)
+        """The digital shift of slice s: 2^(s·cell_bits), or 1 with equal significance (also the
+        offset reference column's slice)."""
+        return 1.0 if self.equal_slices else 2.0 ** (s * self.cell_bits)
 
     @property
     def reference_significance(self) -> float:
@@ -151,12 +169,13 @@ class CrossbarPlan:
     def slicing(self) -> "CellSlicing":
         """The slicing rule's parameters (see `stored_slices`)."""
         offset = 0 if self.differential else 2 ** (self.w_bit - 1)
-        return CellSlicing(self.slices, self.cell_bits, offset, self.differential)
+        return CellSlicing(self.slices, self.cell_bits, offset, self.differential, self.equal_slices)
 
     def slice_max(self) -> list[int]:
         """The largest cell value (magnitude) slice s can hold, given the grid."""
-        lo, hi = self.weight_range()
-        top = hi - lo if not self.differential else max(-lo, hi)  # largest u, or largest |q|
+        top = self._largest_stored()
+        if self.equal_slices:
+            return [min(2 ** self.cell_bits - 1, (top + s) // self.slices) for s in range(self.slices)]
         return [min(2 ** self.cell_bits - 1, top >> (self.cell_bits * s)) for s in range(self.slices)]
 
     def offset_reference(self) -> tuple[int, float]:
@@ -281,6 +300,7 @@ class CellSlicing(NamedTuple):
     cell_bits: int
     offset: int  # added before slicing: 2^(b-1) for the offset mapping, 0 for differential
     differential: bool
+    equal: bool = False  # equal-significance shares instead of binary digits (differential only)
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -294,7 +314,8 @@ def stored_slices(q: torch.Tensor, plan: CrossbarPlan) -> torch.Tensor:
     offset: u = q + 2^(b-1) stored unsigned, slices in [0, 2^c - 1].
     differential (column or row): slice s of |q| with q's sign, i.e. slice(q⁺) - slice(q⁻),
     in [-(2^c - 1), 2^c - 1] — the pair's difference that the ADC reads.
-    Either way Σ_s 2^(s·c) · slice_s recombines u (offset) or q (differential) exactly.
+    Either way Σ_s 2^(s·c) · slice_s recombines u (offset) or q (differential) exactly; with equal
+    significance slice s is floor((|q| + s) / S) with q's sign, and Σ_s slice_s = q exactly.
     """
     return cell_values(q, plan.slicing)
 
@@ -305,6 +326,10 @@ def cell_values(q: torch.Tensor, slicing: CellSlicing) -> torch.Tensor:
     ints = torch.round(q).to(torch.int32)
     shifts = (cell_bits * torch.arange(slices, device=q.device, dtype=torch.int32)).view((slices,) + (1,) * q.dim())
     mask = 2 ** cell_bits - 1
+    if slicing.equal:  # Σ_s floor((m + s) / S) = m for every integer m >= 0 (Hermite's identity)
+        parts = torch.arange(slices, device=q.device, dtype=torch.int32).view((slices,) + (1,) * q.dim())
+        shares = torch.div(ints.abs() + parts, slices, rounding_mode="floor")
+        return (shares * torch.sign(ints)).to(q.dtype)
     if not slicing.differential:
         return torch.bitwise_and(torch.bitwise_right_shift(ints + slicing.offset, shifts), mask).to(q.dtype)
     digits = torch.bitwise_and(torch.bitwise_right_shift(ints.abs(), shifts), mask)

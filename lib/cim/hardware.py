@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 from lib.cim.energy_config import EnergyConfig, EnergyConfigError
+from lib.cim.noise_config import NoiseConfig, NoiseConfigError
 from lib.errors import UserError
 
 MAPPINGS = ("offset", "differential-column", "differential-row")
@@ -24,6 +25,7 @@ INPUT_MODES = ("bit-serial", "multi-bit")
 ROW_TILINGS = ("channel", "dense")
 WEIGHT_SLICINGS = ("magnitude", "full-range")
 COLUMN_PLACEMENTS = ("whole-pairs", "dense")
+SLICE_SIGNIFICANCES = ("binary", "equal")
 # What a hardware YAML in CIM-AQ's own layout means unless it says otherwise: CIM-AQ's pricing
 # (dense rows, ceil(b/c) slices, dense columns) and whole multi-bit inputs in the layers.
 CIMAQ_COMPATIBILITY = {"row_tiling": "dense", "weight_slicing": "full-range", "column_placement": "dense",
@@ -59,6 +61,13 @@ class HardwareConfig:
         (CIM-AQ: ceil(b/c) slices, grid down to -2^(b-1)). The offset mapping takes ceil(b/c).
     column_placement: 'whole-pairs' (a differential pair never spans two arrays) or 'dense'
         (CIM-AQ: ceil(physical columns / C); the same unless differential-column with odd cols).
+    slice_significance: 'binary' (slice s weighs 2^(s·c)) or 'equal' (differential mappings only:
+        ceil(max|q| / (2^c - 1)) slices of equal weight, each a share of the magnitude; more
+        columns and arrays, the devices' noise averaged over the slices).
+    noise: device non-idealities of the cells (lib.cim.noise.NoiseConfig; YAML: a preset name or
+        a mapping), applied only where a run asks for them (crossbar evaluation, --train-noise,
+        the search's --eval-noise). Like `energy` it takes no part in equality: it changes no
+        structure, and a model trained on the ideal crossbar is the same model on a noisy one.
     energy: per-operation energies and per-unit areas (lib.cim.energy_config), or None: no energy
         model. They price the hardware and change nothing the layers compute, so they take no
         part in equality (a model quantized on hardware that differs only in them is the same).
@@ -81,6 +90,8 @@ class HardwareConfig:
     row_tiling: str = "channel"
     weight_slicing: str = "magnitude"
     column_placement: str = "whole-pairs"
+    slice_significance: str = "binary"
+    noise: Optional[NoiseConfig] = field(default=None, compare=False)
     energy: Optional[EnergyConfig] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +110,16 @@ class HardwareConfig:
         _check_choice("row_tiling", self.row_tiling, ROW_TILINGS)
         _check_choice("weight_slicing", self.weight_slicing, WEIGHT_SLICINGS)
         _check_choice("column_placement", self.column_placement, COLUMN_PLACEMENTS)
+        _check_choice("slice_significance", self.slice_significance, SLICE_SIGNIFICANCES)
+        if self.slice_significance == "equal" and mapping == "offset":
+            raise HardwareConfigError("slice_significance='equal' is not allowed with mapping='offset': "
+                                      "equal-significance slices need a differential mapping")
+        if self.noise is not None:
+            try:
+                noise = self.noise if isinstance(self.noise, NoiseConfig) else NoiseConfig.from_value(self.noise)
+            except NoiseConfigError as err:
+                raise HardwareConfigError(str(err)) from None
+            object.__setattr__(self, "noise", noise)
         for key in ("write_latency", "execute_latency", "adc_cycle_latency"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
@@ -154,6 +175,7 @@ class HardwareConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["energy"] = self.energy.to_dict() if self.energy is not None else None
+        data["noise"] = self.noise.to_dict() if self.noise is not None else None
         return data
 
     # ----------------------------------------------------------------- reading

@@ -28,7 +28,7 @@ from lib.bit_limits import check_bits
 from lib.cim import brevitas_adapter as brevitas
 from lib.cim.adc import PartialSumADC
 from lib.cim.adc_kernels import grid_bounds
-from lib.cim.crossbar import CrossbarPlan, TileLayout
+from lib.cim.crossbar import CrossbarPlan, TileLayout, stored_slices
 from lib.cim.crossbar_adc import partial_sums_chunked
 from lib.cim.eval_cache import EvalCache, module_tensors, tensor_versions
 from lib.cim.fused_quant import fake_quant, fake_quant_abs_sum
@@ -132,7 +132,16 @@ class CIMLayerMixin:
         """Whether the weight side comes from the eval cache now (lib.cim.route's rule)."""
         grad = torch.is_grad_enabled()
         return caches_crossbar_form(self.training, self.cache_eval, brevitas.tracing(), self._weight_export_mode,
-                                    grad, grad and self._side_requires_grad())
+                                    grad, grad and self._side_requires_grad(), self._device_noise() is not None)
+
+    def _device_noise(self):
+        """The layer's device non-idealities (lib.cim.noise.LayerNoise, set by lib.cim.noise.attach)
+        when they change its cells, else None; traced and exported graphs stay noise-free. Its
+        route then forms the cells in one place, `ComposedWeights` (lib.cim.route)."""
+        noise = self.__dict__.get("device_noise")
+        if noise is None or not noise.active or brevitas.tracing() or brevitas.weight_export_mode(self):
+            return None
+        return noise
 
     @property
     def _weight_export_mode(self) -> bool:
@@ -164,7 +173,7 @@ class CIMLayerMixin:
             weight_quant.is_quant_enabled, self.training, self.force_crossbar, self.fused_adc, self.fused_weights,
             self.cache_eval, adc.enabled, adc.fusable, lo, hi, getattr(self, "padding_mode", "zeros") == "zeros",
             input_quant.is_quant_enabled, plain, plain and not step_module.training and step_module.initialized,
-            grad and self._side_requires_grad(), self.input_mode)
+            grad and self._side_requires_grad(), self.input_mode, self._device_noise() is not None)
         step = getattr(step_module, "step", None)
         requires_grad = x.requires_grad or (step is not None and step.requires_grad)
         plan, lay = self.plan, self.layout
@@ -457,7 +466,12 @@ class ComposedWeights:
         step_grid = self.step_grid()
         if not brevitas.tracing():  # a traced graph holds no values to check
             require_finite({"integer weights": q, "weight step": step_grid}, self.layer.layer_name)
-        return q, step_grid, crossbar_weight(q, tiles, self.layer.plan)
+        noise = self.layer._device_noise()
+        if noise is None:
+            return q, step_grid, crossbar_weight(q, tiles, self.layer.plan)
+        # device non-idealities per cell slice: the cells' effective values (lib.cim.noise)
+        cells = noise.cells(stored_slices(q.detach(), self.layer.plan), self.layer.plan, self.layer.training)
+        return q, step_grid, tiles.weight(cells)
 
 
 def route_counts(model: nn.Module) -> dict:

@@ -48,6 +48,7 @@ class LayerFlags(NamedTuple):
     input_step_ready: bool  # the input step set and frozen (evaluation)
     side_requires_grad: bool  # the weight, its quantizer's or the ADC's tensors need gradients
     input_mode: str  # bit-serial | multi-bit
+    device_noise: bool  # device non-idealities change its cells (lib.cim.noise)
 
 
 class InputMeta(NamedTuple):
@@ -99,11 +100,14 @@ def choose_route(plan: CrossbarPlan, flags: LayerFlags, runtime: Runtime, inputs
     if flags.kind not in ("conv", "linear"):
         raise UnsupportedRoute(f"layer kind {flags.kind!r}: expected conv or linear")
     chain = "brevitas" if (flags.export_mode or inputs.tracing or not flags.weight_quant_enabled) else "cim"
-    path = "crossbar" if (flags.adc_enabled or flags.force_crossbar) else "dequantized"
+    # a noisy layer's cells are formed in one place (the composed weights): the crossbar even with
+    # the ADC off, nothing cached, no fused weight kernels, float products of its non-integer cells
+    noisy = flags.device_noise
+    path = "crossbar" if (flags.adc_enabled or flags.force_crossbar or noisy) else "dequantized"
     if caches_crossbar_form(flags.training, flags.cache_eval, inputs.tracing, flags.weight_export_mode,
-                            inputs.grad_enabled, flags.side_requires_grad):
+                            inputs.grad_enabled, flags.side_requires_grad, noisy):
         weights = "cached"
-    elif chain == "cim" and flags.fused_weights:
+    elif chain == "cim" and flags.fused_weights and not noisy:
         weights = "fused"
     else:
         weights = "composed"
@@ -116,10 +120,10 @@ def choose_route(plan: CrossbarPlan, flags: LayerFlags, runtime: Runtime, inputs
         return Route(chain, path, weights, "float", "none", "none", "none", "autograd" if needs_grad else "none",
                      "none", executor)
     # an evaluation conv reading only its input's integer codes takes them from the input in one kernel
-    codes = (chain == "cim" and flags.kind == "conv" and not flags.training and not inputs.grad_enabled
+    codes = (chain == "cim" and not noisy and flags.kind == "conv" and not flags.training and not inputs.grad_enabled
              and flags.padding_zeros and plan.differential and fused and flags.plain_input_quant
              and planes == 1 and flags.input_step_ready and _integer_products(plan, runtime, inputs, 1))
-    int8 = flags.input_quantized and _integer_products(plan, runtime, inputs, planes)
+    int8 = flags.input_quantized and not noisy and _integer_products(plan, runtime, inputs, planes)
     conversion = ("node" if needs_grad else "no-grad") if fused else "adc"
     chunked = conversion != "adc" and inputs.large
     products = "int8" if int8 else "float32"
@@ -138,11 +142,11 @@ def choose_route(plan: CrossbarPlan, flags: LayerFlags, runtime: Runtime, inputs
 
 
 def caches_crossbar_form(training: bool, cache_eval: bool, tracing: bool, export_mode: bool, grad_enabled: bool,
-                         side_requires_grad: bool) -> bool:
+                         side_requires_grad: bool, device_noise: bool = False) -> bool:
     """Whether a layer's weight side comes from its eval cache: in evaluation, unless autograd
-    must reach the weight or ADC side (then every forward recomputes) or a graph is being traced
-    or exported (it must contain the quantizers, not constants)."""
-    return (not training and cache_eval and not tracing and not export_mode
+    must reach the weight or ADC side (then every forward recomputes), a graph is being traced
+    or exported (it must contain the quantizers, not constants), or device noise changes the cells."""
+    return (not training and cache_eval and not tracing and not export_mode and not device_noise
             and not (grad_enabled and side_requires_grad))
 
 

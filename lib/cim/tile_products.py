@@ -54,7 +54,7 @@ def tile_blocks(w: torch.Tensor, like: torch.Tensor) -> list[tuple[int, int]]:
 def slice_shares(plan: CrossbarPlan, dtype=torch.float32, device=None) -> torch.Tensor:
     """share_s = 2^(-s·c) / S: the part of slice s's gradient that reaches q, so that
     Σ_s 2^(s·c) · slice_s has gradient exactly 1 with respect to q. Made once per setting."""
-    key = (plan.slices, plan.cell_bits, dtype, device)
+    key = (plan.slices, plan.cell_bits, plan.equal_slices, dtype, device)
     if key not in _SHARES:
         significance = plan.significance(device, dtype)
         _SHARES[key] = significance.reciprocal() / significance.numel()

@@ -24,6 +24,7 @@ from torch import nn
 
 from lib.cim import CIMLayerMixin, current_policy, quantizable_layers
 from lib.cim.convert import set_submodule
+from lib.cim.noise import detach as detach_noise
 from lib.export import graph as graph_tools
 from lib.export.layers import ExportCIMLayer, ExportFormError, check_calibrated
 from lib.fileio import atomic_write
@@ -194,6 +195,8 @@ def export_model(model: nn.Module, output: str | Path, images: torch.Tensor, *,
         clock[0] = now
 
     work = copy.deepcopy(model).cpu().eval()  # everything below mutates only this copy
+    if detach_noise(work):  # the graph holds the model, not one programmed chip: checked against the ideal cells
+        log.info("device noise attached to the model is not exported: the graph and its check use the ideal cells")
     images = images.detach().cpu().float()
     try:
         with torch.no_grad():

@@ -66,6 +66,9 @@ class SearchConfig:
     objective: the ratio the reward prices: latency (CIM-AQ's), energy, edp or area.
     search_holdout: training images held out as the search's accuracy split (count or fraction).
     search_train_size: cap on the training images used for finetuning (None = all the rest).
+    eval_noise: a device-noise preset (lib.cim.noise_config) every policy, the baseline included, is
+        scored under: its accuracy is the mean over eval_repeats seeded programmings of the cells
+        (None: the ideal crossbar, one evaluation).
     """
 
     init: str
@@ -99,6 +102,8 @@ class SearchConfig:
     search_holdout: Size = 0.1
     search_train_size: Optional[Size] = None
     seed: int = 0
+    eval_noise: Optional[str] = None
+    eval_repeats: int = 1
     resume: bool = False
     overwrite: bool = False
     batch_size: int = 64
@@ -159,6 +164,14 @@ class SearchConfig:
         _int_at_least("calibration_batches", self.calibration_batches, 1)
         _int_at_least("top_k", self.top_k, 0)
         _int_at_least("top_k_finetune_steps", self.top_k_finetune_steps, 0)
+        _int_at_least("eval_repeats", self.eval_repeats, 1)
+        from lib.cim.noise_config import PRESETS  # lazy: the lib.cim package loads torch, which --help never needs
+        if self.eval_noise is not None and self.eval_noise not in PRESETS:
+            raise SearchConfigError(f"eval_noise={self.eval_noise!r} is not allowed: expected a noise preset, one of "
+                                    f"{sorted(PRESETS)}")
+        if self.eval_repeats > 1 and self.eval_noise is None:
+            raise SearchConfigError(f"eval_repeats={self.eval_repeats} needs eval_noise: the ideal crossbar gives the "
+                                    f"same accuracy every time")
         _int_at_least("batch_size", self.batch_size, 1)
         _int_at_least("workers", self.workers, 0)
         _int_at_least("threads", self.threads, 0)

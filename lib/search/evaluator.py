@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from lib.cim import apply_policy, calibrate
+from lib.cim.noise import attach as attach_noise, detach as detach_noise
+from lib.cim.noise_config import NoiseConfig
 from lib.distributed import SINGLE, DistContext, broadcast_module_state, ddp_model
 from lib.policy import Policy
 from lib.training import DivergedError, OptimConfig, build_optimizer, evaluate, seed_epoch, train_one_epoch
@@ -58,7 +60,8 @@ class PolicyEvaluator:
     """Finetunes and scores policies on one in-memory model (see module docstring)."""
 
     def __init__(self, model: nn.Module, train_loader, search_loader, device: torch.device, lr: float,
-                 calibration_batches: int, seed: int, dist: DistContext = SINGLE) -> None:
+                 calibration_batches: int, seed: int, dist: DistContext = SINGLE,
+                 noise: Optional[NoiseConfig] = None, repeats: int = 1) -> None:
         self.model = model.to(device)
         self.device = device
         self.dist = dist
@@ -70,6 +73,8 @@ class PolicyEvaluator:
         self.seed = seed + EVAL_SEED_OFFSET
         self.start_state = snapshot(self.model)
         self.criterion = nn.CrossEntropyLoss()
+        self.noise = noise if noise is not None and noise.active else None
+        self.repeats = int(repeats) if self.noise is not None else 1
 
     def steps_for(self, finetune_steps: int, finetune_epochs: Optional[float]) -> int:
         """Finetune batches per evaluation: the steps, or epochs × batches per epoch."""
@@ -109,5 +114,19 @@ class PolicyEvaluator:
                 return Evaluation(None, time.perf_counter() - started, 0.0, where)
             broadcast_module_state(self.model, self.dist)  # the buffers the last batch updated per rank
         finetuned = time.perf_counter()
-        accuracy = evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"]
+        accuracy = self.score()
         return Evaluation(float(accuracy), finetuned - started, time.perf_counter() - finetuned)
+
+    def score(self) -> float:
+        """Top-1 on the search split: on the ideal crossbar, or the mean over `repeats` seeded
+        programmings of the cells under `noise` (the same seeds for every policy)."""
+        if self.noise is None:
+            return float(evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"])
+        scores = []
+        try:
+            for repeat in range(self.repeats):
+                attach_noise(self.model, self.noise, seed=self.seed + repeat)
+                scores.append(float(evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"]))
+        finally:
+            detach_noise(self.model)
+        return sum(scores) / len(scores)

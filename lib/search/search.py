@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lib.cli import pick_device
 from lib.cim import HardwareConfig, current_policy
 from lib.cim.layers import route_counts
+from lib.cim.noise_config import preset
 from lib.cim.runtime import RUNTIME
 from lib.cim.scratch import scratch_buffers
 from lib.data import DatasetError, HoldoutSpec, build_loaders
@@ -254,8 +255,12 @@ class Search:
         if names != setup.names:
             raise SearchConfigError(f"the model's quantizable layers {names[:3]}... differ from the cost model's "
                                     f"{setup.names[:3]}...; expected the same layers in call order")
+        noise = preset(cfg.eval_noise) if cfg.eval_noise is not None else None
+        if noise is not None:
+            log.info("every policy is scored under device noise %s, the mean of %d seeded programming(s)",
+                     noise.describe(), cfg.eval_repeats)
         return PolicyEvaluator(model, data.train, data.holdout, self.dist.device, cfg.finetune_lr,
-                               cfg.calibration_batches, cfg.seed, self.dist)
+                               cfg.calibration_batches, cfg.seed, self.dist, noise=noise, repeats=cfg.eval_repeats)
 
     @property
     def steps(self) -> int:
@@ -477,6 +482,8 @@ class Search:
                               "arch": setup.spec.arch, "baseline_accuracy": self.baseline})
         policy.save(self.out / "best_policy", layer_order_of(setup.spec))  # .npy rows: construction order
         summary = {"baseline_accuracy": self.baseline, "target_accuracy": self.target, "best": best,
+                   "accuracy_noise": (f"{cfg.eval_noise}, mean of {cfg.eval_repeats} programming(s)"
+                                      if cfg.eval_noise else "ideal"),
                    "top_k": top_k, "episodes_run": len(self.records), "seconds": round(seconds, 2),
                    "finetune_steps": self.steps, "config": plain(cfg.to_dict()), "kernels": RUNTIME.report(),
                    "routes": route_counts(self.evaluator.model)}
