@@ -25,6 +25,7 @@ class RouteCase:
     runtime: dict = field(default_factory=dict)
     input_signed: bool = True
     large: bool = False  # partial sums past the node's chunk size
+    noise: str = ""  # a device-noise preset attached to the layer (lib.cim.noise)
 
     def __str__(self) -> str:
         return self.name
@@ -71,4 +72,10 @@ ROUTES = [
     RouteCase("linear-eval", "linear", "eval", dict(weights="cached", input="float", products=INT8,
                                                     conversion="no-grad")),
     RouteCase("linear-adc-off", "linear", "train", dict(path="dequantized"), hw={"psum_granularity": "off"}),
+    RouteCase("conv-train-noisy", "conv", "train", dict(weights="composed", products="float32", conversion="node"),
+              noise="rram"),
+    RouteCase("conv-eval-noisy", "conv", "eval", dict(weights="composed", input="float", products="float32",
+                                                      conversion="no-grad"), noise="rram"),
+    RouteCase("linear-adc-off-noisy", "linear", "train", dict(path="crossbar", weights="composed", conversion="adc"),
+              hw={"psum_granularity": "off"}, noise="rram"),
 ]

@@ -12,6 +12,8 @@ import torch
 from lib.cim import CIMConv2d, CIMLinear, HardwareConfig, calibrate, crossbar_adc
 from lib.cim.crossbar import CrossbarPlan, TileLayout
 from lib.cim.layers import route_counts
+from lib.cim.noise import attach
+from lib.cim.noise_config import preset
 from lib.cim.route import InputMeta, LayerFlags, Route, UnsupportedRoute, choose_route
 from lib.cim.runtime import RUNTIME, Runtime
 from lib.cim.scratch import scratch_buffers
@@ -56,17 +58,20 @@ def _graph_names(out: torch.Tensor) -> set:
     return names
 
 
-def _run(layer, x, mode: str):
-    """(outputs, gradients or None, the autograd node names) of one forward in `mode`."""
+def _run(layer, x, mode: str, repeatable: bool = True):
+    """(outputs, gradients or None, the autograd node names) of one forward in `mode`; an
+    evaluation forward of a `repeatable` layer (no read noise) is run twice and must repeat."""
     if mode == "train":
         layer.train()
     else:
         layer.eval()
+    torch.manual_seed(11)  # noise-aware training draws its cells from torch's generator
     with scratch_buffers(), torch.set_grad_enabled(mode != "eval"):
         out = layer(x)
         if mode == "eval":
-            again = layer(x)  # served from what the first forward kept
-            assert torch.equal(again, out)
+            if repeatable:
+                again = layer(x)  # served from what the first forward kept
+                assert torch.equal(again, out)
             return out, None, set()
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
         grads = torch.autograd.grad((out * weights).sum(), _params(layer), allow_unused=True)
@@ -84,11 +89,14 @@ def test_every_route_takes_its_way_and_the_reference_values(case, monkeypatch):
         setattr(layer, name, value)
     for name, value in {**case.attributes, **REFERENCE}.items():
         setattr(reference, name, value)
+    if case.noise:  # the same devices on both (an evaluation programming depends on the seed alone)
+        for model in (layer, reference):
+            assert attach(torch.nn.Sequential(model), preset(case.noise), seed=3) == 1
     layer.route_counts.clear()
     with RUNTIME.use(**case.runtime):
-        out, grads, nodes = _run(layer, x, case.mode)
+        out, grads, nodes = _run(layer, x, case.mode, not case.noise)
     with RUNTIME.use(integer_products=False, compile="0"):
-        want, want_grads, _ = _run(reference, x, case.mode)
+        want, want_grads, _ = _run(reference, x, case.mode, not case.noise)
     routes = list(layer.route_counts)
     assert len(routes) == 1, routes
     taken = dataclasses.asdict(routes[0])
