@@ -8,6 +8,8 @@ energy, EDP and area (lib.simulator.layer_energy / policy_energy) and every obje
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,9 +143,16 @@ class CostModel:
         self.max_bit = _check_max_bit(max_bit)
         self.row_tiling = hw.row_tiling
         self.baseline_bits = self._check_baseline(baseline_bits)
-        self.table = latency_table(self.layer_dims, hw, self.max_bit)
         self._metrics: dict = {}
         self._baselines: dict = {}
+        self._latencies: dict = {}  # (layer, w_bit, a_bit) -> µs, where the table is not built
+        self.uniform_latency(*self.baseline_bits)  # prices every layer once: a hardware it refuses fails here
+
+    @functools.cached_property
+    def table(self) -> np.ndarray:
+        """float64 [layers, max_bit, max_bit] of latency (µs) indexed [layer, w_bit-1, a_bit-1]
+        (CIM-AQ's lookup table), built on first use: pricing a few policies needs a few entries."""
+        return latency_table(self.layer_dims, self.hw, self.max_bit)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -211,7 +220,12 @@ class CostModel:
     def latency(self, index: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> float:
         """Latency (µs) of one layer; from the table when the bits are inside it."""
         if adc_bits is None and 1 <= w_bit <= self.max_bit and 1 <= a_bit <= self.max_bit:
-            return float(self.table[index, w_bit - 1, a_bit - 1])
+            if "table" in self.__dict__:
+                return float(self.table[index, w_bit - 1, a_bit - 1])
+            key = (index, w_bit, a_bit)
+            if key not in self._latencies:
+                self._latencies[key] = float(self.layer_cost(index, w_bit, a_bit).latency)
+            return self._latencies[key]
         return self.layer_cost(index, w_bit, a_bit, adc_bits).latency
 
     def uniform_latency(self, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> float:
