@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lib.cim import apply_policy, calibrate
+from lib.cim import apply_policy, calibrate, faithful_copy
 from lib.distributed import SINGLE, DistContext, broadcast_module_state, ddp_model
 from lib.policy import Policy
 from lib.training import DivergedError, OptimConfig, build_optimizer, evaluate, seed_epoch, train_one_epoch
@@ -44,6 +44,7 @@ class Evaluation:
     finetune_seconds: float
     eval_seconds: float
     diverged: Optional[dict] = None
+    deployed_accuracy: Optional[float] = None  # with bit-serial inputs (asked for with deployed=True)
 
 
 def snapshot(model: nn.Module) -> OrderedDict:
@@ -81,9 +82,11 @@ class PolicyEvaluator:
         """Back to the INT8 start: weights, steps, BN statistics and bits."""
         self.model.load_state_dict(self.start_state, strict=True)
 
-    def evaluate(self, policy: Policy, steps: int, lr: Optional[float] = None) -> Evaluation:
+    def evaluate(self, policy: Policy, steps: int, lr: Optional[float] = None, deployed: bool = False) -> Evaluation:
         """Restore, apply `policy`, calibrate, finetune `steps` batches (at `lr`, default the
-        search's), score; a finetune that diverges is reported in `Evaluation.diverged`."""
+        search's), score; a finetune that diverges is reported in `Evaluation.diverged`.
+        deployed: also score the finetuned model with bit-serial inputs (what the crossbar computes;
+        the same number where the model already is bit-serial)."""
         started = time.perf_counter()
         self.restore()
         apply_policy(self.model, policy)
@@ -109,5 +112,13 @@ class PolicyEvaluator:
                 return Evaluation(None, time.perf_counter() - started, 0.0, where)
             broadcast_module_state(self.model, self.dist)  # the buffers the last batch updated per rank
         finetuned = time.perf_counter()
-        accuracy = evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"]
-        return Evaluation(float(accuracy), finetuned - started, time.perf_counter() - finetuned)
+        accuracy = float(evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"])
+        on_crossbar = None
+        if deployed:
+            seed_epoch(self.seed, 1, self.train_loader, self.dist.rank)  # the recalibration's batches, fixed
+            faithful, changed = faithful_copy(self.model, self.train_loader, self.calibration_batches)
+            if changed:
+                broadcast_module_state(faithful, self.dist)
+            on_crossbar = accuracy if not changed else \
+                float(evaluate(faithful, self.search_loader, None, self.device, dist=self.dist)["top1"])
+        return Evaluation(accuracy, finetuned - started, time.perf_counter() - finetuned, None, on_crossbar)
