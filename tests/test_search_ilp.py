@@ -151,6 +151,9 @@ def test_sensitivities_reproducible_and_cached(int8_ckpt, tmp_path, eager_single
     assert fresh["scores"] == first["scores"]
     assert all(v >= 0 for row in first["scores"] for d in row.values() for v in d.values())
     assert all(row["w"] == {} for row in first["scores"])  # free weight bits are not measured
+    for row in first["scores"]:  # a narrower width never scores below a wider one
+        ordered = [row["a"][str(b)] for b in range(2, 9) if str(b) in row["a"]]
+        assert ordered == sorted(ordered, reverse=True)
     hessian, summary = scores(tmp_path / "d", tmp_path / "cache3", "hessian")
     repeat, _ = scores(tmp_path / "e", tmp_path / "cache4", "hessian")
     assert hessian["scores"] == repeat["scores"] and summary["sensitivity"]["passes"]["backward"] > 0

@@ -193,7 +193,7 @@ def _resumable(config: SearchConfig) -> dict:
     """The settings a resumed search must share with the one it continues (not the run-time knobs)."""
     data = config.to_dict()
     for key in ("resume", "overwrite", "progress", "workers", "threads", "device", "tensorboard", "episodes", "top_k",
-                "top_k_finetune_steps"):
+                "top_k_finetune_steps", "sensitivity_cache"):
         data.pop(key)
     return data
 

@@ -16,7 +16,9 @@ hessian   HAWQ's score: the average Hessian trace of the loss over that layer's 
           candidate; ADC bits are scored by the measurement (their error is not in x).
 
 A candidate (w, a[, adc]) scores the sum of its decisions' scores; the INT8 bits score 0 and a
-measured increase below the INT8 loss counts as none. Results are cached as JSON under a key of
+measured increase below the INT8 loss counts as none. Each decision's scores are then made
+monotone (a width scores at least what any wider one does): a few batches' noise must not make
+a narrower width look safer than a wider one. Scores are taken in the search's input mode. Results are cached as JSON under a key of
 the checkpoint's bytes, the hardware, the split, the bit space and the method, so a second run and
 a Pareto sweep reuse them.
 """
@@ -43,7 +45,7 @@ from lib.training import seed_epoch
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cim-aq/sensitivity-1"
+FORMAT = "cim-aq/sensitivity-2"
 # Finite-difference step of the Hessian-vector products, relative to each tensor's RMS.
 FD_RELATIVE_STEP = 1e-2
 
@@ -287,10 +289,20 @@ def compute_sensitivities(evaluator: PolicyEvaluator, space: BitSpace, held: Hel
             scores, passes = hessian_scores(evaluator, space, held, fixed, probes, seed)
     finally:
         torch.random.set_rng_state(generator_state)
+    scores = [{decision: monotone(row[decision]) for decision in row} for row in scores]
     seconds = time.perf_counter() - started
     log.info("sensitivity (%s): %d layers in %.1f s (%s)", method, len(scores), seconds,
              ", ".join(f"{k} {v}" for k, v in passes.items()))
     return Sensitivities(method, scores, seconds, passes)
+
+
+def monotone(scores: dict) -> dict:
+    """{bits: score} with every score raised to the largest score of any wider width."""
+    out, running = {}, 0.0
+    for bits in sorted(scores, reverse=True):
+        running = max(running, scores[bits])
+        out[bits] = running
+    return out
 
 
 def load_or_compute(path: Path, compute) -> Sensitivities:
