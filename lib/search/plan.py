@@ -53,12 +53,14 @@ def check_plan(config, setup) -> None:
 
 
 def sweep(config, problem: KnapsackProblem) -> list[float]:
-    """The --pareto budgets, or every DEFAULT_STEP from the lowest reachable ratio to 1."""
+    """The --pareto budgets, or every DEFAULT_STEP from the lowest reachable ratio to the objective's
+    budget (1 without one)."""
     if config.pareto:
         return list(config.pareto)
     lowest = problem.lowest_ratio(config.objective)
-    steps = int(np.floor((1.0 - lowest) / DEFAULT_STEP + 1e-9))
-    return [round(lowest + k * DEFAULT_STEP, 6) for k in range(steps + 1)] + [1.0]
+    top = config.all_budgets.get(config.objective, 1.0)
+    steps = int(np.floor((top - lowest) / DEFAULT_STEP + 1e-9))
+    return [round(lowest + k * DEFAULT_STEP, 6) for k in range(steps + 1)] + [top]
 
 
 def sensitivities(search) -> Sensitivities:
