@@ -56,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-lr", type=float, default=0.005, help="per-episode finetune lr (the demo's)")
     p.add_argument("--input-mode", default="multi-bit", choices=("multi-bit", "bit-serial"),
                    help="the inputs searched and trained with (deployed accuracy is always bit-serial)")
+    p.add_argument("--sensitivity", default="measured", choices=("measured", "hessian"), help="the ILP's scores")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
 
@@ -81,14 +82,18 @@ def arms(args) -> list[dict]:
                             found.append({"hardware": hardware.stem, "budget": budget, "strategy": strategy,
                                           "episodes": episodes, "seed": seed})
                 else:
-                    found.append({"hardware": hardware.stem, "budget": budget, "strategy": strategy,
-                                  "episodes": None, "seed": 0})
+                    arm = {"hardware": hardware.stem, "budget": budget, "strategy": strategy, "episodes": None,
+                           "seed": 0}
+                    if strategy == "ilp" and args.sensitivity != "measured":
+                        arm["sensitivity"] = args.sensitivity
+                    found.append(arm)
     return found
 
 
 def arm_name(arm: dict) -> str:
     episodes = f"-e{arm['episodes']}" if arm["episodes"] else ""
-    return f"{arm['hardware']}-b{arm['budget']}-{arm['strategy']}{episodes}-s{arm['seed']}"
+    method = f"-{arm['sensitivity']}" if arm.get("sensitivity") else ""
+    return f"{arm['hardware']}-b{arm['budget']}-{arm['strategy']}{method}{episodes}-s{arm['seed']}"
 
 
 def run(argv: list[str], log: Path) -> float:
@@ -111,6 +116,8 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
               "--search-holdout", str(args.search_holdout), "--seed", str(arm["seed"]), "--top-k", "0",
               "--threads", str(args.threads), "--no-progress", "--no-tensorboard", "--overwrite",
               "--sensitivity-cache", str(args.out / "sensitivity"), "--output-dir", str(folder / "search")]
+    if arm.get("sensitivity"):
+        search += ["--sensitivity", arm["sensitivity"]]
     if arm["episodes"]:
         search += ["--episodes", str(arm["episodes"]), "--warmup", str(min(args.warmup, arm["episodes"]))]
     search_seconds = run(search, folder / "search.log")
@@ -133,8 +140,10 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
 def table(rows: list[dict]) -> str:
     lines = ["| hardware | budget | strategy | seed | latency ratio | search wall time | test top-1 | deployed top-1 |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["hardware"], -r["budget"], r["strategy"], r["episodes"] or 0, r["seed"])):
-        strategy = r["strategy"] + (f" {r['episodes']} ep" if r["episodes"] else "")
+    for r in sorted(rows, key=lambda r: (r["hardware"], -r["budget"], r["strategy"], r.get("sensitivity") or "",
+                                         r["episodes"] or 0, r["seed"])):
+        strategy = r["strategy"] + (f" ({r['sensitivity']})" if r.get("sensitivity") else "") + \
+            (f" {r['episodes']} ep" if r["episodes"] else "")
         deployed = "" if r["deployed_top1"] is None else f"{r['deployed_top1']:.2f} %"
         lines.append(f"| {r['hardware']} | {r['budget']} | {strategy} | {r['seed'] if r['episodes'] else ''} | "
                      f"{r['latency_ratio']:.3f} | {r['search_seconds']:.0f} s | {r['test_top1']:.2f} % | {deployed} |")
