@@ -85,14 +85,14 @@ def arms(args) -> list[dict]:
                     arm = {"hardware": hardware.stem, "budget": budget, "strategy": strategy, "episodes": None,
                            "seed": 0}
                     if strategy == "ilp" and args.sensitivity != "measured":
-                        arm["sensitivity"] = args.sensitivity
+                        arm["method"] = args.sensitivity
                     found.append(arm)
     return found
 
 
 def arm_name(arm: dict) -> str:
     episodes = f"-e{arm['episodes']}" if arm["episodes"] else ""
-    method = f"-{arm['sensitivity']}" if arm.get("sensitivity") else ""
+    method = f"-{arm['method']}" if arm.get("method") else ""
     return f"{arm['hardware']}-b{arm['budget']}-{arm['strategy']}{method}{episodes}-s{arm['seed']}"
 
 
@@ -116,8 +116,8 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
               "--search-holdout", str(args.search_holdout), "--seed", str(arm["seed"]), "--top-k", "0",
               "--threads", str(args.threads), "--no-progress", "--no-tensorboard", "--overwrite",
               "--sensitivity-cache", str(args.out / "sensitivity"), "--output-dir", str(folder / "search")]
-    if arm.get("sensitivity"):
-        search += ["--sensitivity", arm["sensitivity"]]
+    if arm.get("method"):
+        search += ["--sensitivity", arm["method"]]
     if arm["episodes"]:
         search += ["--episodes", str(arm["episodes"]), "--warmup", str(min(args.warmup, arm["episodes"]))]
     search_seconds = run(search, folder / "search.log")
@@ -137,12 +137,18 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
             "deployed_top1": report["accuracy"].get("deployed_top1")}
 
 
+def method_of(row: dict) -> str:
+    """The ILP's scores where not the default measurement ('' otherwise)."""
+    method = row.get("method") or (row.get("sensitivity") or {}).get("method") or ""
+    return "" if method == "measured" else method
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| hardware | budget | strategy | seed | latency ratio | search wall time | test top-1 | deployed top-1 |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["hardware"], -r["budget"], r["strategy"], r.get("sensitivity") or "",
+    for r in sorted(rows, key=lambda r: (r["hardware"], -r["budget"], r["strategy"], method_of(r),
                                          r["episodes"] or 0, r["seed"])):
-        strategy = r["strategy"] + (f" ({r['sensitivity']})" if r.get("sensitivity") else "") + \
+        strategy = r["strategy"] + (f" ({method_of(r)})" if method_of(r) else "") + \
             (f" {r['episodes']} ep" if r["episodes"] else "")
         deployed = "" if r["deployed_top1"] is None else f"{r['deployed_top1']:.2f} %"
         lines.append(f"| {r['hardware']} | {r['budget']} | {strategy} | {r['seed'] if r['episodes'] else ''} | "
