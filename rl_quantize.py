@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-r"""Search a mixed-precision policy (per-layer weight/input[/ADC] bits) for CIM crossbars with DDPG.
+r"""Search a mixed-precision policy (per-layer weight/input[/ADC] bits) for CIM crossbars: DDPG, random,
+an integer program over per-layer sensitivities (--strategy ilp) or greedy lowering to a budget.
 
 Example:
   python rl_quantize.py --arch resnet20 --dataset digits --input-size 32 \
@@ -16,6 +17,11 @@ Reward (CIM-AQ): below target = baseline − max-accuracy-drop, −10·shortfall
 CIM-AQ; energy, edp or area with an `energy` section in the hardware YAML). With
 --latency-budget / --budget latency=0.5,energy=0.6, HAQ's hard budgets, all met at once.
 
+--strategy ilp scores every layer's bits once (lib.search.sensitivity, cached) and solves the
+budget exactly (scipy's HiGHS MILP); --pareto 0.3:0.8:0.05 solves a whole front (front.jsonl,
+pareto.png) and verifies the points that matter by the same finetune as an episode.
+Decisions that change no priced cost are held at their highest bits (--search-free-bits: search them).
+
 Writes into --output-dir: best_policy.npy (CIM-AQ format) / best_policy.json, episodes.jsonl,
 summary.json, search_state.pth (resume with --resume auto), tb/. CIM-AQ's underscored flag
 spellings (--acc_drop, --train_episode, --min_bit, ...) are accepted.
@@ -29,7 +35,8 @@ from typing import Optional
 
 from lib import cli
 from lib.objectives import OBJECTIVES
-from lib.search.config import DDPGConfig, SearchConfig, parse_budgets
+from lib.search.config import SENSITIVITIES, STRATEGIES, WARM_STARTS, DDPGConfig, SearchConfig, parse_budgets, \
+    parse_pareto
 
 # CIM-AQ / HAQ spellings that are not just the dashed flag with underscores.
 ALIASES = {"--acc_drop": "--max-accuracy-drop", "--train_episode": "--episodes", "--finetune_epoch": "--finetune-epochs",
@@ -73,7 +80,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("episodes and reward")
     g.add_argument("--episodes", type=int, default=600, help="episodes (policies tried)")
     g.add_argument("--warmup", type=int, default=20, help="episodes of random actions before the agent learns")
-    g.add_argument("--strategy", default="ddpg", choices=("ddpg", "random"), help="agent, or uniform random")
+    g.add_argument("--strategy", default="ddpg", choices=STRATEGIES,
+                   help="ddpg (agent) | random (uniform) | ilp (sensitivities + integer program) | greedy "
+                        "(lower_to_budget from the highest bits)")
+    g.add_argument("--pareto", default=None, metavar="LOW:HIGH:STEP|R1,R2,...",
+                   help="with --strategy ilp (or --warm-start ilp): solve every budget of this sweep on --objective "
+                        "and write front.jsonl")
+    g.add_argument("--warm-start", default=None, choices=WARM_STARTS,
+                   help="ilp: DDPG's warm-up episodes are the ILP front's policies (and fill its replay memory)")
+    g.add_argument("--search-free-bits", action="store_true",
+                   help="also search the decisions that change no priced cost (default: held at the highest bits)")
+    g.add_argument("--sensitivity", default="measured", choices=SENSITIVITIES,
+                   help="ILP scores: measured (loss increase, one layer changed) | hessian (Hutchinson trace × "
+                        "quantization error)")
+    g.add_argument("--sensitivity-batches", type=int, default=2, help="search-train batches the sensitivities use")
+    g.add_argument("--hutchinson-probes", type=int, default=4, help="Rademacher probes per batch (hessian)")
+    g.add_argument("--sensitivity-cache", default=None, metavar="DIR",
+                   help="folder of cached sensitivities (default: <output-dir>/sensitivity)")
     g.add_argument("--max-accuracy-drop", type=float, default=1.0,
                    help="percentage points below the INT8 baseline that still count as feasible")
     g.add_argument("--latency-budget", type=float, default=None, metavar="RATIO",
@@ -151,7 +174,10 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         max_adc_bit=args.max_adc_bit, force_first_last=args.force_first_last,
         cell_resolution_constraint=args.cell_resolution_constraint, latency_budget=args.latency_budget,
         budgets=parse_budgets(args.budget), objective=args.objective,
-        strategy=args.strategy, top_k=args.top_k, top_k_finetune_steps=args.top_k_finetune_steps,
+        strategy=args.strategy, search_free_bits=args.search_free_bits,
+        pareto=parse_pareto(args.pareto) if args.pareto else (), warm_start=args.warm_start,
+        sensitivity=args.sensitivity, sensitivity_batches=args.sensitivity_batches,
+        hutchinson_probes=args.hutchinson_probes, sensitivity_cache=args.sensitivity_cache, top_k=args.top_k, top_k_finetune_steps=args.top_k_finetune_steps,
         search_holdout=args.search_holdout, search_train_size=args.search_train_size, seed=args.seed,
         eval_noise=args.eval_noise, eval_repeats=args.eval_repeats,
         resume=args.resume == "auto", overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,

@@ -54,7 +54,7 @@ def test_cell_constraint_allows_only_multiples_of_cell_bits(int8_ckpt, tmp_path)
 
 def test_forced_first_last_are_fixed_and_not_learned_from(int8_ckpt, tmp_path):
     config = tiny_config(int8_ckpt, tmp_path, force_first_last=8, min_bit=2, max_bit=4, search_adc=True,
-                         min_adc_bit=3, max_adc_bit=5)
+                         min_adc_bit=3, max_adc_bit=5, search_free_bits=True)  # every decision searched
     search = Search(config, prepare(config), None)
     policy, transitions = search.propose()
     assert (policy.w_bits[0], policy.a_bits[0], policy.w_bits[-1], policy.a_bits[-1]) == (8, 8, 8, 8)
@@ -63,6 +63,18 @@ def test_forced_first_last_are_fixed_and_not_learned_from(int8_ckpt, tmp_path):
     # 4 layers × 3 decisions, minus the forced w and a of the first and last layer
     assert len(transitions) == 12 - 4
     assert policy.as_array().shape == (4, 3)
+
+
+def test_free_decisions_are_held_and_not_learned_from(int8_ckpt, tmp_path):
+    config = tiny_config(int8_ckpt, tmp_path, force_first_last=8, min_bit=2, max_bit=4, search_adc=True,
+                         min_adc_bit=3, max_adc_bit=5)
+    setup = prepare(config)
+    held = {(d.layer, d.decision) for d in setup.held.free}
+    # default.yaml: tiny_cnn's weights fit one array at any width, the fixed-time ADC costs no latency
+    assert held == {(1, "w"), (2, "w")} | {(i, "adc") for i in range(4)}
+    policy, transitions = Search(config, setup, None).propose()
+    assert policy.w_bits[1:3] == [4, 4] and policy.adc_bits == [5, 5, 5, 5]
+    assert len(transitions) == 2  # the input bits of the two middle layers
 
 
 def test_budget_mode_lowers_exactly_to_the_budget(int8_ckpt, tmp_path):

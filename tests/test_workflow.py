@@ -63,6 +63,7 @@ def test_test_config_runs_both_stages_end_to_end(experiment):
     markdown = (exp / "results.md").read_text()
     assert "Stage 1 (search)" in markdown and "Stage 2 (large dataset)" in markdown and "row-tiles" in markdown
     assert "energy ratio vs uniform 8-bit" in markdown and "share of energy" in markdown
+    assert "- search strategy: **ddpg** in " in markdown
     for figure in ("pareto.png", "search.png"):
         assert (exp / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,10 @@ from lib.bit_limits import BIT_RANGES
 from lib.errors import UserError
 from lib.objectives import OBJECTIVES
 
-STRATEGIES = ("ddpg", "random")
+STRATEGIES = ("ddpg", "random", "ilp", "greedy")
+AGENT_STRATEGIES = ("ddpg", "random")
+WARM_STARTS = ("ilp",)
+SENSITIVITIES = ("measured", "hessian")
 LAYER_BIT_RANGE = BIT_RANGES["w_bit"]
 ADC_BIT_RANGE = BIT_RANGES["adc_bits"]
 Size = Union[int, float]
@@ -69,6 +72,17 @@ class SearchConfig:
     eval_noise: a device-noise preset (lib.cim.noise_config) every policy, the baseline included, is
         scored under: its accuracy is the mean over eval_repeats seeded programmings of the cells
         (None: the ideal crossbar, one evaluation).
+    strategy: ddpg | random (agents, one policy per episode), ilp (per-layer sensitivities and an
+        integer program over the cost tables, lib.search.ilp), greedy (lower_to_budget from the
+        highest bits, no agent).
+    search_free_bits: also search the decisions that change no priced cost (default: held at
+        their highest allowed bits, lib.search.free).
+    pareto: budgets on the objective the ILP solves one after another (a front); empty = only the
+        configured budgets.
+    warm_start: "ilp" = DDPG's warm-up episodes are the solved front's policies.
+    sensitivity: how the ILP scores a layer's bits: measured (the loss increase with only that
+        layer changed) or hessian (Hutchinson trace × ‖Q(x) − x‖²), lib.search.sensitivity.
+    sensitivity_cache: folder of cached sensitivities (None = <output_dir>/sensitivity).
     """
 
     init: str
@@ -97,6 +111,13 @@ class SearchConfig:
     budgets: dict = field(default_factory=dict)
     objective: str = "latency"
     strategy: str = "ddpg"
+    search_free_bits: bool = False
+    pareto: tuple = ()
+    warm_start: Optional[str] = None
+    sensitivity: str = "measured"
+    sensitivity_batches: int = 2
+    hutchinson_probes: int = 4
+    sensitivity_cache: Optional[str] = None
     top_k: int = 3
     top_k_finetune_steps: int = 300
     search_holdout: Size = 0.1
@@ -126,6 +147,7 @@ class SearchConfig:
                                         f"budget latency={latency}; give one")
             object.__setattr__(self, "latency_budget", latency)
         object.__setattr__(self, "budgets", budgets)
+        object.__setattr__(self, "pareto", tuple(self.pareto))
 
     @property
     def all_budgets(self) -> dict:
@@ -158,6 +180,26 @@ class SearchConfig:
                                         f"expected min_adc_bit <= max_adc_bit")
         if self.strategy not in STRATEGIES:
             raise SearchConfigError(f"strategy={self.strategy!r} is not allowed: expected one of {list(STRATEGIES)}")
+        if self.warm_start is not None and self.warm_start not in WARM_STARTS:
+            raise SearchConfigError(f"warm_start={self.warm_start!r} is not allowed: expected one of "
+                                    f"{list(WARM_STARTS)}")
+        if self.warm_start is not None and self.strategy != "ddpg":
+            raise SearchConfigError(f"warm_start={self.warm_start!r} needs strategy='ddpg' (its warm-up episodes); "
+                                    f"strategy is {self.strategy!r}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise SearchConfigError(f"sensitivity={self.sensitivity!r} is not allowed: expected one of "
+                                    f"{list(SENSITIVITIES)}")
+        _int_at_least("sensitivity_batches", self.sensitivity_batches, 1)
+        _int_at_least("hutchinson_probes", self.hutchinson_probes, 1)
+        for ratio in self.pareto:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise SearchConfigError(f"pareto budget {ratio!r} is not allowed: expected ratios of {self.objective} "
+                                        f"vs uniform 8-bit in (0, 1]")
+        if self.pareto and self.strategy not in ("ilp",) and self.warm_start is None:
+            raise SearchConfigError(f"pareto={list(self.pareto)} is solved by strategy='ilp' (or seeds "
+                                    f"warm_start='ilp'); strategy is {self.strategy!r}")
+        if self.strategy == "greedy" and not self.all_budgets:
+            raise SearchConfigError("strategy='greedy' lowers bits to a budget: give latency_budget or budgets")
         _int_at_least("episodes", self.episodes, 1)
         _int_at_least("warmup", self.warmup, 0)
         _int_at_least("finetune_steps", self.finetune_steps, 0)
@@ -233,6 +275,22 @@ def parse_budgets(texts: Sequence[str]) -> dict:
                 raise SearchConfigError(f"budget {name!r} is given twice ({budgets[name]} and {ratio}); give it once")
             budgets[name] = ratio
     return budgets
+
+
+def parse_pareto(text: str) -> tuple:
+    """Budgets from 'LOW:HIGH:STEP' (HIGH included when the steps reach it) or 'R1,R2,...'."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            low, high, step = (float(part) for part in text.split(":"))
+            if not step > 0 or low > high:
+                raise ValueError
+            count = int(round((high - low) / step + 1e-9))
+            return tuple(round(low + k * step, 10) for k in range(count + 1) if low + k * step <= high + 1e-9)
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SearchConfigError(f"pareto={text!r} is not allowed: expected LOW:HIGH:STEP with LOW <= HIGH and "
+                                f"STEP > 0 (e.g. 0.3:0.8:0.05) or a list of ratios (e.g. 0.35,0.4,0.6)") from None
 
 
 def _int_at_least(key: str, value, low: int) -> None:

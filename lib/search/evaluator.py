@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lib.cim import apply_policy, calibrate
+from lib.cim import apply_policy, calibrate, faithful_copy
 from lib.cim.noise import attach as attach_noise, detach as detach_noise
 from lib.cim.noise_config import NoiseConfig
 from lib.distributed import SINGLE, DistContext, broadcast_module_state, ddp_model
@@ -46,6 +46,7 @@ class Evaluation:
     finetune_seconds: float
     eval_seconds: float
     diverged: Optional[dict] = None
+    deployed_accuracy: Optional[float] = None  # with bit-serial inputs (asked for with deployed=True)
 
 
 def snapshot(model: nn.Module) -> OrderedDict:
@@ -86,9 +87,11 @@ class PolicyEvaluator:
         """Back to the INT8 start: weights, steps, BN statistics and bits."""
         self.model.load_state_dict(self.start_state, strict=True)
 
-    def evaluate(self, policy: Policy, steps: int, lr: Optional[float] = None) -> Evaluation:
+    def evaluate(self, policy: Policy, steps: int, lr: Optional[float] = None, deployed: bool = False) -> Evaluation:
         """Restore, apply `policy`, calibrate, finetune `steps` batches (at `lr`, default the
-        search's), score; a finetune that diverges is reported in `Evaluation.diverged`."""
+        search's), score; a finetune that diverges is reported in `Evaluation.diverged`.
+        deployed: also score the finetuned model with bit-serial inputs (what the crossbar computes;
+        the same number where the model already is bit-serial)."""
         started = time.perf_counter()
         self.restore()
         apply_policy(self.model, policy)
@@ -115,18 +118,27 @@ class PolicyEvaluator:
             broadcast_module_state(self.model, self.dist)  # the buffers the last batch updated per rank
         finetuned = time.perf_counter()
         accuracy = self.score()
-        return Evaluation(float(accuracy), finetuned - started, time.perf_counter() - finetuned)
+        on_crossbar = None
+        if deployed:
+            seed_epoch(self.seed, 1, self.train_loader, self.dist.rank)  # the recalibration's batches, fixed
+            faithful, changed = faithful_copy(self.model, self.train_loader, self.calibration_batches)
+            if changed:
+                broadcast_module_state(faithful, self.dist)
+            on_crossbar = accuracy if not changed else self.score(faithful)
+        return Evaluation(accuracy, finetuned - started, time.perf_counter() - finetuned, None, on_crossbar)
 
-    def score(self) -> float:
-        """Top-1 on the search split: on the ideal crossbar, or the mean over `repeats` seeded
-        programmings of the cells under `noise` (the same seeds for every policy)."""
+    def score(self, model: Optional[nn.Module] = None) -> float:
+        """Top-1 of `model` (default: the search's) on the search split: on the ideal crossbar, or
+        the mean over `repeats` seeded programmings of the cells under `noise` (the same seeds for
+        every policy)."""
+        model = self.model if model is None else model
         if self.noise is None:
-            return float(evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"])
+            return float(evaluate(model, self.search_loader, None, self.device, dist=self.dist)["top1"])
         scores = []
         try:
             for repeat in range(self.repeats):
-                attach_noise(self.model, self.noise, seed=self.seed + repeat)
-                scores.append(float(evaluate(self.model, self.search_loader, None, self.device, dist=self.dist)["top1"]))
+                attach_noise(model, self.noise, seed=self.seed + repeat)
+                scores.append(float(evaluate(model, self.search_loader, None, self.device, dist=self.dist)["top1"]))
         finally:
-            detach_noise(self.model)
+            detach_noise(model)
         return sum(scores) / len(scores)

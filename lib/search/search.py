@@ -44,11 +44,12 @@ from lib.policy import Policy
 from lib.run_dir import check_output_dir, open_run_dir
 from lib.search.agent import DDPGAgent, RandomAgent
 from lib.search.budget import check_budget_reachable, lower_to_budget
-from lib.search.config import SearchConfig, SearchConfigError
+from lib.search.config import AGENT_STRATEGIES, SearchConfig, SearchConfigError
+from lib.search.free import HeldDecisions, find_free_decisions, priced_objectives
 from lib.search.evaluator import PolicyEvaluator
 from lib.search.objective import COST_KEYS, check_objectives, cost_fields
 from lib.search.reward import episode_reward, is_feasible, worst_reward
-from lib.search.space import ADC, INPUT, WEIGHT, BitSpace
+from lib.search.space import ADC, INPUT, WEIGHT, BitSpace, bits_to_action
 from lib.search.state import StateEncoder
 from lib.simulator import CostModel
 from lib.training import CheckpointError, Tracker, load_checkpoint, seed_everything
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "search_state.pth"
 STATE_FORMAT = "cim-aq/search-state"
-OUTPUTS = ("best_policy.npy", "best_policy.json", "episodes.jsonl", "summary.json", STATE_NAME, "tb")
+OUTPUTS = ("best_policy.npy", "best_policy.json", "episodes.jsonl", "summary.json", STATE_NAME, "tb", "front.jsonl",
+           "pareto.png")
 # Test hook: SIGKILL this process right after the state of episode N (1-based count) is written.
 KILL_ENV = "CIM_AQ_SEARCH_KILL_AFTER"
 # Test hook: finetune the policy of episode N (1-based count) at an infinite learning rate, so it diverges.
@@ -92,6 +94,7 @@ class Setup:
     cost_model: CostModel
     space: BitSpace
     names: list
+    held: HeldDecisions = field(default_factory=lambda: HeldDecisions([]))
 
 
 def baseline_diverged_message(config: SearchConfig, diverged: dict, steps: Optional[int] = None) -> str:
@@ -148,13 +151,23 @@ def prepare(config: SearchConfig) -> Setup:
     check_objectives(config, cost_model, space, hw_source)
     if config.all_budgets:
         check_budget_reachable(cost_model, space, Policy.uniform(names, 8, 8), config.all_budgets)
-    return Setup(spec, hw, hw_source, start_state, cost_model, space, names)
+    free = [] if config.search_free_bits else \
+        find_free_decisions(cost_model, space, priced_objectives(config.objective, config.all_budgets))
+    for decision in free:
+        log.info("free decision: layer %d (%s): %s", decision.layer, decision.name, decision.reason)
+    setup = Setup(spec, hw, hw_source, start_state, cost_model, space, names, HeldDecisions(free))
+    if config.strategy == "ilp" or config.warm_start == "ilp":
+        from lib.search.plan import check_plan  # scipy's MILP: only the ILP needs it
+        check_plan(config, setup)
+    return setup
 
 
 def saved_search(config: SearchConfig) -> Optional[dict]:
     """The saved search state to resume from, or None; refuses to mix with an earlier search's files."""
     out = check_output_dir(config.output_dir)
     state_path = out / STATE_NAME
+    if config.resume and config.strategy not in AGENT_STRATEGIES:
+        return None  # a planned strategy runs again from its cached sensitivities
     if config.resume and state_path.exists():
         state = load_search_state(state_path)
         if _with_new_defaults(state["config"]) != plain(_resumable(config)):
@@ -182,7 +195,7 @@ def _resumable(config: SearchConfig) -> dict:
     """The settings a resumed search must share with the one it continues (not the run-time knobs)."""
     data = config.to_dict()
     for key in ("resume", "overwrite", "progress", "workers", "threads", "device", "tensorboard", "episodes", "top_k",
-                "top_k_finetune_steps"):
+                "top_k_finetune_steps", "sensitivity_cache"):
         data.pop(key)
     return data
 
@@ -217,7 +230,9 @@ class Search:
         if config.strategy == "ddpg":
             self.agent = DDPGAgent(self.encoder.dim, decisions, config.ddpg, config.warmup, config.seed)
         else:
-            self.agent = RandomAgent(config.seed + 2)
+            self.agent = RandomAgent(config.seed + 2)  # also the (unused) agent of the planned strategies
+        self.warm: list = []  # policies the first episodes take instead of the agent's (warm start)
+        self.extra_summary: dict = {"strategy": config.strategy, "free_decisions": setup.held.to_list()}
         self.episode = 0
         self.records: list[dict] = []
         self.cache: dict = {}
@@ -282,11 +297,23 @@ class Search:
             for decision in space.decisions:
                 state = self.encoder.row(layer, decision, w_now, a_now, previous)
                 action = self.agent.act(state, self.episode)
+                held = self.setup.held.held_at(layer, decision)
                 if space.is_forced(layer, decision):
                     chosen = space.forced
                     choices = space.choices(decision)
                     action = min(max((chosen - choices[0] + 0.5) / len(choices), 0.0), 1.0)
                     stored = False
+                elif held is not None:  # a free decision: at its highest bits, not learned from
+                    chosen = held
+                    choices = space.choices(decision)
+                    action = bits_to_action(chosen, choices[0], choices[-1], choices)
+                    stored = False
+                elif self.episode < len(self.warm):  # warm start: the solved front's bits, learned from
+                    warm = self.warm[self.episode]
+                    chosen = {WEIGHT: warm.w_bits, INPUT: warm.a_bits, ADC: warm.adc_bits}[decision][layer]
+                    choices = space.choices(decision)
+                    action = bits_to_action(chosen, choices[0], choices[-1], choices)
+                    stored = True
                 else:
                     chosen = space.bits(action, decision)
                     stored = True
@@ -373,6 +400,9 @@ class Search:
     def run(self, progress: bool, on_episode: Optional[Callable[[dict], None]] = None) -> SearchResult:
         cfg = self.config
         started = time.time()
+        if cfg.strategy not in AGENT_STRATEGIES:
+            from lib.search.plan import run_planned  # scipy's MILP: only the planned strategies need it
+            return run_planned(self, started)
         if self.baseline is None:
             base = Policy.uniform(self.setup.names, 8, 8)
             evaluation = self.evaluator.evaluate(base, self.steps)
@@ -382,6 +412,9 @@ class Search:
             log.info("baseline: INT8 after the same %d-batch finetune reaches %.2f%% on the search split; target "
                      "%.2f%%", self.steps, self.baseline, self.target)
             self.save_state()
+        if cfg.warm_start == "ilp":
+            from lib.search.plan import warm_policies  # scipy's MILP: only the warm start needs it
+            self.warm = warm_policies(self)
         main = self.dist.is_main
         tracker = Tracker(self.out, tensorboard=cfg.tensorboard and main)
         kill_after = int(os.environ.get(KILL_ENV, "0") or 0) if main else 0
@@ -485,8 +518,8 @@ class Search:
                    "accuracy_noise": (f"{cfg.eval_noise}, mean of {cfg.eval_repeats} programming(s)"
                                       if cfg.eval_noise else "ideal"),
                    "top_k": top_k, "episodes_run": len(self.records), "seconds": round(seconds, 2),
-                   "finetune_steps": self.steps, "config": plain(cfg.to_dict()), "kernels": RUNTIME.report(),
-                   "routes": route_counts(self.evaluator.model)}
+                   "finetune_steps": self.steps, **plain(self.extra_summary), "config": plain(cfg.to_dict()),
+                   "kernels": RUNTIME.report(), "routes": route_counts(self.evaluator.model)}
         atomic_write_json(self.out / "summary.json", summary)
         log.info("best policy: episode %d, accuracy %.2f%%, latency ratio %.3f (%.2fx), reward %.3f",
                  best["episode"], best["accuracy"], best["latency_ratio"], 1 / best["latency_ratio"], best["reward"])

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lib.bit_limits import BIT_RANGES
 from lib.cim.hardware import PSUM_GRANULARITIES, WEIGHT_GRANULARITIES, HardwareConfig
 from lib.errors import UserError
+from lib.search.config import parse_pareto
 from lib.objectives import ENERGY_OBJECTIVES, OBJECTIVES
 from lib.workflow import names
 
@@ -69,6 +70,19 @@ class Quantization(Section):
     latency_budget: Optional[float] = Field(None, gt=0, le=1)
     objective: Literal[OBJECTIVES] = "latency"  # type: ignore[valid-type]
     budgets: dict[Literal[OBJECTIVES], Annotated[float, Field(gt=0, le=1)]] = {}  # type: ignore[valid-type]
+    # the ILP's sweep on the objective: "LOW:HIGH:STEP" or a list of ratios (None = the budget only)
+    pareto: Optional[Union[str, list[Annotated[float, Field(gt=0, le=1)]]]] = None
+    search_free_bits: bool = False
+
+    @field_validator("pareto")
+    @classmethod
+    def _sweep(cls, value):
+        """A sweep string must parse to ratios in (0, 1] (checked here, before any training)."""
+        if isinstance(value, str):
+            ratios = parse_pareto(value)
+            if not ratios or any(not 0 < r <= 1 for r in ratios):
+                raise ValueError(f"pareto={value!r}: expected ratios in (0, 1], e.g. 0.3:0.8:0.05")
+        return value
 
 
 class Hardware(Section):
@@ -98,7 +112,9 @@ class RL(Section):
 
     train_episodes: int = Field(600, ge=1)
     warmup: int = Field(30, ge=0)
-    strategy: Literal["ddpg", "random"] = "ddpg"
+    strategy: Literal["ddpg", "random", "ilp", "greedy"] = "ddpg"
+    warm_start: Optional[Literal["ilp"]] = None
+    sensitivity: Literal["measured", "hessian"] = "measured"
     finetune_steps: Optional[int] = Field(None, ge=0)
     search_holdout: Union[int, float] = Field(10000, gt=0)
     search_train_size: Optional[Union[int, float]] = Field(20000, gt=0)

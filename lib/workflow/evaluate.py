@@ -80,7 +80,9 @@ def evaluate_stage(config_path: str, stage: str) -> dict:
     if search.is_file():
         summary = read_json(search)
         result["search"] = {key: summary.get(key) for key in ("baseline_accuracy", "target_accuracy", "best",
-                                                              "episodes_run", "seconds")}
+                                                              "episodes_run", "seconds", "free_decisions",
+                                                              "sensitivity")}
+        result["search"]["strategy"] = summary.get("strategy") or summary.get("config", {}).get("strategy", "ddpg")
     return result
 
 

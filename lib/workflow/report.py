@@ -78,6 +78,11 @@ def stage_markdown(label: str, title: str, ev: dict, seconds: dict[str, float]) 
     search = ev.get("search")
     if search:
         best = search.get("best") or {}
+        seconds_taken = search.get("seconds")
+        wall = f" in {seconds_taken:.1f} s" if isinstance(seconds_taken, (int, float)) else ""
+        free = search.get("free_decisions") or []
+        lines.append(f"- search strategy: **{search.get('strategy', 'ddpg')}**{wall}"
+                     + (f"; {len(free)} free decisions held at their highest bits" if free else ""))
         lines.append(f"- search: {search.get('episodes_run')} episodes, INT8 baseline on the search split "
                      f"{_pct(search.get('baseline_accuracy'))}, target {_pct(search.get('target_accuracy'))}, "
                      f"best episode {best.get('episode')} ({_pct(best.get('accuracy'))}, latency ratio "

@@ -212,6 +212,14 @@ def _search_step(config: ResolvedConfig, stage: StageData, base: Path, hardware:
         argv += ["--budget", ",".join(f"{name}={ratio}" for name, ratio in q.budgets.items())]
     if q.objective != "latency":  # only when set, so existing experiments keep their search step as it was
         argv += ["--objective", q.objective]
+    if q.pareto is not None:  # these four only when set, for the same reason
+        argv += ["--pareto", q.pareto if isinstance(q.pareto, str) else ",".join(str(r) for r in q.pareto)]
+    if q.search_free_bits:
+        argv.append("--search-free-bits")
+    if rl.warm_start is not None:
+        argv += ["--warm-start", rl.warm_start]
+    if rl.sensitivity != "measured":
+        argv += ["--sensitivity", rl.sensitivity]
     for knob in ("hidden1", "hidden2", "lr_actor", "lr_critic", "rmsize", "window_length", "tau", "discount",
                  "bsize", "init_delta", "delta_decay"):
         argv += [f"--{knob.replace('_', '-')}", str(getattr(rl, knob))]
