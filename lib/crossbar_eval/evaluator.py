@@ -105,12 +105,7 @@ class PointEvaluator:
             # re-initialise their ADC steps (what a rebuild would recalibrate, without the rebuild)
             model = self._kept[1]
             apply_policy(model, _with_adc(setting))
-            stale = sum(not layer.is_calibrated for _, layer in quantizable_layers(model))
-            if stale:
-                calibrate(model, self.calibration, max_batches=len(self.calibration), batch_norm="running")
-            model.eval()
-            self._kept = (structure, model, stale)
-            return model, stale
+            return self._keep(structure, model)
         self._kept = None
         spec = self.spec.at_policy(setting.policy, setting.hardware)
         try:
@@ -128,6 +123,11 @@ class PointEvaluator:
         apply_policy(model, setting.policy)
         for _, layer in quantizable_layers(model):
             layer.fused_weights = False  # evaluated only: Brevitas' weight, no training kernels to compile
+        return self._keep(structure, model)
+
+    def _keep(self, structure: tuple, model: nn.Module) -> tuple[nn.Module, int]:
+        """Recalibrate the layers whose steps are stale (on the fixed training batches), keep the
+        model for the next point of the same structure; (model, layers recalibrated)."""
         stale = sum(not layer.is_calibrated for _, layer in quantizable_layers(model))
         if stale:
             calibrate(model, self.calibration, max_batches=len(self.calibration), batch_norm="running")
