@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 
-import pretrain
+from tiny_fp32 import fp32  # noqa: F401  (the module's start checkpoint fixture)
 from lib.crossbar_eval.cli import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = ["--dataset", "digits", "--input-size", "8", "--batch-size", "64", "--workers", "0", "--seed", "1",
-        "--no-progress"]
 SWEEP = ["--w-bit", "4", "--a-bit", "4", "--batch-size", "128", "--calibration-batches", "1", "--threads", "1",
          "--no-progress", "--sweep", "cell_bits=1,2", "adc_bits=4:5", "--noise", "prog=0,0.05", "--repeats", "2"]
 
 pytestmark = pytest.mark.usefixtures("eager_single_thread")
-
-
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fp32")
-    assert pretrain.main(DATA + ["--arch", "tiny_cnn", "--epochs", "2", "--lr", "0.1", "--no-tensorboard",
-                                 "--output-dir", str(root)]) == 0
-    return root / "model_best.pth.tar"
 
 
 def _rows(folder: Path) -> list[dict]:

@@ -13,21 +13,12 @@ import torch
 
 import finetune
 import pretrain
+from tiny_fp32 import DATA, fp32  # noqa: F401  (fp32: the module's start checkpoint fixture)
 from lib.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = ["--dataset", "digits", "--input-size", "8", "--batch-size", "64", "--workers", "0", "--seed", "1",
-        "--no-progress"]
 
 pytestmark = pytest.mark.usefixtures("eager_single_thread")
-
-
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fp32")
-    assert pretrain.main(DATA + ["--arch", "tiny_cnn", "--epochs", "2", "--lr", "0.1", "--no-tensorboard",
-                                 "--output-dir", str(root)]) == 0
-    return root / "model_best.pth.tar"
 
 
 def _argv(fp32: Path, out: Path) -> list[str]:
