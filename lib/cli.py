@@ -9,6 +9,7 @@ import sys
 from typing import Callable, Mapping
 
 from lib.errors import UserError
+from lib.heap import configure_heap
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -21,12 +22,13 @@ def setup(log_level: str = "info", threads: int = 0) -> None:
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     # lazy: these load torch, which --help never needs
     from lib.cim.gradient_products import native_bfloat16
-    from lib.cim.runtime import RUNTIME, Runtime
+    from lib.cim.runtime import Runtime
 
-    if run(Runtime.from_environment):
+    read: list = []
+    if run(lambda: read.append(Runtime.from_environment())):
         raise SystemExit(2)
-    with RUNTIME.use(Runtime.from_environment()) as runtime:
-        RUNTIME.apply_heap()
+    runtime = read[0]
+    configure_heap(runtime.freed_memory)
     if runtime.gradient_products == "bfloat16" and not native_bfloat16():
         logging.getLogger(__name__).info("bfloat16 gradient products asked for, but this CPU has no native "
                                          "bfloat16: float32 kept")
