@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Benchmark (by hand): the 18-point crossbar sweep (cell_bits 1,2,4 × adc_bits 3..8) of a W4A4
 ResNet-20 (first/last layer 8-bit) on digits at 32 px, against one finetuning epoch of the same
-model, timed round-robin in this process (bench/timing.py), one torch thread.
+model, timed round-robin in this process (bench/timing.py), one torch thread. A third figure,
+the 18 points' test evaluations alone (their point models built and calibrated beforehand), is
+the floor any exact sweep of these points pays.
 
 The epoch is what finetune.py runs per epoch: one pass over the training images minus its 10 %
 holdout (SGD, batch 64) and the holdout's evaluation. The sweep is `python -m lib.crossbar_eval`
@@ -13,6 +15,7 @@ runs/xeval/w4a4/model_best.pth.tar, built with pretrain.py and finetune.py when 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -27,9 +30,11 @@ from torch import nn  # noqa: E402
 
 from timing import round_robin_medians  # noqa: E402  (bench/timing.py)
 from lib.crossbar_eval.cli import main as sweep_main  # noqa: E402
+from lib.crossbar_eval.evaluator import PointEvaluator, base_hardware_of  # noqa: E402
+from lib.crossbar_eval.grid import parse_axis, points, setting_for  # noqa: E402
 from lib.data import HoldoutSpec, build_loaders  # noqa: E402
-from lib.model_spec import model_from_checkpoint  # noqa: E402
-from lib.training import OptimConfig, build_optimizer, evaluate, train_one_epoch  # noqa: E402
+from lib.model_spec import ModelSpec, model_from_checkpoint  # noqa: E402
+from lib.training import OptimConfig, build_optimizer, evaluate, load_checkpoint, train_one_epoch  # noqa: E402
 
 WORK = REPO / "runs" / "xeval"
 CHECKPOINT = WORK / "w4a4" / "model_best.pth.tar"
@@ -50,6 +55,18 @@ def build_checkpoint() -> None:
         "--init", WORK / "fp32" / "model_best.pth.tar", "--epochs", "3", "--lr", "0.005", "--batch-size", "64",
         "--workers", "0", "--threads", "1", "--output-dir", WORK / "w4a4", "--no-tensorboard", "--no-progress",
         "--no-export")
+
+
+def point_models(test: list, calibration: list) -> list:
+    """The 18 points' models, built and calibrated as the sweep does (each one a copy)."""
+    state = load_checkpoint(CHECKPOINT)
+    spec = ModelSpec.from_args(state["args"])
+    base, _ = model_from_checkpoint(CHECKPOINT)
+    policy = spec.policy
+    evaluator = PointEvaluator(spec, base.eval(), calibration, test, torch.device("cpu"))
+    grid = points([parse_axis("cell_bits=1,2,4", noise=False), parse_axis("adc_bits=3:8", noise=False)])
+    settings = [setting_for(p, base_hardware_of(spec.hardware), policy, None) for p in grid]
+    return [copy.deepcopy(evaluator.model_for(s)[0]) for s in settings]
 
 
 def main() -> None:
@@ -76,10 +93,20 @@ def main() -> None:
                            "--log-level", "WARNING"])
         assert code == 0
 
-    medians = round_robin_medians({"finetune epoch": epoch, "18-point sweep": sweep}, repeats=args.repeats,
-                                  warmup=1)
+    test = list(build_loaders("digits", None, 32, batch_size=128, workers=0, seed=0).val)
+    calibration = [next(iter(build_loaders("digits", None, 32, batch_size=128, workers=0, seed=0).train))[0]]
+    prepared = point_models(test, calibration)
+
+    def evaluations():
+        with torch.no_grad():
+            for point_model in prepared:
+                evaluate(point_model, test, None, "cpu")
+
+    medians = round_robin_medians({"finetune epoch": epoch, "18-point sweep": sweep,
+                                   "18 evaluations alone": evaluations}, repeats=args.repeats, warmup=1)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     print(json.dumps({"seconds": medians, "sweep / epoch": medians["18-point sweep"] / medians["finetune epoch"],
+                      "evaluations alone / epoch": medians["18 evaluations alone"] / medians["finetune epoch"],
                       "train_images": len(data.train.dataset), "holdout_images": len(data.holdout.dataset),
                       "test_images": rows and json.loads((out / "sweep.json").read_text())["fingerprint"]["test_images"],
                       "per_point_seconds": [r["seconds"] for r in rows]}, indent=1))
