@@ -5,8 +5,10 @@ ADC), measured on a few fixed batches of the search-train split with the CIM lay
 quantizers (bit slicing, the input grid and the ADC as the crossbar computes them):
 
 measured  the loss increase when only that layer's weights (or inputs, or ADC) are set to those
-          bits (its changed steps recalibrated as the search's evaluations do), against the INT8
-          loss. Cost: per measured candidate, calibration_batches + batches forward passes.
+          bits (its changed steps recalibrated as the search's evaluations do, on its own recorded
+          inputs), against the INT8 loss. Cost: per measured candidate, calibration_batches
+          single-layer forwards + batches forward passes (every other layer's crossbar form
+          stays cached).
 hessian   HAWQ's score: the average Hessian trace of the loss over that layer's weights (or its
           inputs) × ‖Q(x) − x‖² at those bits. The CIM layers' straight-through gradients have no
           second derivative, so the trace is Hutchinson's estimate with finite-difference
@@ -38,6 +40,7 @@ from torch import nn
 
 from lib.cim import calibrate, quantizable_layers
 from lib.fileio import atomic_write_json
+from lib.search.downstream import DownstreamForward
 from lib.search.evaluator import PolicyEvaluator
 from lib.search.free import HeldDecisions
 from lib.search.space import ADC, INPUT, WEIGHT, BitSpace
@@ -115,31 +118,59 @@ def _loss(model: nn.Module, batches: list, criterion) -> float:
 
 def measure(evaluator: PolicyEvaluator, space: BitSpace, held: HeldDecisions, batches: list,
             decisions: tuple = (WEIGHT, INPUT, ADC)) -> tuple[list, dict]:
-    """Loss increase per (layer, decision, bits) with only that decision changed (see module docstring)."""
+    """Loss increase per (layer, decision, bits) with only that decision changed (see module docstring).
+
+    Only the changed layer moves: it is recalibrated alone on its recorded INT8-start inputs (what
+    a whole-model calibration would give it, the other layers being unchanged) and restored from
+    its own state after, so every other layer keeps its cached crossbar form between candidates;
+    each trial forward re-runs only what the layer reaches (lib.search.downstream) where the
+    model traces. A "forward" pass counted here is then such a partial one."""
     model, criterion = evaluator.model, evaluator.criterion
     evaluator.restore()
-    layers = quantizable_layers(model)
-    start = [(l.w_bit, l.a_bit, l.adc_bits) for _, l in layers]
+    layers = [layer for _, layer in quantizable_layers(model)]
+    inputs = _layer_inputs(model, layers, batches)
     base = _loss(model, batches, criterion)
+    downstream = DownstreamForward.build(model, layers, batches)
     scores = [{WEIGHT: {}, INPUT: {}, ADC: {}} for _ in layers]
-    forwards = len(batches)
-    for i, (_, layer) in enumerate(layers):
+    forwards, single = (2 + (downstream is not None)) * len(batches), 0
+
+    @torch.no_grad()
+    def loss_after_change(i: int) -> float:
+        if downstream is None:
+            return _loss(model, batches, criterion)
+        return float(sum(criterion(downstream.logits(i, b), y).item() for b, (_, y) in enumerate(batches))
+                     / len(batches))
+    for i, layer in enumerate(layers):
+        w, a, adc = layer.w_bit, layer.a_bit, layer.adc_bits
+        own_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         for decision in decisions:
             if decision == ADC and space.adc_bits is None:
                 continue
             for bits in searched_bits(space, held, i, decision):
-                w, a, adc = start[i]
                 trial = {WEIGHT: (bits, a, None), INPUT: (w, bits, None), ADC: (w, a, bits)}[decision]
                 if trial == (w, a, None) or (decision == ADC and bits == adc):
                     scores[i][decision][bits] = 0.0
                     continue
-                evaluator.restore()
                 layer.set_bits(*trial)
-                calibrate(model, batches, max_batches=evaluator.calibration_batches, batch_norm="running")
-                scores[i][decision][bits] = max(_loss(model, batches, criterion) - base, 0.0)
-                forwards += min(evaluator.calibration_batches, len(batches)) + len(batches)
+                single += _calibrate_layer(layer, inputs[i][:evaluator.calibration_batches])
+                scores[i][decision][bits] = max(loss_after_change(i) - base, 0.0)
+                forwards += len(batches)
+                layer.load_state_dict(own_state)  # its start bits and steps again
     evaluator.restore()
-    return scores, {"forward": forwards, "backward": 0}
+    return scores, {"forward": forwards, "backward": 0, "single_layer_forward": single}
+
+
+@torch.no_grad()
+def _calibrate_layer(layer: nn.Module, inputs: list) -> int:
+    """Set one layer's stale steps from its recorded inputs, in train mode as `calibrate` does
+    (BatchNorm is outside the layer: its inputs were recorded with the running statistics)."""
+    layer.train()
+    try:
+        for x in inputs:
+            layer(x)
+    finally:
+        layer.eval()
+    return len(inputs)
 
 
 def _rademacher(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -240,11 +271,8 @@ def hessian_scores(evaluator: PolicyEvaluator, space: BitSpace, held: HeldDecisi
         for bits in searched_bits(space, held, i, INPUT):
             evaluator.restore()
             layer.set_bits(start[i][0], bits)
+            _calibrate_layer(layer, inputs[i][:evaluator.calibration_batches])  # the changed input step
             with torch.no_grad():
-                layer.train()  # the changed input step takes its statistics from these inputs
-                for x in inputs[i][:evaluator.calibration_batches]:
-                    layer(x)
-                layer.eval()
                 error = 0.0
                 for x in inputs[i]:
                     q = layer.input_quant(x)
@@ -257,6 +285,7 @@ def hessian_scores(evaluator: PolicyEvaluator, space: BitSpace, held: HeldDecisi
         for row, extra in zip(scores, measured):
             row[ADC] = extra[ADC]
         passes = {"forward": passes["forward"] + more["forward"], "backward": passes["backward"]}
+        single += more["single_layer_forward"]
     return scores, {**passes, "single_layer_forward": single}
 
 
