@@ -2,11 +2,16 @@
 """Benchmark (by hand): which search strategy gives the best policy under a latency budget.
 
 Matrix: hardware × latency budget × strategy × seed (seeds only for the random strategies:
-random and ddpg). Every arm runs rl_quantize.py from the same INT8 checkpoint (digits, ResNet-20
+random, ddpg and ddpg-warm). Every arm runs rl_quantize.py from the same INT8 checkpoint (digits, ResNet-20
 at 32 px: the demo's stage-2 INT8 model), then finetunes its chosen policy with finetune.py the
 way the workflow's final finetune does (same epochs, lr, seed for every arm) and reads the test
 top-1 and the deployed (bit-serial inputs) top-1. The search's wall time is that of the
 rl_quantize.py process (baseline, sensitivities or episodes, verification, outputs).
+
+`ddpg-warm` is DDPG with `--warm-start ilp`: its first episodes (up to --warmup) are the ILP's
+policies solved on a front around the arm's budget (--warm-front, offsets from the budget; points
+above it are lowered to the budget by the episode, points below the lowest reachable ratio are
+skipped); it runs the episodes and seeds of ddpg.
 
 Arms already in --out's results.jsonl are skipped, so a killed run continues; the table
 (results.md) is written after every arm. The hardware YAMLs are trained and searched with
@@ -33,8 +38,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEMO_INT8 = REPO / "runs" / "workflow" / "demo_resnet20_default" / "stage2_digits" / "int8" / "model_best.pth.tar"
 HARDWARES = [REPO / "run" / "hardware" / "default.yaml", REPO / "run" / "hardware" / "cell2bit.yaml"]
-STRATEGIES = ("ilp", "greedy", "random", "ddpg")
-SEEDED = ("random", "ddpg")
+STRATEGIES = ("ilp", "greedy", "random", "ddpg", "ddpg-warm")
+SEEDED = ("random", "ddpg", "ddpg-warm")
+LABELS = {"ddpg-warm": "ddpg, ilp warm start"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--episodes", type=int, nargs="+", default=[30, 60], help="episodes of ddpg (and random)")
     p.add_argument("--warmup", type=int, default=10, help="random warm-up episodes of ddpg")
+    p.add_argument("--warm-front", type=float, nargs=3, default=[-0.03, 0.06, 0.01], metavar=("LOW", "HIGH", "STEP"),
+                   help="ddpg-warm: the ILP front's budgets, as offsets from the arm's budget")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the random strategies")
     p.add_argument("--finetune-steps", type=int, default=10, help="finetune batches per episode / verification")
     p.add_argument("--search-holdout", type=int, default=300, help="training images held out for the search")
@@ -77,7 +85,7 @@ def arms(args) -> list[dict]:
         for budget in args.budgets:
             for strategy in args.strategies:
                 if strategy in SEEDED:
-                    for episodes in args.episodes if strategy == "ddpg" else args.episodes[:1]:
+                    for episodes in args.episodes if strategy.startswith("ddpg") else args.episodes[:1]:
                         for seed in args.seeds:
                             found.append({"hardware": hardware.stem, "budget": budget, "strategy": strategy,
                                           "episodes": episodes, "seed": seed})
@@ -111,7 +119,7 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     search = ["rl_quantize.py", "--init", str(args.init), "--hardware", str(hardware), "--min-bit", str(args.min_bit),
               "--max-bit", "8", "--force-first-last", str(args.force_first_last),
-              "--latency-budget", str(arm["budget"]), "--strategy", arm["strategy"],
+              "--latency-budget", str(arm["budget"]), "--strategy", arm["strategy"].removesuffix("-warm"),
               "--finetune-steps", str(args.finetune_steps), "--finetune-lr", str(args.search_lr),
               "--search-holdout", str(args.search_holdout), "--seed", str(arm["seed"]), "--top-k", "0",
               "--threads", str(args.threads), "--no-progress", "--no-tensorboard", "--overwrite",
@@ -120,6 +128,9 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
         search += ["--sensitivity", arm["method"]]
     if arm["episodes"]:
         search += ["--episodes", str(arm["episodes"]), "--warmup", str(min(args.warmup, arm["episodes"]))]
+    if arm["strategy"] == "ddpg-warm":
+        low, high = (round(arm["budget"] + offset, 4) for offset in args.warm_front[:2])
+        search += ["--warm-start", "ilp", "--pareto", f"{low}:{high}:{args.warm_front[2]}"]
     search_seconds = run(search, folder / "search.log")
     summary = json.loads((folder / "search" / "summary.json").read_text())
     finetune = ["finetune.py", "--init", str(args.init), "--policy", str(folder / "search" / "best_policy.json"),
@@ -133,8 +144,9 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
             "finetune_seconds": round(finetune_seconds, 1), "latency_ratio": best["latency_ratio"],
             "search_accuracy": best["accuracy"], "episodes_run": summary["episodes_run"],
             "policy": best["policy"], "free_decisions": len(summary.get("free_decisions", [])),
-            "sensitivity": summary.get("sensitivity"), "test_top1": report["accuracy"]["test_top1"],
-            "deployed_top1": report["accuracy"].get("deployed_top1")}
+            "sensitivity": summary.get("sensitivity"),
+            "warm_episodes": (summary.get("warm_start") or {}).get("episodes"),
+            "test_top1": report["accuracy"]["test_top1"], "deployed_top1": report["accuracy"].get("deployed_top1")}
 
 
 def method_of(row: dict) -> str:
@@ -148,7 +160,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["hardware"], -r["budget"], r["strategy"], method_of(r),
                                          r["episodes"] or 0, r["seed"])):
-        strategy = r["strategy"] + (f" ({method_of(r)})" if method_of(r) else "") + \
+        strategy = LABELS.get(r["strategy"], r["strategy"]) + (f" ({method_of(r)})" if method_of(r) else "") + \
             (f" {r['episodes']} ep" if r["episodes"] else "")
         deployed = "" if r["deployed_top1"] is None else f"{r['deployed_top1']:.2f} %"
         lines.append(f"| {r['hardware']} | {r['budget']} | {strategy} | {r['seed'] if r['episodes'] else ''} | "
