@@ -93,8 +93,8 @@ def main() -> None:
                            "--log-level", "WARNING"])
         assert code == 0
 
-    test = list(build_loaders("digits", None, 32, batch_size=128, workers=0, seed=0).val)
-    calibration = [next(iter(build_loaders("digits", None, 32, batch_size=128, workers=0, seed=0).train))[0]]
+    sweep_data = build_loaders("digits", None, 32, batch_size=128, workers=0, seed=0)  # the sweep's split
+    test, calibration = list(sweep_data.val), [next(iter(sweep_data.train))[0]]
     prepared = point_models(test, calibration)
 
     def evaluations():

@@ -41,8 +41,8 @@ def finetune(arm: dict, args, seed: int) -> dict:
     hardware, init = (Path(finetune_args[k]) for k in ("hardware", "init"))
     argv = ["finetune.py", "--init", str(init if init.is_absolute() else ran_in / init),
             "--policy", str(folder / "search" / "best_policy.json"),
-            "--hardware", str(hardware if hardware.is_absolute() else ran_in / hardware), "--epochs", str(finetune_args["epochs"]),
-            "--lr", str(finetune_args["lr"]), "--holdout", str(finetune_args["holdout"]), "--no-export",
+            "--hardware", str(hardware if hardware.is_absolute() else ran_in / hardware),
+            "--epochs", str(finetune_args["epochs"]), "--lr", str(finetune_args["lr"]), "--holdout", str(finetune_args["holdout"]), "--no-export",
             "--seed", str(seed), "--threads", str(args.threads), "--no-progress", "--no-tensorboard", "--overwrite",
             "--output-dir", str(out)]
     run(argv, folder / f"finetune-seed{seed}.log")

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lib.cim import calibrate, quantizable_layers
+from lib.cim import quantizable_layers
 from lib.fileio import atomic_write_json
 from lib.search.downstream import DownstreamForward
 from lib.search.evaluator import PolicyEvaluator
