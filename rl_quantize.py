@@ -91,10 +91,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--search-free-bits", action="store_true",
                    help="also search the decisions that change no priced cost (default: held at the highest bits)")
     g.add_argument("--sensitivity", default="measured", choices=SENSITIVITIES,
-                   help="ILP scores: measured (loss increase, one layer changed) | hessian (Hutchinson trace × "
+                   help="ILP scores: measured (loss increase, one layer changed) | kl (output KL divergence, one "
+                        "layer changed) | hessian (Hutchinson trace × "
                         "quantization error)")
     g.add_argument("--sensitivity-batches", type=int, default=2, help="search-train batches the sensitivities use")
     g.add_argument("--hutchinson-probes", type=int, default=4, help="Rademacher probes per batch (hessian)")
+    g.add_argument("--sensitivity-rounds", type=int, default=1,
+                   help="1: score at INT8; R > 1: also R-1 rounds measured around the policy solved for the budget, "
+                        "averaged (measured or kl, needs a budget)")
     g.add_argument("--sensitivity-cache", default=None, metavar="DIR",
                    help="folder of cached sensitivities (default: <output-dir>/sensitivity)")
     g.add_argument("--max-accuracy-drop", type=float, default=1.0,
@@ -177,7 +181,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         strategy=args.strategy, search_free_bits=args.search_free_bits,
         pareto=parse_pareto(args.pareto) if args.pareto else (), warm_start=args.warm_start,
         sensitivity=args.sensitivity, sensitivity_batches=args.sensitivity_batches,
-        hutchinson_probes=args.hutchinson_probes, sensitivity_cache=args.sensitivity_cache, top_k=args.top_k, top_k_finetune_steps=args.top_k_finetune_steps,
+        hutchinson_probes=args.hutchinson_probes, sensitivity_rounds=args.sensitivity_rounds,
+        sensitivity_cache=args.sensitivity_cache, top_k=args.top_k, top_k_finetune_steps=args.top_k_finetune_steps,
         search_holdout=args.search_holdout, search_train_size=args.search_train_size, seed=args.seed,
         eval_noise=args.eval_noise, eval_repeats=args.eval_repeats,
         resume=args.resume == "auto", overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,

@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warm-front", type=float, nargs=3, default=[-0.03, 0.06, 0.01], metavar=("LOW", "HIGH", "STEP"),
                    help="ddpg-warm: the ILP front's budgets, as offsets from the arm's budget")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the random strategies")
+    p.add_argument("--ilp-seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the ILP (they pick the sensitivities' fixed batches)")
     p.add_argument("--finetune-steps", type=int, default=10, help="finetune batches per episode / verification")
     p.add_argument("--search-holdout", type=int, default=300, help="training images held out for the search")
     p.add_argument("--min-bit", type=int, default=2)
@@ -64,7 +66,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-lr", type=float, default=0.005, help="per-episode finetune lr (the demo's)")
     p.add_argument("--input-mode", default="multi-bit", choices=("multi-bit", "bit-serial"),
                    help="the inputs searched and trained with (deployed accuracy is always bit-serial)")
-    p.add_argument("--sensitivity", default="measured", choices=("measured", "hessian"), help="the ILP's scores")
+    p.add_argument("--sensitivity", default="measured", choices=("measured", "kl", "hessian"), help="the ILP's scores")
+    p.add_argument("--sensitivity-rounds", type=int, default=1,
+                   help="the ILP's rounds of scores measured around its solved policy (1: at INT8 only)")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
 
@@ -90,11 +94,13 @@ def arms(args) -> list[dict]:
                             found.append({"hardware": hardware.stem, "budget": budget, "strategy": strategy,
                                           "episodes": episodes, "seed": seed})
                 else:
-                    arm = {"hardware": hardware.stem, "budget": budget, "strategy": strategy, "episodes": None,
-                           "seed": 0}
-                    if strategy == "ilp" and args.sensitivity != "measured":
-                        arm["method"] = args.sensitivity
-                    found.append(arm)
+                    for seed in args.ilp_seeds if strategy == "ilp" else [0]:
+                        arm = {"hardware": hardware.stem, "budget": budget, "strategy": strategy, "episodes": None,
+                               "seed": seed}
+                        if strategy == "ilp" and (args.sensitivity != "measured" or args.sensitivity_rounds > 1):
+                            rounds = f"-r{args.sensitivity_rounds}" if args.sensitivity_rounds > 1 else ""
+                            arm["method"] = args.sensitivity + rounds
+                        found.append(arm)
     return found
 
 
@@ -125,7 +131,8 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
               "--threads", str(args.threads), "--no-progress", "--no-tensorboard", "--overwrite",
               "--sensitivity-cache", str(args.out / "sensitivity"), "--output-dir", str(folder / "search")]
     if arm.get("method"):
-        search += ["--sensitivity", arm["method"]]
+        method, _, rounds = arm["method"].partition("-r")
+        search += ["--sensitivity", method] + (["--sensitivity-rounds", rounds] if rounds else [])
     if arm["episodes"]:
         search += ["--episodes", str(arm["episodes"]), "--warmup", str(min(args.warmup, arm["episodes"]))]
     if arm["strategy"] == "ddpg-warm":
@@ -163,7 +170,7 @@ def table(rows: list[dict]) -> str:
         strategy = LABELS.get(r["strategy"], r["strategy"]) + (f" ({method_of(r)})" if method_of(r) else "") + \
             (f" {r['episodes']} ep" if r["episodes"] else "")
         deployed = "" if r["deployed_top1"] is None else f"{r['deployed_top1']:.2f} %"
-        lines.append(f"| {r['hardware']} | {r['budget']} | {strategy} | {r['seed'] if r['episodes'] else ''} | "
+        lines.append(f"| {r['hardware']} | {r['budget']} | {strategy} | {r['seed'] if r['episodes'] or r['strategy'] == 'ilp' else ''} | "
                      f"{r['latency_ratio']:.3f} | {r['search_seconds']:.0f} s | {r['test_top1']:.2f} % | {deployed} |")
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ from lib.policy import Policy
 from lib.search import DDPGConfig, prepare, run_search
 from lib.search.budget import lower_to_budget
 from lib.search.free import HeldDecisions, find_free_decisions
+from lib.search.config import SearchConfigError
 from lib.search.ilp import KnapsackProblem, policy_score
 from lib.search.space import ADC, INPUT, WEIGHT
 from lib.workflow.config import WorkflowConfigError, load_config
@@ -158,6 +159,13 @@ def test_sensitivities_reproducible_and_cached(int8_ckpt, tmp_path, eager_single
     repeat, _ = scores(tmp_path / "e", tmp_path / "cache4", "hessian")
     assert hessian["scores"] == repeat["scores"] and summary["sensitivity"]["passes"]["backward"] > 0
     assert any(v > 0 for row in hessian["scores"] for v in row["a"].values())
+    kl, summary = scores(tmp_path / "f", tmp_path / "cache5", "kl")
+    repeat, _ = scores(tmp_path / "g", tmp_path / "cache6", "kl")
+    assert kl["scores"] == repeat["scores"] and summary["sensitivity"]["method"] == "kl"
+    assert summary["sensitivity"]["passes"]["backward"] == 0
+    # every narrower input moves the outputs, so no lowered width looks free (a loss increase may be 0)
+    lowered = [v for row in kl["scores"] for b, v in row["a"].items() if int(b) < 8]
+    assert lowered and all(v > 0 for v in lowered)
 
 
 def test_greedy_equals_lower_to_budget(int8_ckpt, tmp_path, eager_single_thread):
@@ -206,6 +214,48 @@ def test_workflow_passes_strategy_and_pareto(tmp_path):
     plan = build_plan(load_config(write_config(tmp_path, data)))
     argv = next(s for s in plan if s.name == "stage1/search").argv
     assert argv[argv.index("--strategy") + 1] == "ilp" and argv[argv.index("--pareto") + 1] == "0.4:0.8:0.1"
+    assert "--sensitivity" not in argv and "--sensitivity-rounds" not in argv  # the defaults add no flags
+    data["training"]["rl"].update(sensitivity="kl", sensitivity_rounds=5)
+    argv = next(s for s in build_plan(load_config(write_config(tmp_path, data))) if s.name == "stage1/search").argv
+    assert argv[argv.index("--sensitivity") + 1] == "kl" and argv[argv.index("--sensitivity-rounds") + 1] == "5"
+    data["training"]["rl"]["sensitivity_rounds"] = 0
+    with pytest.raises(WorkflowConfigError, match="sensitivity_rounds"):
+        load_config(write_config(tmp_path, data))
+    data["training"]["rl"]["sensitivity_rounds"] = 1
     data["quantization"]["pareto"] = "0.8:0.4:0.1"
     with pytest.raises(WorkflowConfigError, match="pareto"):
         load_config(write_config(tmp_path, data))
+
+
+def test_sensitivity_rounds_measure_around_the_solved_policy(int8_ckpt, tmp_path, eager_single_thread):
+    """Rounds after the first re-measure every layer with the others at the solved policy: the
+    scores move, the policy meets the budget, the rounds are counted and come back from the cache."""
+    cache = tmp_path / "cache"
+
+    def run(folder: str, rounds: int) -> tuple[dict, dict]:
+        result = run_search(tiny_config(int8_ckpt, tmp_path / folder, strategy="ilp", latency_budget=0.6, top_k=0,
+                                        sensitivity="kl", sensitivity_rounds=rounds,
+                                        sensitivity_cache=str(cache)))
+        summary = json.loads((tmp_path / folder / "summary.json").read_text())
+        return summary, result.best
+
+    single, _ = run("one", 1)
+    refined, best = run("three", 3)
+    assert single["sensitivity"]["rounds"] == 1 and 2 <= refined["sensitivity"]["rounds"] <= 3
+    assert refined["sensitivity"]["passes"]["forward"] > single["sensitivity"]["passes"]["forward"]
+    assert best["latency_ratio"] <= 0.6
+    first = json.loads(next(cache.glob("kl-[0-9a-f]*.json")).read_text())
+    mean = json.loads(next(cache.glob("kl-r3-*.json")).read_text())
+    assert mean["scores"] != first["scores"]  # the context changed what a layer's bits cost
+    again, _ = run("again", 3)
+    assert again["sensitivity"]["cached"] is True and again["sensitivity"]["rounds"] == refined["sensitivity"]["rounds"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(sensitivity="hessian", sensitivity_rounds=2, latency_budget=0.6), "cannot"),
+    (dict(sensitivity="kl", sensitivity_rounds=2), "no budget"),
+    (dict(sensitivity="kl", sensitivity_rounds=0, latency_budget=0.6), "sensitivity_rounds"),
+])
+def test_sensitivity_rounds_refused(int8_ckpt, tmp_path, changes, message):
+    with pytest.raises(SearchConfigError, match=message):
+        tiny_config(int8_ckpt, tmp_path, strategy="ilp", **changes).check()

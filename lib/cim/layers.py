@@ -332,6 +332,13 @@ class CIMLayerMixin:
             check_bits("adc_bits", adc_bits)
             self.psum_adc.set_bits(int(adc_bits))
 
+    def mark_steps_stale(self, weight: bool = False) -> None:
+        """Re-initialise, at the current bits, the steps an input-bit change (with `weight`, a
+        weight-bit change) re-initialises: the ADC's, and the weights' with `weight`."""
+        if weight:
+            self.weight_step_module.mark_stale()
+        self.psum_adc.mark_stale()
+
     # ------------------------------------------------------------ state
     def _copy_float_parameters(self, source: nn.Module) -> None:
         """Take the weight and bias of the float layer this one replaces."""

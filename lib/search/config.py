@@ -12,7 +12,7 @@ from lib.objectives import OBJECTIVES
 STRATEGIES = ("ddpg", "random", "ilp", "greedy")
 AGENT_STRATEGIES = ("ddpg", "random")
 WARM_STARTS = ("ilp",)
-SENSITIVITIES = ("measured", "hessian")
+SENSITIVITIES = ("measured", "kl", "hessian")
 LAYER_BIT_RANGE = BIT_RANGES["w_bit"]
 ADC_BIT_RANGE = BIT_RANGES["adc_bits"]
 Size = Union[int, float]
@@ -81,7 +81,11 @@ class SearchConfig:
         configured budgets.
     warm_start: "ilp" = DDPG's warm-up episodes are the solved front's policies.
     sensitivity: how the ILP scores a layer's bits: measured (the loss increase with only that
-        layer changed) or hessian (Hutchinson trace × ‖Q(x) − x‖²), lib.search.sensitivity.
+        layer changed), kl (the output KL divergence with only that layer changed) or hessian
+        (Hutchinson trace × ‖Q(x) − x‖²), lib.search.sensitivity.
+    sensitivity_rounds: 1 = score at INT8 only; r > 1 = also r − 1 rounds measured around the policy
+        the mean of the rounds so far solves for the budget (measured or kl, needs a budget),
+        lib.search.refine.
     sensitivity_cache: folder of cached sensitivities (None = <output_dir>/sensitivity).
     """
 
@@ -117,6 +121,7 @@ class SearchConfig:
     sensitivity: str = "measured"
     sensitivity_batches: int = 2
     hutchinson_probes: int = 4
+    sensitivity_rounds: int = 1
     sensitivity_cache: Optional[str] = None
     top_k: int = 3
     top_k_finetune_steps: int = 300
@@ -191,6 +196,14 @@ class SearchConfig:
                                     f"{list(SENSITIVITIES)}")
         _int_at_least("sensitivity_batches", self.sensitivity_batches, 1)
         _int_at_least("hutchinson_probes", self.hutchinson_probes, 1)
+        _int_at_least("sensitivity_rounds", self.sensitivity_rounds, 1)
+        if self.sensitivity_rounds > 1 and self.sensitivity == "hessian":
+            raise SearchConfigError(f"sensitivity_rounds={self.sensitivity_rounds} measures around a policy, which "
+                                    f"sensitivity='hessian' cannot; use measured or kl, or sensitivity_rounds=1")
+        if self.sensitivity_rounds > 1 and not self.all_budgets:
+            raise SearchConfigError(f"sensitivity_rounds={self.sensitivity_rounds} measures around the policy solved "
+                                    f"for the budget, and no budget is set; set latency_budget (or budgets) or "
+                                    f"sensitivity_rounds=1")
         for ratio in self.pareto:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
                 raise SearchConfigError(f"pareto budget {ratio!r} is not allowed: expected ratios of {self.objective} "

@@ -27,6 +27,7 @@ from lib.search.budget import lower_to_budget
 from lib.search.config import SearchConfigError
 from lib.search.ilp import KnapsackProblem, Solution, check_additive
 from lib.search.objective import cost_fields
+from lib.search.refine import refine
 from lib.search.reward import episode_reward, is_feasible, worst_reward
 from lib.search.sensitivity import Sensitivities, cache_key, compute_sensitivities, load_or_compute
 from lib.search.space import ADC, INPUT, WEIGHT
@@ -75,9 +76,19 @@ def sensitivities(search) -> Sensitivities:
               "batches": cfg.sensitivity_batches, "probes": cfg.hutchinson_probes,
               "calibration_batches": cfg.calibration_batches, "processes": search.dist.world_size}
     folder = Path(cfg.sensitivity_cache) if cfg.sensitivity_cache else Path(cfg.output_dir) / "sensitivity"
-    path = folder / f"{cfg.sensitivity}-{cache_key(Path(cfg.init), fields)}.json"
-    return load_or_compute(path, lambda: compute_sensitivities(
-        evaluator, space, setup.held, cfg.sensitivity, cfg.sensitivity_batches, cfg.hutchinson_probes, cfg.seed))
+
+    def measured(context: Optional[Policy] = None) -> Sensitivities:
+        return compute_sensitivities(evaluator, space, setup.held, cfg.sensitivity, cfg.sensitivity_batches,
+                                     cfg.hutchinson_probes, cfg.seed, context=context)
+    first = load_or_compute(folder / f"{cfg.sensitivity}-{cache_key(Path(cfg.init), fields)}.json", measured)
+    if cfg.sensitivity_rounds == 1:
+        return first
+    # Rounds after the first depend on the budget they solve for, so they are kept under their own key.
+    around = {**fields, "rounds": cfg.sensitivity_rounds, "budgets": cfg.all_budgets}
+    return load_or_compute(
+        folder / f"{cfg.sensitivity}-r{cfg.sensitivity_rounds}-{cache_key(Path(cfg.init), around)}.json",
+        lambda: refine(first, cfg.sensitivity_rounds, cfg.all_budgets,
+                       lambda scores: KnapsackProblem(setup.cost_model, space, setup.held, scores.of), measured))
 
 
 def knapsack(search) -> tuple[KnapsackProblem, Sensitivities]:
@@ -121,7 +132,8 @@ def run_planned(search, started: float):
     if cfg.strategy == "ilp":
         problem, scores = knapsack(search)
         search.extra_summary["sensitivity"] = {"method": scores.method, "seconds": round(scores.seconds, 3),
-                                               "passes": scores.passes, "cached": scores.cached}
+                                               "passes": scores.passes, "cached": scores.cached,
+                                               "rounds": scores.rounds}
         solving = time.perf_counter()
         if cfg.pareto or not cfg.all_budgets:
             front = solve_front(search, problem)

@@ -9,6 +9,12 @@ measured  the loss increase when only that layer's weights (or inputs, or ADC) a
           inputs), against the INT8 loss. Cost: per measured candidate, calibration_batches
           single-layer forwards + batches forward passes (every other layer's crossbar form
           stays cached).
+kl        the same single-layer changes, scored by the output distortion instead of the loss:
+          the mean KL divergence of the changed model's softmax from the INT8 model's (ZeroQ's
+          sensitivity). It needs no labels, is positive for any change that moves the outputs
+          (a loss increase is 0 or negative for many mild changes of a well-fitted model, so those
+          look free), and to second order it is a quadratic form of the output perturbation, which
+          is what makes per-layer scores add. Same cost as measured.
 hessian   HAWQ's score: the average Hessian trace of the loss over that layer's weights (or its
           inputs) × ‖Q(x) − x‖² at those bits. The CIM layers' straight-through gradients have no
           second derivative, so the trace is Hutchinson's estimate with finite-difference
@@ -16,6 +22,11 @@ hessian   HAWQ's score: the average Hessian trace of the loss over that layer's 
           inputs perturbed at once by their own Rademacher v. Cost: probes × batches × 2 forward
           and backward passes for every layer together, plus one single-layer forward per input
           candidate; ADC bits are scored by the measurement (their error is not in x).
+
+Both measurements can also be taken around a policy (`context`): every other layer at that
+policy's bits, the measured layer changed from its INT8 state. Scores measured around the solved
+policy see how layers interact (lowering several layers of one stage costs more than the sum of
+lowering each alone), which scores measured at INT8 cannot (lib.search.refine).
 
 A candidate (w, a[, adc]) scores the sum of its decisions' scores; the INT8 bits score 0 and a
 measured increase below the INT8 loss counts as none. Each decision's scores are then made
@@ -38,8 +49,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lib.cim import quantizable_layers
+from lib.cim import apply_policy, calibrate, quantizable_layers
 from lib.fileio import atomic_write_json
+from lib.policy import Policy
 from lib.search.downstream import DownstreamForward
 from lib.search.evaluator import PolicyEvaluator
 from lib.search.free import HeldDecisions
@@ -48,7 +60,7 @@ from lib.training import seed_epoch
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cim-aq/sensitivity-2"
+FORMAT = "cim-aq/sensitivity-3"
 # Finite-difference step of the Hessian-vector products, relative to each tensor's RMS.
 FD_RELATIVE_STEP = 1e-2
 
@@ -62,6 +74,7 @@ class Sensitivities:
     seconds: float = 0.0
     passes: dict = field(default_factory=dict)
     cached: bool = False
+    rounds: int = 1
 
     def of(self, layer: int, w_bit: int, a_bit: int, adc_bits: Optional[int] = None) -> float:
         """A candidate's score: the sum of its decisions' scores (0 at the INT8 bits and held decisions)."""
@@ -73,6 +86,7 @@ class Sensitivities:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "method": self.method, "seconds": round(self.seconds, 3), "passes": self.passes,
+                "rounds": self.rounds,
                 "scores": [{d: {str(b): v for b, v in row[d].items()} for d in (WEIGHT, INPUT, ADC)}
                            for row in self.scores]}
 
@@ -81,7 +95,7 @@ class Sensitivities:
         scores = [{d: {int(b): float(v) for b, v in row[d].items()} for d in (WEIGHT, INPUT, ADC)}
                   for row in data["scores"]]
         return cls(data["method"], scores, float(data.get("seconds", 0.0)), dict(data.get("passes", {})),
-                   cached=True)
+                   cached=True, rounds=int(data.get("rounds", 1)))
 
 
 def cache_key(checkpoint: Path, fields: dict) -> str:
@@ -110,54 +124,90 @@ def searched_bits(space: BitSpace, held: HeldDecisions, layer: int, decision: st
     return tuple(space.choices(decision))
 
 
-@torch.no_grad()
-def _loss(model: nn.Module, batches: list, criterion) -> float:
-    model.eval()
-    return float(sum(criterion(model(x), y).item() for x, y in batches) / len(batches))
-
-
 def measure(evaluator: PolicyEvaluator, space: BitSpace, held: HeldDecisions, batches: list,
-            decisions: tuple = (WEIGHT, INPUT, ADC)) -> tuple[list, dict]:
-    """Loss increase per (layer, decision, bits) with only that decision changed (see module docstring).
+            decisions: tuple = (WEIGHT, INPUT, ADC), metric: str = "loss",
+            context: Optional[Policy] = None) -> tuple[list, dict]:
+    """Loss increase (metric "loss") or output KL divergence (metric "kl") per (layer, decision, bits)
+    with only that decision changed (see module docstring).
 
     Only the changed layer moves: it is recalibrated alone on its recorded INT8-start inputs (what
     a whole-model calibration would give it, the other layers being unchanged) and restored from
     its own state after, so every other layer keeps its cached crossbar form between candidates;
     each trial forward re-runs only what the layer reaches (lib.search.downstream) where the
-    model traces. A "forward" pass counted here is then such a partial one."""
+    model traces. A "forward" pass counted here is then such a partial one.
+    context: every other layer at this policy's bits (calibrated once, as an episode calibrates),
+    the measured layer taken from its INT8 state; its inputs are recorded in that context."""
     model, criterion = evaluator.model, evaluator.criterion
     evaluator.restore()
     layers = [layer for _, layer in quantizable_layers(model)]
+    if metric not in ("loss", "kl"):
+        raise ValueError(f"metric {metric!r}: expected 'loss' or 'kl'")
+    base_logits = _logits(model, batches)
+    base = (float(sum(criterion(z, y).item() for z, (_, y) in zip(base_logits, batches)) / len(batches))
+            if metric == "loss" else 0.0)
+    start_states = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in layers]
+    if context is not None:
+        apply_policy(model, context)
+        seed_epoch(evaluator.seed, 0, evaluator.train_loader, evaluator.dist.rank)
+        calibrate(model, evaluator.train_loader, max_batches=evaluator.calibration_batches, batch_norm="running")
     inputs = _layer_inputs(model, layers, batches)
-    base = _loss(model, batches, criterion)
     downstream = DownstreamForward.build(model, layers, batches)
     scores = [{WEIGHT: {}, INPUT: {}, ADC: {}} for _ in layers]
     forwards, single = (2 + (downstream is not None)) * len(batches), 0
 
     @torch.no_grad()
-    def loss_after_change(i: int) -> float:
+    def score_after_change(i: int) -> float:
         if downstream is None:
-            return _loss(model, batches, criterion)
-        return float(sum(criterion(downstream.logits(i, b), y).item() for b, (_, y) in enumerate(batches))
-                     / len(batches))
+            model.eval()
+            logits = [model(x) for x, _ in batches]
+        else:
+            logits = [downstream.logits(i, b) for b in range(len(batches))]
+        if metric == "kl":
+            return float(sum(_kl(z0, z) for z0, z in zip(base_logits, logits)) / len(batches))
+        return float(sum(criterion(z, y).item() for z, (_, y) in zip(logits, batches)) / len(batches))
     for i, layer in enumerate(layers):
-        w, a, adc = layer.w_bit, layer.a_bit, layer.adc_bits
         own_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        layer.load_state_dict(start_states[i])  # its INT8 bits and steps (a no-op without a context)
+        w, a, adc = layer.w_bit, layer.a_bit, layer.adc_bits
         for decision in decisions:
             if decision == ADC and space.adc_bits is None:
                 continue
-            for bits in searched_bits(space, held, i, decision):
+            searched = searched_bits(space, held, i, decision)
+            if not searched:
+                continue
+            # The reference: the start bits with the same steps re-initialised, so a score holds
+            # the bits' own damage and not the step re-initialisation's, which finetuning undoes.
+            layer.mark_steps_stale(weight=decision == WEIGHT)
+            single += _calibrate_layer(layer, inputs[i][:evaluator.calibration_batches])
+            reference = max(score_after_change(i), base)
+            forwards += len(batches)
+            layer.load_state_dict(start_states[i])
+            for bits in searched:
                 trial = {WEIGHT: (bits, a, None), INPUT: (w, bits, None), ADC: (w, a, bits)}[decision]
                 if trial == (w, a, None) or (decision == ADC and bits == adc):
                     scores[i][decision][bits] = 0.0
                     continue
                 layer.set_bits(*trial)
                 single += _calibrate_layer(layer, inputs[i][:evaluator.calibration_batches])
-                scores[i][decision][bits] = max(loss_after_change(i) - base, 0.0)
+                scores[i][decision][bits] = max(score_after_change(i) - reference, 0.0)
                 forwards += len(batches)
-                layer.load_state_dict(own_state)  # its start bits and steps again
+                layer.load_state_dict(start_states[i])  # its start bits and steps again
+        layer.load_state_dict(own_state)
     evaluator.restore()
     return scores, {"forward": forwards, "backward": 0, "single_layer_forward": single}
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: list) -> list:
+    model.eval()
+    return [model(x) for x, _ in batches]
+
+
+def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over the batch of KL(softmax(reference) || softmax(logits))."""
+    target = torch.log_softmax(reference.double(), dim=1)
+    return float(torch.nn.functional.kl_div(torch.log_softmax(logits.double(), dim=1), target,
+                                            reduction="batchmean", log_target=True))
 
 
 @torch.no_grad()
@@ -306,14 +356,21 @@ def _layer_inputs(model: nn.Module, layers: list, batches: list) -> list:
 
 
 def compute_sensitivities(evaluator: PolicyEvaluator, space: BitSpace, held: HeldDecisions, method: str,
-                          batches: int, probes: int, seed: int) -> Sensitivities:
-    """Score every searched decision's bits on `batches` fixed search-train batches (see module docstring)."""
+                          batches: int, probes: int, seed: int, context: Optional[Policy] = None) -> Sensitivities:
+    """Score every searched decision's bits on `batches` fixed search-train batches (see module docstring).
+
+    context: measure each layer with every other layer at this policy's bits (calibrated as an
+    episode's), not at INT8: the layer's change is then scored against itself at INT8 in that
+    context (measured and kl only)."""
     started = time.perf_counter()
     fixed = fixed_batches(evaluator, batches)
     generator_state = torch.random.get_rng_state()
     try:
-        if method == "measured":
-            scores, passes = measure(evaluator, space, held, fixed)
+        if method in ("measured", "kl"):
+            scores, passes = measure(evaluator, space, held, fixed, metric="loss" if method == "measured" else "kl",
+                                     context=context)
+        elif context is not None:
+            raise ValueError(f"sensitivity {method!r} cannot be measured around a policy; expected measured or kl")
         else:
             scores, passes = hessian_scores(evaluator, space, held, fixed, probes, seed)
     finally:

@@ -220,6 +220,8 @@ def _search_step(config: ResolvedConfig, stage: StageData, base: Path, hardware:
         argv += ["--warm-start", rl.warm_start]
     if rl.sensitivity != "measured":
         argv += ["--sensitivity", rl.sensitivity]
+    if rl.sensitivity_rounds != 1:
+        argv += ["--sensitivity-rounds", str(rl.sensitivity_rounds)]
     for knob in ("hidden1", "hidden2", "lr_actor", "lr_critic", "rmsize", "window_length", "tau", "discount",
                  "bsize", "init_delta", "delta_decay"):
         argv += [f"--{knob.replace('_', '-')}", str(getattr(rl, knob))]
