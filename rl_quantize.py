@@ -90,7 +90,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="ilp: DDPG's warm-up episodes are the ILP front's policies (and fill its replay memory)")
     g.add_argument("--search-free-bits", action="store_true",
                    help="also search the decisions that change no priced cost (default: held at the highest bits)")
-    g.add_argument("--sensitivity", default="measured", choices=SENSITIVITIES,
+    g.add_argument("--sensitivity", default="kl", choices=SENSITIVITIES,
                    help="ILP scores: measured (loss increase, one layer changed) | kl (output KL divergence, one "
                         "layer changed) | hessian (Hutchinson trace × "
                         "quantization error)")

@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-lr", type=float, default=0.005, help="per-episode finetune lr (the demo's)")
     p.add_argument("--input-mode", default="multi-bit", choices=("multi-bit", "bit-serial"),
                    help="the inputs searched and trained with (deployed accuracy is always bit-serial)")
-    p.add_argument("--sensitivity", default="measured", choices=("measured", "kl", "hessian"), help="the ILP's scores")
+    p.add_argument("--sensitivity", default="measured", choices=("measured", "kl", "hessian"), help="the ILP's scores (rl_quantize.py's default is kl; arms named without a method are measured)")
     p.add_argument("--sensitivity-rounds", type=int, default=1,
                    help="the ILP's rounds of scores measured around its solved policy (1: at INT8 only)")
     p.add_argument("--threads", type=int, default=1)
@@ -130,8 +130,8 @@ def run_arm(args, arm: dict, hardware: Path) -> dict:
               "--search-holdout", str(args.search_holdout), "--seed", str(arm["seed"]), "--top-k", "0",
               "--threads", str(args.threads), "--no-progress", "--no-tensorboard", "--overwrite",
               "--sensitivity-cache", str(args.out / "sensitivity"), "--output-dir", str(folder / "search")]
-    if arm.get("method"):
-        method, _, rounds = arm["method"].partition("-r")
+    if arm["strategy"] in ("ilp", "ddpg-warm"):  # an arm without a method: the measured loss increase
+        method, _, rounds = (arm.get("method") or "measured").partition("-r")
         search += ["--sensitivity", method] + (["--sensitivity-rounds", rounds] if rounds else [])
     if arm["episodes"]:
         search += ["--episodes", str(arm["episodes"]), "--warmup", str(min(args.warmup, arm["episodes"]))]

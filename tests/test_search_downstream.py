@@ -63,14 +63,14 @@ def test_untraceable_model_falls_back(eager_single_thread):
     assert DownstreamForward.build(model, [model.fc], [(torch.ones(1, 4), None)]) is None
 
 
-def test_measured_sensitivities_unchanged_by_partial_forwards(tmp_path, monkeypatch, caplog, eager_single_thread):
+def test_sensitivities_unchanged_by_partial_forwards(tmp_path, monkeypatch, caplog, eager_single_thread):
     ckpt = make_int8_checkpoint(tmp_path / "int8")
 
     def scores(folder: str) -> list:
         run_search(tiny_config(ckpt, tmp_path / folder, strategy="ilp", latency_budget=0.6, top_k=0,
                                sensitivity_cache=str(tmp_path / folder / "cache")))
         summary = json.loads((tmp_path / folder / "summary.json").read_text())
-        return json.loads(next((tmp_path / folder / "cache").glob("measured-*.json")).read_text())["scores"], summary
+        return json.loads(next((tmp_path / folder / "cache").glob("kl-*.json")).read_text())["scores"], summary
 
     caplog.set_level(logging.INFO, logger="lib.search.downstream")
     partial, summary = scores("partial")

@@ -215,9 +215,9 @@ def test_workflow_passes_strategy_and_pareto(tmp_path):
     argv = next(s for s in plan if s.name == "stage1/search").argv
     assert argv[argv.index("--strategy") + 1] == "ilp" and argv[argv.index("--pareto") + 1] == "0.4:0.8:0.1"
     assert "--sensitivity" not in argv and "--sensitivity-rounds" not in argv  # the defaults add no flags
-    data["training"]["rl"].update(sensitivity="kl", sensitivity_rounds=5)
+    data["training"]["rl"].update(sensitivity="measured", sensitivity_rounds=5)
     argv = next(s for s in build_plan(load_config(write_config(tmp_path, data))) if s.name == "stage1/search").argv
-    assert argv[argv.index("--sensitivity") + 1] == "kl" and argv[argv.index("--sensitivity-rounds") + 1] == "5"
+    assert argv[argv.index("--sensitivity") + 1] == "measured" and argv[argv.index("--sensitivity-rounds") + 1] == "5"
     data["training"]["rl"]["sensitivity_rounds"] = 0
     with pytest.raises(WorkflowConfigError, match="sensitivity_rounds"):
         load_config(write_config(tmp_path, data))

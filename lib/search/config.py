@@ -118,7 +118,7 @@ class SearchConfig:
     search_free_bits: bool = False
     pareto: tuple = ()
     warm_start: Optional[str] = None
-    sensitivity: str = "measured"
+    sensitivity: str = "kl"
     sensitivity_batches: int = 2
     hutchinson_probes: int = 4
     sensitivity_rounds: int = 1

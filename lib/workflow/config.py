@@ -114,7 +114,7 @@ class RL(Section):
     warmup: int = Field(30, ge=0)
     strategy: Literal["ddpg", "random", "ilp", "greedy"] = "ddpg"
     warm_start: Optional[Literal["ilp"]] = None
-    sensitivity: Literal["measured", "kl", "hessian"] = "measured"
+    sensitivity: Literal["measured", "kl", "hessian"] = "kl"
     sensitivity_rounds: int = Field(1, ge=1)
     finetune_steps: Optional[int] = Field(None, ge=0)
     search_holdout: Union[int, float] = Field(10000, gt=0)

@@ -218,7 +218,7 @@ def _search_step(config: ResolvedConfig, stage: StageData, base: Path, hardware:
         argv.append("--search-free-bits")
     if rl.warm_start is not None:
         argv += ["--warm-start", rl.warm_start]
-    if rl.sensitivity != "measured":
+    if rl.sensitivity != "kl":  # the default
         argv += ["--sensitivity", rl.sensitivity]
     if rl.sensitivity_rounds != 1:
         argv += ["--sensitivity-rounds", str(rl.sensitivity_rounds)]
